@@ -1,0 +1,27 @@
+"""Hand-written CNN backbones with multi-scale features and exact torchvision/timm weights.
+
+    from backbones import create, list_backbones
+    model = create("resnet50")                # returns {"C3": ..., "C4": ..., "C5": ...}
+"""
+
+from . import resnet  # noqa: F401  (registers the family)
+from ._base import (
+    Backbone,
+    ClassifierCfg,
+    FeatureInfo,
+    create,
+    list_backbones,
+    register_backbone,
+)
+from .weights import WeightsError, convert
+
+__all__ = [
+    "Backbone",
+    "ClassifierCfg",
+    "FeatureInfo",
+    "WeightsError",
+    "convert",
+    "create",
+    "list_backbones",
+    "register_backbone",
+]

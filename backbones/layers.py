@@ -1,0 +1,144 @@
+"""Building blocks shared by every family (and by the heads)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LayerFn = Callable[..., nn.Module]
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Round `value` to the nearest multiple of `divisor`, never going below 90% of it.
+
+    The rule of the MobileNet/EfficientNet reference code, so channel counts match theirs.
+    """
+    min_value = divisor if min_value is None else min_value
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * value:  # rounding down must not remove more than 10%
+        rounded += divisor
+    return rounded
+
+
+class ConvNormAct(nn.Module):
+    """Conv2d -> norm -> activation, with 'same' padding for odd kernels.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: square kernel size.
+        stride: convolution stride.
+        padding: defaults to `(kernel_size - 1) // 2 * dilation`, which keeps ceil(H / stride).
+        dilation: convolution dilation.
+        groups: convolution groups (`groups=in_channels` for a depthwise conv).
+        bias: defaults to `norm_layer is None` (a bias before a norm is redundant).
+        norm_layer: called with `out_channels`; `None` for no norm.
+        act_layer: called with no arguments; `None` for no activation.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int | None = None,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool | None = None,
+        norm_layer: LayerFn | None = nn.BatchNorm2d,
+        act_layer: LayerFn | None = nn.ReLU,
+    ) -> None:
+        super().__init__()
+        padding = (kernel_size - 1) // 2 * dilation if padding is None else padding
+        bias = norm_layer is None if bias is None else bias
+        self.conv = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+        )
+        self.norm = norm_layer(out_channels) if norm_layer is not None else nn.Identity()
+        self.act = act_layer() if act_layer is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(x)))
+
+
+class SqueezeExcite(nn.Module):
+    """Channel attention from globally pooled features (Hu et al. 2018, "Squeeze-and-Excitation")."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        squeeze_channels: int,
+        act_layer: LayerFn = nn.ReLU,
+        gate_layer: LayerFn = nn.Sigmoid,
+    ) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(in_channels, squeeze_channels, 1)
+        self.act = act_layer()
+        self.fc2 = nn.Conv2d(squeeze_channels, in_channels, 1)
+        self.gate = gate_layer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = x.mean((2, 3), keepdim=True)  # (B, C, 1, 1)
+        scale = self.gate(self.fc2(self.act(self.fc1(scale))))
+        return x * scale
+
+
+class DropPath(nn.Module):
+    """Drop the whole residual branch per sample (Huang et al. 2016, "Stochastic Depth").
+
+    Survivors are scaled by 1 / (1 - p) in training so the expectation is unchanged;
+    in eval mode this is the identity.
+    """
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"DropPath probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, 1, 1)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def drop_path_rates(drop_path_rate: float, depths: Sequence[int]) -> list[list[float]]:
+    """Per-block drop-path rates rising linearly from 0 to `drop_path_rate`, split by stage.
+
+    The linear decay rule of Huang et al. 2016, as used by ConvNeXt and timm.
+    """
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+    total = sum(depths)
+    # plain Python, not torch.linspace: models are also built on the meta device
+    rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+    per_stage, start = [], 0
+    for depth in depths:
+        per_stage.append(rates[start : start + depth])
+        start += depth
+    return per_stage
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channel dimension of an NCHW tensor (as in ConvNeXt)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)  # (B, C, H, W)

@@ -1,0 +1,359 @@
+"""Pretrained weights: reading files safely, converting torchvision/timm keys into ours, loading.
+
+Our key space is that of `heads.build_classifier(name)`: `backbone.*` and `head.*`.
+Conversion is key by key from rules each family declares (`Backbone.weight_rules`); every
+source key must be matched, and the backbone keys must come out complete and of the right
+shapes, or a `WeightsError` names the offending keys. Nothing is loaded until all checks pass.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ._base import Backbone, Rules, get_entry
+
+StateDict = dict[str, torch.Tensor]
+Pretrained = Union[str, os.PathLike, Mapping[str, torch.Tensor]]  # noqa: UP007 (runtime alias)
+
+SOURCES = ("torchvision", "timm")
+FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+# Containers that training scripts wrap state dicts in, and prefixes wrappers add to keys.
+_CONTAINER_KEYS = ("state_dict", "model", "model_state_dict")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights could not be read, converted or loaded; the message says why."""
+
+
+# ------------------------------------------------------------------------------- reading
+
+
+def read_state_dict(path: str | os.PathLike) -> StateDict:
+    """Read a `.pth`/`.pt` (tensors only, `weights_only=True`) or `.safetensors` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no weights file at {str(path)!r}. `pretrained` takes 'torchvision', 'timm', "
+            f"or the path of an existing {'/'.join(FILE_SUFFIXES)} file."
+        )
+    if path.suffix not in FILE_SUFFIXES:
+        raise WeightsError(
+            f"{path}: unknown weights format {path.suffix!r}; expected one of {FILE_SUFFIXES}"
+        )
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(path, framework="pt") as f:
+                return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+        except SafetensorError as e:
+            raise WeightsError(
+                f"{path} is not a readable safetensors file ({e}); it may be truncated or "
+                "corrupt: download or convert it again."
+            ) from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "global" in str(e):  # a class or function the weights-only unpickler refuses
+            raise WeightsError(
+                f"{path} holds pickled Python objects, not just tensors, and loading them would "
+                "execute code, which we never do. If you trust the file, re-save its weights: "
+                "`torch.save(torch.load(path, weights_only=False).state_dict(), 'clean.pth')` "
+                "(or save it as .safetensors) and pass the new file."
+            ) from None
+        raise WeightsError(
+            f"{path} is not a readable PyTorch checkpoint ({_first_line(e)}); it may be "
+            "truncated or corrupt: download or save it again."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise WeightsError(
+            f"{path} is not a readable PyTorch checkpoint ({_first_line(e)}); it may be "
+            "truncated or corrupt: download or save it again."
+        ) from None
+    return unwrap_state_dict(obj, origin=str(path))
+
+
+def unwrap_state_dict(obj: object, origin: str = "checkpoint") -> StateDict:
+    """Find the state dict in a checkpoint (`{"state_dict": ...}`, `{"model": ...}`, DDP keys)."""
+    while isinstance(obj, Mapping):
+        inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping) or not obj:
+        raise WeightsError(f"{origin} holds no state dict (a mapping of names to tensors)")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise WeightsError(f"{origin} is not a state dict: {_names(bad)} are not tensors")
+    state_dict = dict(obj)
+    for prefix in _WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+# ---------------------------------------------------------------------------- converting
+
+
+def convert(name: str, state_dict: Mapping[str, torch.Tensor], source: str = "torchvision") -> StateDict:
+    """Rename a torchvision or timm classifier's state dict into `build_classifier(name)`'s keys.
+
+    Raises `WeightsError` naming every source key no rule matches, and every backbone key
+    that is missing or has the wrong shape (a checkpoint of another architecture).
+    """
+    entry = get_entry(name)
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    if source not in entry.sources:
+        raise WeightsError(
+            f"{name} has no {source} counterpart with the same architecture; "
+            f"weights convert from: {', '.join(entry.sources) or 'none'}"
+        )
+    reference = _meta_backbone(name)
+    converted, unmatched = _apply_rules(state_dict, reference.weight_rules[source])
+    if unmatched:
+        raise WeightsError(
+            f"{len(unmatched)} keys of this checkpoint are not part of {source}'s {name}: "
+            f"{_names(unmatched)}. Is it a checkpoint of another architecture?"
+        )
+    _check_backbone(name, converted, reference)
+    return converted
+
+
+def to_ours(name: str, state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """Bring a state dict in any supported layout (ours, torchvision's, timm's) to our keys."""
+    state_dict = unwrap_state_dict(state_dict)
+    keys = list(state_dict)
+    if all(k.startswith(("backbone.", "head.")) for k in keys):
+        ours = dict(state_dict)
+    elif all(k.startswith(("stem.", "stages.")) for k in keys):
+        ours = {f"backbone.{k}": v for k, v in state_dict.items()}
+    else:
+        entry, reference = get_entry(name), _meta_backbone(name)
+        attempts = {
+            source: _apply_rules(state_dict, reference.weight_rules[source])
+            for source in entry.sources
+        }
+        matched = [source for source, (_, unmatched) in attempts.items() if not unmatched]
+        if not matched:
+            source, (_, unmatched) = min(attempts.items(), key=lambda kv: len(kv[1][1]))
+            raise WeightsError(
+                f"this checkpoint is neither ours nor {' / '.join(attempts) or 'any library'}'s "
+                f"{name}: {len(unmatched)} of its {len(keys)} keys are unknown, e.g. "
+                f"{_names(unmatched)}. Is it a checkpoint of another architecture?"
+            )
+        ours = attempts[matched[0]][0]
+        _check_backbone(name, ours, reference)
+    # Our own checkpoints may come from a model built with other arguments (fewer stages,
+    # other in_chans): `load_into` checks them against the model they are loaded into.
+    return ours
+
+
+def _apply_rules(state_dict: Mapping[str, torch.Tensor], rules: Rules) -> tuple[StateDict, list[str]]:
+    compiled = [(re.compile(pattern), target) for pattern, target in rules]
+    converted: StateDict = {}
+    unmatched = []
+    for key, value in state_dict.items():
+        for pattern, target in compiled:
+            match = pattern.fullmatch(key)
+            if match:
+                if target is not None:  # None: a key the family accounts for and drops
+                    converted[match.expand(target)] = value
+                break
+        else:
+            unmatched.append(key)
+    return converted, unmatched
+
+
+def _meta_backbone(name: str) -> Backbone:
+    # Shapes and keys only: building on the meta device allocates nothing.
+    with torch.device("meta"):
+        return get_entry(name).fn(out_features=("C5",))
+
+
+def _check_backbone(name: str, ours: Mapping[str, torch.Tensor], reference: Backbone) -> None:
+    expected = {f"backbone.{k}": v.shape for k, v in reference.state_dict().items()}
+    got = {k: v.shape for k, v in ours.items() if k.startswith("backbone.")}
+    problems = _diff(expected, got)
+    if problems:
+        raise WeightsError(f"these weights do not fit {name}: {problems}")
+
+
+def _diff(expected: Mapping[str, torch.Size], got: Mapping[str, torch.Size]) -> str:
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    wrong = [
+        f"{k} {tuple(got[k])} vs {tuple(expected[k])}"
+        for k in expected
+        if k in got and got[k] != expected[k]
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({_names(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_names(unexpected)})")
+    if wrong:
+        parts.append(f"{len(wrong)} of the wrong shape (checkpoint vs model: {_names(wrong)})")
+    return "; ".join(parts)
+
+
+# ------------------------------------------------------------------------------- loading
+
+
+def download(name: str, source: str) -> StateDict:
+    """Fetch the reference classifier's weights through torchvision or timm (needs internet)."""
+    entry = get_entry(name)
+    if source not in entry.sources:
+        raise WeightsError(
+            f"{name} has no {source} counterpart with the same architecture; "
+            f"weights convert from: {', '.join(entry.sources) or 'none'}"
+        )
+    library_name = entry.sources[source]
+    if source == "torchvision":
+        import torchvision
+
+        weights = torchvision.models.get_model_weights(library_name).DEFAULT
+        where = weights.url
+        fetch = lambda: weights.get_state_dict(progress=True, check_hash=True)  # noqa: E731
+    else:
+        import timm
+
+        hub_id = timm.models.get_pretrained_cfg(library_name).hf_hub_id
+        where = f"https://huggingface.co/{hub_id}" if hub_id else f"timm's {library_name}"
+        fetch = lambda: timm.create_model(library_name, pretrained=True).state_dict()  # noqa: E731
+    try:
+        return fetch()
+    except Exception as e:  # network errors differ by library and version
+        raise WeightsError(
+            f"could not download {source}'s {name} weights from {where} ({_first_line(e)}). "
+            "If this machine is offline: on one with internet run `python -m backbones "
+            f"fetch-weights {name} --source {source} --out DIR`, copy the .safetensors file "
+            "it writes here and pass its path as `pretrained=`."
+        ) from e
+
+
+def resolve(name: str, pretrained: Pretrained) -> StateDict:
+    """`pretrained` (a source, a file or a state dict) -> state dict in our key space."""
+    if isinstance(pretrained, Mapping):
+        raw = dict(pretrained)
+    elif isinstance(pretrained, str) and pretrained in SOURCES:
+        raw = download(name, pretrained)
+    elif isinstance(pretrained, str | os.PathLike):
+        _check_file_metadata(name, Path(pretrained))
+        raw = read_state_dict(pretrained)
+    else:
+        raise TypeError(
+            "pretrained must be 'torchvision', 'timm', a file path or a state dict, "
+            f"got {type(pretrained).__name__}"
+        )
+    return to_ours(name, raw)
+
+
+def load_pretrained(model: Backbone, name: str, pretrained: Pretrained, strict: bool = True) -> None:
+    """Load weights into a backbone built by `create(name, ...)`; the head's keys are dropped."""
+    ours = resolve(name, pretrained)
+    state_dict = {k.removeprefix("backbone."): v for k, v in ours.items() if k.startswith("backbone.")}
+    # Stages past the coarsest requested level were never built: their weights have no home.
+    built = len(model.stages)
+    state_dict = {
+        k: v
+        for k, v in state_dict.items()
+        if not (k.startswith("stages.") and int(k.split(".")[1]) >= built)
+    }
+    adapt_input_conv(model, state_dict)
+    load_into(model, state_dict, strict=strict, origin=f"pretrained {name}")
+
+
+def adapt_input_conv(model: Backbone, state_dict: StateDict) -> None:
+    """Fit RGB stem weights to `model.in_chans`: summed for 1 channel, repeated and rescaled else."""
+    key = f"{model.input_conv_name()}.weight"
+    weight = state_dict.get(key)
+    if weight is None or weight.shape[1] == model.in_chans:
+        return
+    if weight.shape[1] != 3:
+        raise WeightsError(
+            f"can only adapt a 3-channel stem to in_chans={model.in_chans}; "
+            f"{key} has {weight.shape[1]} input channels"
+        )
+    if model.in_chans == 1:
+        adapted = weight.sum(dim=1, keepdim=True)
+    else:
+        repeats = math.ceil(model.in_chans / 3)
+        adapted = weight.repeat(1, repeats, 1, 1)[:, : model.in_chans] * (3 / model.in_chans)
+    state_dict[key] = adapted
+
+
+def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True, origin: str = "weights") -> None:
+    """Load after checking every key and shape; with `strict=False`, load the fitting subset and warn."""
+    expected = {k: v.shape for k, v in module.state_dict().items()}
+    problems = _diff(expected, {k: v.shape for k, v in state_dict.items()})
+    if problems and strict:
+        raise WeightsError(
+            f"{origin} do not fit {type(module).__name__}: {problems}. Nothing was loaded; "
+            "pass strict=False to load the keys that fit."
+        )
+    fitting = {k: v for k, v in state_dict.items() if k in expected and v.shape == expected[k]}
+    if problems:
+        warnings.warn(f"{origin}: loaded {len(fitting)} tensors, skipped the rest: {problems}", stacklevel=3)
+    module.load_state_dict(fitting, strict=not problems)
+
+
+# ------------------------------------------------------------------------------- saving
+
+
+def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write atomically (temp file + rename), so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def fetch_weights(name: str, source: str, out_dir: str | os.PathLike) -> Path:
+    """Download, convert to our keys and save as `<out_dir>/<name>-<source>.safetensors`."""
+    ours = to_ours(name, download(name, source))
+    path = Path(out_dir) / f"{name}-{source}.safetensors"
+    return save_safetensors(ours, path, metadata={"backbone": name, "source": source})
+
+
+def _check_file_metadata(name: str, path: Path) -> None:
+    # Files written by fetch_weights say which backbone they hold: catch a mix-up early.
+    if path.suffix != ".safetensors" or not path.is_file():
+        return
+    try:
+        with safe_open(path, framework="pt") as f:
+            stored = (f.metadata() or {}).get("backbone")
+    except SafetensorError:
+        return  # read_state_dict reports the corrupt file
+    if stored is not None and stored != name:
+        raise WeightsError(f"{path} holds weights for {stored!r}, not {name!r}")
+
+
+def _names(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__

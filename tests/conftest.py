@@ -1,0 +1,46 @@
+"""Shared test helpers: reference models with random (not default) norm statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from backbones import list_backbones
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every norm non-trivial affine parameters and running statistics.
+
+    Default BatchNorm (weight 1, bias 0, mean 0, var 1) is the identity in eval mode, which
+    would let a wrongly mapped norm key pass a parity test.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def uniform(t: torch.Tensor, low: float, high: float) -> None:
+        t.copy_(torch.rand(t.shape, generator=generator) * (high - low) + low)
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d | nn.LayerNorm | nn.GroupNorm):
+                if module.weight is not None:
+                    uniform(module.weight, 0.5, 1.5)
+                    uniform(module.bias, -0.2, 0.2)
+            if isinstance(module, nn.BatchNorm2d):
+                uniform(module.running_mean, -0.2, 0.2)
+                uniform(module.running_var, 0.5, 1.5)
+    return model
+
+
+def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture(scope="module", params=list_backbones())
+def name(request: pytest.FixtureRequest) -> str:
+    """Every registered backbone; module scope groups a module's tests by backbone."""
+    return request.param
