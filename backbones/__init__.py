@@ -1,7 +1,7 @@
 """Hand-written CNN backbones with multi-scale features and exact torchvision/timm weights.
 
-    from backbones import create, list_backbones
-    model = create("resnet50")                # returns {"C3": ..., "C4": ..., "C5": ...}
+from backbones import create, list_backbones
+model = create("resnet50")                # returns {"C3": ..., "C4": ..., "C5": ...}
 """
 
 from . import resnet  # noqa: F401  (registers the family)

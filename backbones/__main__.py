@@ -20,7 +20,9 @@ console = Console()
 def cmd_list(args: argparse.Namespace) -> None:
     table = Table(title="Registered backbones")
     for column in ("name", "C3", "C4", "C5", "levels", "weights from"):
-        table.add_column(column, justify="left" if column in ("name", "levels", "weights from") else "right")
+        table.add_column(
+            column, justify="left" if column in ("name", "levels", "weights from") else "right"
+        )
     for name in list_backbones(args.pattern):
         with torch.device("meta"):  # shapes only, no memory
             model = create(name, out_features=("C5",))
@@ -46,7 +48,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     for column in ("level", "shape", "channels", "stride"):
         table.add_column(column, justify="right")
     for level, feature in features.items():
-        table.add_row(level, str(tuple(feature.shape)), str(model.channels[level]), str(model.strides[level]))
+        table.add_row(
+            level, str(tuple(feature.shape)), str(model.channels[level]), str(model.strides[level])
+        )
     console.print(table)
     console.print(f"forward pass: {elapsed * 1e3:.0f} ms on CPU")
 

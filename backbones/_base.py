@@ -130,7 +130,9 @@ class Backbone(nn.Module):
         last = max(self._level_module[name] for name in self.out_features)
         del self.stages[last:]
         self._taps = {
-            self._level_module[f.name]: f.name for f in self.feature_info if f.name in self.out_features
+            self._level_module[f.name]: f.name
+            for f in self.feature_info
+            if f.name in self.out_features
         }
         for module in self._frozen_modules():
             for param in module.parameters():

@@ -38,7 +38,9 @@ class BasicBlock(nn.Module):
         if groups != 1 or width_per_group != 64:
             raise ValueError("BasicBlock supports only groups=1 and width_per_group=64")
         out_channels = channels * self.expansion
-        self.conv1 = ConvNormAct(in_channels, channels, 3, stride, norm_layer=norm_layer, act_layer=ReLU)
+        self.conv1 = ConvNormAct(
+            in_channels, channels, 3, stride, norm_layer=norm_layer, act_layer=ReLU
+        )
         self.conv2 = ConvNormAct(channels, out_channels, 3, norm_layer=norm_layer, act_layer=None)
         self.shortcut = _shortcut(in_channels, out_channels, stride, norm_layer)
         self.drop_path = DropPath(drop_path)
@@ -179,10 +181,19 @@ class ResNet(Backbone):
             rule
             for i in range(4)
             for rule in (
-                (rf"layer{i + 1}\.(\d+)\.conv(\d)\.(\w+)", rf"backbone.stages.{i}.\1.conv\2.conv.\3"),
+                (
+                    rf"layer{i + 1}\.(\d+)\.conv(\d)\.(\w+)",
+                    rf"backbone.stages.{i}.\1.conv\2.conv.\3",
+                ),
                 (rf"layer{i + 1}\.(\d+)\.bn(\d)\.(\w+)", rf"backbone.stages.{i}.\1.conv\2.norm.\3"),
-                (rf"layer{i + 1}\.(\d+)\.downsample\.0\.(\w+)", rf"backbone.stages.{i}.\1.shortcut.conv.\2"),
-                (rf"layer{i + 1}\.(\d+)\.downsample\.1\.(\w+)", rf"backbone.stages.{i}.\1.shortcut.norm.\2"),
+                (
+                    rf"layer{i + 1}\.(\d+)\.downsample\.0\.(\w+)",
+                    rf"backbone.stages.{i}.\1.shortcut.conv.\2",
+                ),
+                (
+                    rf"layer{i + 1}\.(\d+)\.downsample\.1\.(\w+)",
+                    rf"backbone.stages.{i}.\1.shortcut.norm.\2",
+                ),
             )
         ),
         (r"fc\.(\w+)", r"head.fc.\1"),
@@ -196,9 +207,15 @@ CFGS = {  # He et al. 2015, Table 1; Xie et al. 2016 (ResNeXt); Zagoruyko & Komo
     "resnet50": ResNetCfg(block=Bottleneck, depths=(3, 4, 6, 3)),
     "resnet101": ResNetCfg(block=Bottleneck, depths=(3, 4, 23, 3)),
     "resnet152": ResNetCfg(block=Bottleneck, depths=(3, 8, 36, 3)),
-    "resnext50_32x4d": ResNetCfg(block=Bottleneck, depths=(3, 4, 6, 3), groups=32, width_per_group=4),
-    "resnext101_32x8d": ResNetCfg(block=Bottleneck, depths=(3, 4, 23, 3), groups=32, width_per_group=8),
-    "resnext101_64x4d": ResNetCfg(block=Bottleneck, depths=(3, 4, 23, 3), groups=64, width_per_group=4),
+    "resnext50_32x4d": ResNetCfg(
+        block=Bottleneck, depths=(3, 4, 6, 3), groups=32, width_per_group=4
+    ),
+    "resnext101_32x8d": ResNetCfg(
+        block=Bottleneck, depths=(3, 4, 23, 3), groups=32, width_per_group=8
+    ),
+    "resnext101_64x4d": ResNetCfg(
+        block=Bottleneck, depths=(3, 4, 23, 3), groups=64, width_per_group=4
+    ),
     "wide_resnet50_2": ResNetCfg(block=Bottleneck, depths=(3, 4, 6, 3), width_per_group=128),
     "wide_resnet101_2": ResNetCfg(block=Bottleneck, depths=(3, 4, 23, 3), width_per_group=128),
 }

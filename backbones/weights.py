@@ -107,7 +107,9 @@ def unwrap_state_dict(obj: object, origin: str = "checkpoint") -> StateDict:
 # ---------------------------------------------------------------------------- converting
 
 
-def convert(name: str, state_dict: Mapping[str, torch.Tensor], source: str = "torchvision") -> StateDict:
+def convert(
+    name: str, state_dict: Mapping[str, torch.Tensor], source: str = "torchvision"
+) -> StateDict:
     """Rename a torchvision or timm classifier's state dict into `build_classifier(name)`'s keys.
 
     Raises `WeightsError` naming every source key no rule matches, and every backbone key
@@ -148,7 +150,7 @@ def to_ours(name: str, state_dict: Mapping[str, torch.Tensor]) -> StateDict:
         }
         matched = [source for source, (_, unmatched) in attempts.items() if not unmatched]
         if not matched:
-            source, (_, unmatched) = min(attempts.items(), key=lambda kv: len(kv[1][1]))
+            _, (_, unmatched) = min(attempts.items(), key=lambda kv: len(kv[1][1]))
             raise WeightsError(
                 f"this checkpoint is neither ours nor {' / '.join(attempts) or 'any library'}'s "
                 f"{name}: {len(unmatched)} of its {len(keys)} keys are unknown, e.g. "
@@ -161,7 +163,9 @@ def to_ours(name: str, state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     return ours
 
 
-def _apply_rules(state_dict: Mapping[str, torch.Tensor], rules: Rules) -> tuple[StateDict, list[str]]:
+def _apply_rules(
+    state_dict: Mapping[str, torch.Tensor], rules: Rules
+) -> tuple[StateDict, list[str]]:
     compiled = [(re.compile(pattern), target) for pattern, target in rules]
     converted: StateDict = {}
     unmatched = []
@@ -261,10 +265,14 @@ def resolve(name: str, pretrained: Pretrained) -> StateDict:
     return to_ours(name, raw)
 
 
-def load_pretrained(model: Backbone, name: str, pretrained: Pretrained, strict: bool = True) -> None:
+def load_pretrained(
+    model: Backbone, name: str, pretrained: Pretrained, strict: bool = True
+) -> None:
     """Load weights into a backbone built by `create(name, ...)`; the head's keys are dropped."""
     ours = resolve(name, pretrained)
-    state_dict = {k.removeprefix("backbone."): v for k, v in ours.items() if k.startswith("backbone.")}
+    state_dict = {
+        k.removeprefix("backbone."): v for k, v in ours.items() if k.startswith("backbone.")
+    }
     # Stages past the coarsest requested level were never built: their weights have no home.
     built = len(model.stages)
     state_dict = {
@@ -295,7 +303,12 @@ def adapt_input_conv(model: Backbone, state_dict: StateDict) -> None:
     state_dict[key] = adapted
 
 
-def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True, origin: str = "weights") -> None:
+def load_into(
+    module: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    strict: bool = True,
+    origin: str = "weights",
+) -> None:
     """Load after checking every key and shape; with `strict=False`, load the fitting subset and warn."""
     expected = {k: v.shape for k, v in module.state_dict().items()}
     problems = _diff(expected, {k: v.shape for k, v in state_dict.items()})
@@ -306,14 +319,20 @@ def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], strict:
         )
     fitting = {k: v for k, v in state_dict.items() if k in expected and v.shape == expected[k]}
     if problems:
-        warnings.warn(f"{origin}: loaded {len(fitting)} tensors, skipped the rest: {problems}", stacklevel=3)
+        warnings.warn(
+            f"{origin}: loaded {len(fitting)} tensors, skipped the rest: {problems}", stacklevel=3
+        )
     module.load_state_dict(fitting, strict=not problems)
 
 
 # ------------------------------------------------------------------------------- saving
 
 
-def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+def save_safetensors(
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
+) -> Path:
     """Write atomically (temp file + rename), so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,10 +22,12 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d | nn.LayerNorm | nn.GroupNorm):
-                if module.weight is not None:
-                    uniform(module.weight, 0.5, 1.5)
-                    uniform(module.bias, -0.2, 0.2)
+            if (
+                isinstance(module, nn.BatchNorm2d | nn.LayerNorm | nn.GroupNorm)
+                and module.weight is not None
+            ):
+                uniform(module.weight, 0.5, 1.5)
+                uniform(module.bias, -0.2, 0.2)
             if isinstance(module, nn.BatchNorm2d):
                 uniform(module.running_mean, -0.2, 0.2)
                 uniform(module.running_var, 0.5, 1.5)

@@ -39,7 +39,12 @@ def test_output_shapes(name: str, model: Backbone, size: tuple[int, int]) -> Non
     assert list(features) == ["C3", "C4", "C5"]
     for level, feature in features.items():
         stride = model.strides[level]
-        expected = (1, model.channels[level], math.ceil(size[0] / stride), math.ceil(size[1] / stride))
+        expected = (
+            1,
+            model.channels[level],
+            math.ceil(size[0] / stride),
+            math.ceil(size[1] / stride),
+        )
         assert tuple(feature.shape) == expected, level
         assert torch.isfinite(feature).all(), level
 
@@ -61,7 +66,9 @@ def test_out_features_subsets(name: str, model: Backbone) -> None:
     everything = create(name, out_features=levels).eval()
     everything.load_state_dict(model.state_dict())
     sub_model = create(name, out_features=subset).eval()
-    sub_model.load_state_dict({k: v for k, v in model.state_dict().items() if k in sub_model.state_dict()})
+    sub_model.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if k in sub_model.state_dict()}
+    )
     with torch.no_grad():
         reference, features = everything(x), sub_model(x)
     assert list(reference) == levels
@@ -82,7 +89,9 @@ def test_frozen_stages(name: str) -> None:
     frozen_names = {k for k in before if k.startswith(("stem.", "stages.0.", "stages.1."))}
     assert all(not p.requires_grad for m in frozen for p in m.parameters())
     assert all(p.requires_grad for m in trainable for p in m.parameters())
-    assert all(not m.training for m in frozen for m in m.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert all(
+        not m.training for m in frozen for m in m.modules() if isinstance(m, torch.nn.BatchNorm2d)
+    )
 
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     sum(f.mean() for f in model(torch.randn(2, 3, 64, 64)).values()).backward()
@@ -134,12 +143,17 @@ def test_grad_checkpointing_is_exact(name: str, model: Backbone) -> None:
 
 
 def test_rejects_bad_input_shapes(name: str, model: Backbone) -> None:
-    with pytest.raises(ValueError, match=r"expects a \(batch, 3, height, width\) tensor, got shape \(3, 64, 64\)"):
+    with pytest.raises(
+        ValueError, match=r"expects a \(batch, 3, height, width\) tensor, got shape \(3, 64, 64\)"
+    ):
         model(torch.randn(3, 64, 64))
     with pytest.raises(ValueError, match=r"got shape \(1, 1, 64, 64\)"):
         model(torch.randn(1, 1, 64, 64))
 
 
 def test_rejects_unknown_levels(name: str) -> None:
-    with pytest.raises(ValueError, match=r"out_features=\('C3', 'C9'\) asks for \['C9'\]"), torch.device("meta"):
+    with (
+        pytest.raises(ValueError, match=r"out_features=\('C3', 'C9'\) asks for \['C9'\]"),
+        torch.device("meta"),
+    ):
         create(name, out_features=("C3", "C9"))
