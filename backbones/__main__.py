@@ -44,7 +44,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         features = model(x)
     elapsed = time.perf_counter() - start
     params = sum(p.numel() for p in model.parameters())
-    table = Table(title=f"{args.name}: input {tuple(x.shape)}, {params / 1e6:.2f}M parameters")
+    table = Table(title=f"{args.name}, input {tuple(x.shape)}")
     for column in ("level", "shape", "channels", "stride"):
         table.add_column(column, justify="right")
     for level, feature in features.items():
@@ -52,7 +52,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
             level, str(tuple(feature.shape)), str(model.channels[level]), str(model.strides[level])
         )
     console.print(table)
-    console.print(f"forward pass: {elapsed * 1e3:.0f} ms on CPU")
+    console.print(f"{params / 1e6:.2f}M parameters; forward pass {elapsed * 1e3:.0f} ms on CPU")
 
 
 def cmd_fetch(args: argparse.Namespace) -> None:

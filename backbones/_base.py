@@ -65,10 +65,7 @@ class Backbone(nn.Module):
     # source library -> rules that turn its classifier state dict into ours
     weight_rules: ClassVar[Mapping[str, Rules]] = {}
     # what `heads.build_classifier` puts on top to rebuild the reference classifier
-    classifier_cfg: ClassifierCfg = ClassifierCfg()
-    # mean/std the reference weights were trained with (ImageNet)
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    classifier_cfg: ClassVar[ClassifierCfg] = ClassifierCfg()
 
     def __init__(
         self,
@@ -97,7 +94,11 @@ class Backbone(nn.Module):
         self._grad_checkpointing = False
 
     def add_level(self, channels: int, stride: int) -> None:
-        """Record that the module built last (the stem or the newest stage) outputs a level."""
+        """Record that the module built last (the stem or the newest stage) outputs a level.
+
+        Called again for the same stride, the later module replaces the earlier one:
+        `Ck` is the last module whose output has stride 2**k.
+        """
         k = int(math.log2(stride))
         if 2**k != stride:
             raise ValueError(f"level strides must be powers of two, got {stride}")
@@ -125,7 +126,6 @@ class Backbone(nn.Module):
                 f"frozen_stages={self.frozen_stages} but {type(self).__name__} has "
                 f"{num_stages} stages; use -1..{num_stages}"
             )
-        self.num_stages_total = num_stages
         # Only run (and keep) the stages up to the coarsest requested level.
         last = max(self._level_module[name] for name in self.out_features)
         del self.stages[last:]

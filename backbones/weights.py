@@ -16,7 +16,6 @@ import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,7 +25,7 @@ from torch import nn
 from ._base import Backbone, Rules, get_entry
 
 StateDict = dict[str, torch.Tensor]
-Pretrained = Union[str, os.PathLike, Mapping[str, torch.Tensor]]  # noqa: UP007 (runtime alias)
+Pretrained = str | os.PathLike | Mapping[str, torch.Tensor]
 
 SOURCES = ("torchvision", "timm")
 FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
@@ -115,14 +114,7 @@ def convert(
     Raises `WeightsError` naming every source key no rule matches, and every backbone key
     that is missing or has the wrong shape (a checkpoint of another architecture).
     """
-    entry = get_entry(name)
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    if source not in entry.sources:
-        raise WeightsError(
-            f"{name} has no {source} counterpart with the same architecture; "
-            f"weights convert from: {', '.join(entry.sources) or 'none'}"
-        )
+    _library_name(name, source)
     reference = _meta_backbone(name)
     converted, unmatched = _apply_rules(state_dict, reference.weight_rules[source])
     if unmatched:
@@ -181,6 +173,19 @@ def _apply_rules(
     return converted, unmatched
 
 
+def _library_name(name: str, source: str) -> str:
+    """That library's name for the backbone, or an error saying which libraries have it."""
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    sources = get_entry(name).sources
+    if source not in sources:
+        raise WeightsError(
+            f"{name} has no {source} counterpart with the same architecture; "
+            f"weights convert from: {', '.join(sources) or 'none'}"
+        )
+    return sources[source]
+
+
 def _meta_backbone(name: str) -> Backbone:
     # Shapes and keys only: building on the meta device allocates nothing.
     with torch.device("meta"):
@@ -218,13 +223,7 @@ def _diff(expected: Mapping[str, torch.Size], got: Mapping[str, torch.Size]) -> 
 
 def download(name: str, source: str) -> StateDict:
     """Fetch the reference classifier's weights through torchvision or timm (needs internet)."""
-    entry = get_entry(name)
-    if source not in entry.sources:
-        raise WeightsError(
-            f"{name} has no {source} counterpart with the same architecture; "
-            f"weights convert from: {', '.join(entry.sources) or 'none'}"
-        )
-    library_name = entry.sources[source]
+    library_name = _library_name(name, source)
     if source == "torchvision":
         import torchvision
 
@@ -244,7 +243,8 @@ def download(name: str, source: str) -> StateDict:
             f"could not download {source}'s {name} weights from {where} ({_first_line(e)}). "
             "If this machine is offline: on one with internet run `python -m backbones "
             f"fetch-weights {name} --source {source} --out DIR`, copy the .safetensors file "
-            "it writes here and pass its path as `pretrained=`."
+            "it writes here and pass its path as `pretrained=` (a file downloaded by hand from "
+            "the address above works too)."
         ) from e
 
 
@@ -281,7 +281,7 @@ def load_pretrained(
         if not (k.startswith("stages.") and int(k.split(".")[1]) >= built)
     }
     adapt_input_conv(model, state_dict)
-    load_into(model, state_dict, strict=strict, origin=f"pretrained {name}")
+    load_into(model, state_dict, strict=strict, origin=f"pretrained {name} weights")
 
 
 def adapt_input_conv(model: Backbone, state_dict: StateDict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from dataclasses import asdict
 
@@ -104,8 +105,15 @@ def build_classifier(
     if weights is not None:
         head_sd = {k.removeprefix("head."): v for k, v in weights.items() if k.startswith("head.")}
         fc = head_sd.get("fc.weight")
-        if fc is not None and fc.shape[0] != num_classes:  # a new task: new classifier layer
-            head_sd = {k: v for k, v in head_sd.items() if not k.startswith("fc.")}
-            head_sd.update({f"fc.{k}": v for k, v in head.fc.state_dict().items()})
-        load_into(head, head_sd, strict=strict, origin=f"pretrained {name} head")
+        if not head_sd:
+            warnings.warn(
+                f"the pretrained {name} weights have no classifier; the head starts from "
+                "random weights",
+                stacklevel=2,
+            )
+        else:
+            if fc is not None and fc.shape[0] != num_classes:  # a new task: a new last layer
+                head_sd = {k: v for k, v in head_sd.items() if not k.startswith("fc.")}
+                head_sd.update({f"fc.{k}": v for k, v in head.fc.state_dict().items()})
+            load_into(head, head_sd, strict=strict, origin=f"pretrained {name} head weights")
     return model

@@ -336,3 +336,11 @@ def test_fetch_weights_cli(
         assert max_rel_error(model(x), tv_resnet18(x)) <= 1e-5
     with pytest.raises(WeightsError, match=r"holds weights for 'resnet18', not 'resnet34'"):
         create("resnet34", pretrained=path)
+
+
+def test_backbone_only_checkpoint_into_a_classifier(tmp_path: Path) -> None:
+    source = randomize_norms(create("resnet18", out_features=("C5",)))
+    torch.save(source.state_dict(), tmp_path / "backbone.pt")
+    with pytest.warns(UserWarning, match="have no classifier; the head starts from random weights"):
+        model = build_classifier("resnet18", num_classes=5, pretrained=tmp_path / "backbone.pt")
+    assert_loaded(model.backbone, source.state_dict())
