@@ -64,8 +64,9 @@ class Backbone(nn.Module):
 
     # source library -> rules that turn its classifier state dict into ours
     weight_rules: ClassVar[Mapping[str, Rules]] = {}
-    # what `heads.build_classifier` puts on top to rebuild the reference classifier
-    classifier_cfg: ClassVar[ClassifierCfg] = ClassifierCfg()
+    # What `heads.build_classifier` puts on top to rebuild the reference classifier; a family
+    # whose variants differ (e.g. in dropout) sets it per instance.
+    classifier_cfg: ClassifierCfg = ClassifierCfg()
 
     def __init__(
         self,

@@ -130,6 +130,7 @@ def test_grad_checkpointing_is_exact(name: str, model: Backbone) -> None:
     x = torch.randn(2, 3, 48, 48)
     losses = []
     for net in (plain, checkpointed):
+        torch.manual_seed(0)  # same drop-path masks, where the family has stochastic depth
         features = net(x)
         loss = sum(f.pow(2).mean() for f in features.values())
         loss.backward()
@@ -157,3 +158,16 @@ def test_rejects_unknown_levels(name: str) -> None:
         torch.device("meta"),
     ):
         create(name, out_features=("C3", "C9"))
+
+
+def test_grad_checkpointing_replays_drop_path_masks() -> None:
+    torch.manual_seed(0)
+    plain = create("resnet18", drop_path_rate=0.5).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.set_grad_checkpointing(True)
+    x = torch.randn(4, 3, 32, 32)
+    for net in (plain, checkpointed):
+        torch.manual_seed(1)
+        sum(f.pow(2).mean() for f in net(x).values()).backward()
+    for (key, p), q in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=key)
