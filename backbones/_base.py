@@ -7,7 +7,7 @@ import fnmatch
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, ClassVar
@@ -210,7 +210,9 @@ def _restore_running_stats(module: nn.Module) -> Iterator[None]:
                     getattr(norm, key).copy_(value)
 
 
-def _keep_norm_stats_on_recompute(stage: nn.Module):
+def _keep_norm_stats_on_recompute(
+    stage: nn.Module,
+) -> tuple[AbstractContextManager, AbstractContextManager]:
     # The backward pass re-runs the stage in train mode; without this, every BatchNorm
     # would update its running statistics a second time for the same batch.
     return nullcontext(), _restore_running_stats(stage)

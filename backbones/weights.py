@@ -273,7 +273,7 @@ def load_pretrained(
     state_dict = {
         k.removeprefix("backbone."): v for k, v in ours.items() if k.startswith("backbone.")
     }
-    # Stages past the coarsest requested level were never built: their weights have no home.
+    # Stages past the coarsest requested level are not kept: their weights have no home.
     built = len(model.stages)
     state_dict = {
         k: v
