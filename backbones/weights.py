@@ -64,19 +64,15 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
             ) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "global" in str(e):  # a class or function the weights-only unpickler refuses
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        # A class or function the weights-only unpickler refuses, or a damaged file.
+        if isinstance(e, pickle.UnpicklingError) and "global" in str(e):
             raise WeightsError(
                 f"{path} holds pickled Python objects, not just tensors, and loading them would "
                 "execute code, which we never do. If you trust the file, re-save its weights: "
                 "`torch.save(torch.load(path, weights_only=False).state_dict(), 'clean.pth')` "
                 "(or save it as .safetensors) and pass the new file."
             ) from None
-        raise WeightsError(
-            f"{path} is not a readable PyTorch checkpoint ({_first_line(e)}); it may be "
-            "truncated or corrupt: download or save it again."
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise WeightsError(
             f"{path} is not a readable PyTorch checkpoint ({_first_line(e)}); it may be "
             "truncated or corrupt: download or save it again."
@@ -128,7 +124,6 @@ def convert(
 
 def to_ours(name: str, state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     """Bring a state dict in any supported layout (ours, torchvision's, timm's) to our keys."""
-    state_dict = unwrap_state_dict(state_dict)
     keys = list(state_dict)
     if all(k.startswith(("backbone.", "head.")) for k in keys):
         ours = dict(state_dict)
@@ -251,7 +246,7 @@ def download(name: str, source: str) -> StateDict:
 def resolve(name: str, pretrained: Pretrained) -> StateDict:
     """`pretrained` (a source, a file or a state dict) -> state dict in our key space."""
     if isinstance(pretrained, Mapping):
-        raw = dict(pretrained)
+        raw = unwrap_state_dict(pretrained, origin="the state dict passed as pretrained")
     elif isinstance(pretrained, str) and pretrained in SOURCES:
         raw = download(name, pretrained)
     elif isinstance(pretrained, str | os.PathLike):

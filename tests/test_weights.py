@@ -29,6 +29,12 @@ def tv_resnet18() -> nn.Module:
 
 
 @pytest.fixture(scope="module")
+def tv_backbone(tv_resnet18: nn.Module) -> dict[str, torch.Tensor]:
+    """The torchvision weights converted, backbone part, as `create("resnet18")` keys them."""
+    return backbone_part(convert("resnet18", tv_resnet18.state_dict()))
+
+
+@pytest.fixture(scope="module")
 def tv_file(tv_resnet18: nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
     torch.save(tv_resnet18.state_dict(), path)
@@ -51,9 +57,9 @@ def assert_loaded(model: nn.Module, expected: dict[str, torch.Tensor]) -> None:
 # ------------------------------------------------------------------------ what loads
 
 
-def test_torchvision_pth(tv_resnet18: nn.Module, tv_file: Path) -> None:
+def test_torchvision_pth(tv_backbone: dict[str, torch.Tensor], tv_file: Path) -> None:
     model = create("resnet18", pretrained=tv_file)
-    assert_loaded(model, backbone_part(convert("resnet18", tv_resnet18.state_dict())))
+    assert_loaded(model, tv_backbone)
 
 
 def test_pretrained_classifier_matches_torchvision(tv_resnet18: nn.Module, tv_file: Path) -> None:
@@ -70,7 +76,9 @@ def test_timm_safetensors(tmp_path: Path) -> None:
     assert_loaded(model, backbone_part(convert("resnet18", reference.state_dict(), source="timm")))
 
 
-def test_wrapped_checkpoint(tv_resnet18: nn.Module, tmp_path: Path) -> None:
+def test_wrapped_checkpoint(
+    tv_resnet18: nn.Module, tv_backbone: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
     # What training scripts save: {"state_dict": ...} with DistributedDataParallel's prefix.
     wrapped = {
         "epoch": 3,
@@ -78,7 +86,7 @@ def test_wrapped_checkpoint(tv_resnet18: nn.Module, tmp_path: Path) -> None:
     }
     torch.save(wrapped, tmp_path / "ckpt.pth")
     model = create("resnet18", pretrained=tmp_path / "ckpt.pth")
-    assert_loaded(model, backbone_part(convert("resnet18", tv_resnet18.state_dict())))
+    assert_loaded(model, tv_backbone)
 
 
 @pytest.mark.parametrize("layout", ["classifier", "backbone"])
@@ -90,23 +98,27 @@ def test_our_own_checkpoints(layout: str, tmp_path: Path) -> None:
     assert_loaded(model, source.backbone.state_dict())
 
 
-def test_truncated_backbone_loads_only_its_stages(tv_resnet18: nn.Module, tv_file: Path) -> None:
+def test_truncated_backbone_loads_only_its_stages(
+    tv_backbone: dict[str, torch.Tensor], tv_file: Path
+) -> None:
     model = create("resnet18", pretrained=tv_file, out_features=("C2", "C3"))
-    full = backbone_part(convert("resnet18", tv_resnet18.state_dict()))
     assert_loaded(
-        model, {k: v for k, v in full.items() if not k.startswith(("stages.2.", "stages.3."))}
+        model,
+        {k: v for k, v in tv_backbone.items() if not k.startswith(("stages.2.", "stages.3."))},
     )
 
 
-def test_state_dict_argument(tv_resnet18: nn.Module) -> None:
+def test_state_dict_argument(tv_resnet18: nn.Module, tv_backbone: dict[str, torch.Tensor]) -> None:
     model = create("resnet18", pretrained=tv_resnet18.state_dict())
-    assert_loaded(model, backbone_part(convert("resnet18", tv_resnet18.state_dict())))
+    assert_loaded(model, tv_backbone)
 
 
-def test_new_num_classes_keeps_the_backbone(tv_resnet18: nn.Module, tv_file: Path) -> None:
+def test_new_num_classes_keeps_the_backbone(
+    tv_backbone: dict[str, torch.Tensor], tv_file: Path
+) -> None:
     model = build_classifier("resnet18", num_classes=10, pretrained=tv_file)
     assert model.head.fc.out_features == 10
-    assert_loaded(model.backbone, backbone_part(convert("resnet18", tv_resnet18.state_dict())))
+    assert_loaded(model.backbone, tv_backbone)
 
 
 @pytest.mark.parametrize("in_chans", [1, 2, 6])
@@ -137,7 +149,7 @@ def test_frozen_stages_stay_frozen_after_loading(tv_file: Path) -> None:
 
 
 def test_download_through_torchvision(
-    tv_resnet18: nn.Module, monkeypatch: pytest.MonkeyPatch
+    tv_resnet18: nn.Module, tv_backbone: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Stand in for the network: torchvision's downloader returns the reference weights.
     urls = []
@@ -149,7 +161,7 @@ def test_download_through_torchvision(
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", fake_download)
     model = create("resnet18", pretrained="torchvision")
     assert urls == [torchvision.models.ResNet18_Weights.DEFAULT.url]
-    assert_loaded(model, backbone_part(convert("resnet18", tv_resnet18.state_dict())))
+    assert_loaded(model, tv_backbone)
 
 
 # ------------------------------------------------------------------------ what fails
@@ -280,10 +292,10 @@ def test_strict_false_loads_what_fits_and_reports_the_rest(
     torch.testing.assert_close(model.stem.norm.weight, tv_resnet18.bn1.weight, rtol=0, atol=0)
 
 
-def test_failed_strict_load_changes_nothing(tv_resnet18: nn.Module) -> None:
+def test_failed_strict_load_changes_nothing(tv_backbone: dict[str, torch.Tensor]) -> None:
     model = create("resnet18")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    state_dict = backbone_part(convert("resnet18", tv_resnet18.state_dict()))
+    state_dict = dict(tv_backbone)  # the fixture is shared: change a copy
     state_dict.pop("stages.3.1.conv2.norm.running_var")
     with pytest.raises(WeightsError, match=r"1 missing \(stages\.3\.1\.conv2\.norm\.running_var\)"):
         load_into(model, state_dict)
