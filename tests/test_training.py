@@ -95,13 +95,16 @@ def test_training_improves_the_metric(trained: tuple[DictConfig, dict], tmp_path
     untrained = build_module(cfg, datamodule)  # same seed, same initial weights
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     baseline = trainer.validate(untrained, datamodule=datamodule, verbose=False)[0]["val/acc"]
-    assert result["metrics"]["val/acc"] > baseline + 0.1
     run = Path(result["output_dir"])
     for name in ("config.yaml", "metrics.csv", "metrics.png", "checkpoints/last.ckpt"):
         assert (run / name).is_file(), name
     assert Path(result["best_model_path"]) == run / "checkpoints" / "best.ckpt"
     assert {"test/acc", "test/f1", "test/acc_top5"} <= set(result["metrics"])
     assert not list(run.rglob("*.tmp")), "temporary files left behind"
+    plotted = load_checkpoint(run / "checkpoints" / "last.ckpt")["callbacks"]["MetricsPlot"]
+    for key in ("train/loss", "val/loss", "val/acc"):
+        assert [epoch for epoch, _ in plotted["history"][key]] == [0, 1], key
+    assert result["metrics"]["val/acc"] > baseline + 0.1
 
 
 def test_same_seed_same_metrics(trained: tuple[DictConfig, dict], tmp_path: Path) -> None:

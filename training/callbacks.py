@@ -11,7 +11,7 @@ import lightning as L
 
 
 class MetricsPlot(L.Callback):
-    """After every validation epoch, plot the epoch losses and metrics to `<dir>/metrics.png`.
+    """After every epoch, plot the mean training loss and the validation metrics to a PNG.
 
     The history lives in the callback's state, so a resumed run plots its whole curve.
     """
@@ -19,17 +19,36 @@ class MetricsPlot(L.Callback):
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.history: dict[str, list[tuple[int, float]]] = {}
+        self._loss_sum, self._batches = 0.0, 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._loss_sum, self._batches = 0.0, 0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self._loss_sum += float(loss)
+        self._batches += 1
 
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         for key, value in trainer.callback_metrics.items():
-            if key.startswith(("train/", "val/")) and not key.endswith("_step"):
-                series = self.history.setdefault(key.removesuffix("_epoch"), [])
-                series[:] = [(e, v) for e, v in series if e != trainer.current_epoch]
-                series.append((trainer.current_epoch, float(value)))
+            if key.startswith("val/"):
+                self._record(key, trainer.current_epoch, float(value))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # Runs after the epoch's validation, so each epoch is plotted once, complete.
+        if self._batches:
+            self._record("train/loss", trainer.current_epoch, self._loss_sum / self._batches)
         if trainer.is_global_zero:
             self.write()
+
+    def _record(self, key: str, epoch: int, value: float) -> None:
+        series = self.history.setdefault(key, [])
+        series[:] = [(e, v) for e, v in series if e != epoch]
+        series.append((epoch, value))
 
     def write(self) -> None:
         import matplotlib
