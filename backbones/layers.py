@@ -142,3 +142,25 @@ class LayerNorm2d(nn.LayerNorm):
         x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
         x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return x.permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm (Wu & He 2018) called with the channel count, like BatchNorm2d.
+
+    The group count is the largest divisor of `num_channels` that is at most `max_groups`:
+    32 groups (the paper's default) where 32 divides the channels, fewer where it does not
+    (48 channels -> 24 groups), so any width works as `norm_layer=GroupNorm`.
+    """
+
+    def __init__(
+        self, num_channels: int, max_groups: int = 32, eps: float = 1e-5, affine: bool = True
+    ) -> None:
+        if num_channels < 1 or max_groups < 1:
+            raise ValueError(
+                f"GroupNorm needs positive num_channels and max_groups, got {num_channels} "
+                f"and {max_groups}"
+            )
+        groups = max(
+            g for g in range(1, min(max_groups, num_channels) + 1) if num_channels % g == 0
+        )
+        super().__init__(groups, num_channels, eps=eps, affine=affine)

@@ -1,5 +1,17 @@
-"""Heads that plug onto any backbone; they take channel counts, never a backbone object."""
+"""Heads that plug onto any backbone; they take channel counts, never a backbone object.
+
+Detection (`heads.detection`) wraps torchvision's detectors and is imported on its own.
+"""
 
 from .classification import ClassificationHead, Classifier, build_classifier
+from .fpn import FPN
+from .segmentation import Segmenter, SemanticFPNHead
 
-__all__ = ["ClassificationHead", "Classifier", "build_classifier"]
+__all__ = [
+    "FPN",
+    "ClassificationHead",
+    "Classifier",
+    "Segmenter",
+    "SemanticFPNHead",
+    "build_classifier",
+]

@@ -1,0 +1,145 @@
+"""Detection with torchvision's detectors on any backbone + FPN; the anchors, losses and NMS are theirs.
+
+`BackboneWithFPN` is what torchvision's FasterRCNN / MaskRCNN / RetinaNet / FCOS take as a
+backbone. The builders size the anchors from the pyramid's strides and name the RoI
+pooler's levels, so a pyramid of any depth works: torchvision's defaults assume five
+levels (a three-level pyramid fails with "Anchors should be Tuple[Tuple[int]]", and
+FasterRCNN's default RoI pooler silently pools from levels that do not exist).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import MultiScaleRoIAlign
+
+from backbones import Backbone
+from backbones.layers import LayerFn
+
+from .fpn import FPN
+
+
+class BackboneWithFPN(nn.Module):
+    """A backbone and an `FPN`, returning an `OrderedDict` of levels with one `out_channels`.
+
+    Args:
+        backbone: any registered backbone; its `out_features` are the FPN's inputs.
+        out_channels: channels of every pyramid level.
+        extra_blocks: None, "maxpool" (one more level, as torchvision's default for
+            Faster/Mask R-CNN) or "p6p7" (two more, as RetinaNet and FCOS); see `FPN`.
+        p6p7_from: "P" or "C", the input of "p6p7"; see `FPN`.
+        norm_layer: the FPN's norm; None as in the paper.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        out_channels: int = 256,
+        extra_blocks: str | None = "maxpool",
+        p6p7_from: str = "P",
+        norm_layer: LayerFn | None = None,
+    ) -> None:
+        super().__init__()
+        self.body = backbone
+        self.fpn = FPN(backbone.channels, out_channels, extra_blocks, p6p7_from, norm_layer)
+        self.out_channels = out_channels
+
+    @property
+    def strides(self) -> dict[str, int]:
+        """Stride of each returned level, fine to coarse."""
+        return self.fpn.strides
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        return OrderedDict(self.fpn(self.body(x)))  # {"P<k>": (B, out_channels, H/2^k, W/2^k)}
+
+
+def anchor_generator(
+    strides: Iterable[int],
+    size_per_stride: int,
+    scales_per_octave: int = 1,
+    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+) -> AnchorGenerator:
+    """One set of anchors per level: sizes `size_per_stride * stride * 2**(i / scales_per_octave)`.
+
+    With torchvision's pyramids this gives its defaults: FCOS 1 x stride (P3..P7: 8..128),
+    RetinaNet 4 x stride at 3 scales (32, 40, 50 on P3), Faster R-CNN 8 x stride (P2..P6:
+    32..512).
+    """
+    sizes = tuple(
+        tuple(
+            int(size_per_stride * s * 2 ** (i / scales_per_octave))
+            for i in range(scales_per_octave)
+        )
+        for s in strides
+    )
+    return AnchorGenerator(sizes, (tuple(aspect_ratios),) * len(sizes))
+
+
+def _with_fpn(backbone: Backbone | BackboneWithFPN, extra_blocks: str) -> BackboneWithFPN:
+    if isinstance(backbone, BackboneWithFPN):
+        return backbone
+    if isinstance(backbone, Backbone):
+        return BackboneWithFPN(backbone, extra_blocks=extra_blocks)
+    raise TypeError(
+        f"expected a backbones.Backbone or a heads.detection.BackboneWithFPN, got "
+        f"{type(backbone).__name__}"
+    )
+
+
+def _roi_pooler(fpn: FPN, output_size: int) -> MultiScaleRoIAlign:
+    # RoIs pool from the levels of the backbone's features, not the extra coarse ones, as
+    # torchvision's R-CNNs (P2..P5 without "pool").
+    return MultiScaleRoIAlign(list(fpn.levels), output_size=output_size, sampling_ratio=2)
+
+
+def fcos(backbone: Backbone | BackboneWithFPN, num_classes: int, **kwargs) -> FCOS:
+    """torchvision's FCOS (Tian et al. 2019) with one anchor point per pixel sized by its stride.
+
+    A plain backbone gets an FPN with P6/P7 (from the coarsest FPN output, as torchvision's
+    `fcos_resnet50_fpn`); pass a `BackboneWithFPN` for another pyramid. `kwargs` go to
+    `FCOS` (`min_size`, `max_size`, `score_thresh`, ...; an `anchor_generator` replaces ours).
+    """
+    body = _with_fpn(backbone, "p6p7")
+    kwargs.setdefault(
+        "anchor_generator", anchor_generator(body.strides.values(), 1, aspect_ratios=(1.0,))
+    )
+    return FCOS(body, num_classes, **kwargs)
+
+
+def retinanet(backbone: Backbone | BackboneWithFPN, num_classes: int, **kwargs) -> RetinaNet:
+    """torchvision's RetinaNet (Lin et al. 2017) with 9 anchors per pixel sized by the level's stride.
+
+    A plain backbone gets an FPN with P6/P7 (from the coarsest FPN output, as torchvision's
+    `retinanet_resnet50_fpn`); pass a `BackboneWithFPN` for another pyramid. `kwargs` go to
+    `RetinaNet` (an `anchor_generator` replaces ours).
+    """
+    body = _with_fpn(backbone, "p6p7")
+    kwargs.setdefault("anchor_generator", anchor_generator(body.strides.values(), 4, 3))
+    return RetinaNet(body, num_classes, **kwargs)
+
+
+def faster_rcnn(backbone: Backbone | BackboneWithFPN, num_classes: int, **kwargs) -> FasterRCNN:
+    """torchvision's Faster R-CNN (Ren et al. 2015) with FPN: RPN anchors and RoI levels from the pyramid.
+
+    A plain backbone gets an FPN with a max-pooled extra level (torchvision's default); pass
+    a `BackboneWithFPN` for another pyramid. `kwargs` go to `FasterRCNN` (an
+    `rpn_anchor_generator` or `box_roi_pool` replaces ours).
+    """
+    body = _with_fpn(backbone, "maxpool")
+    kwargs.setdefault("rpn_anchor_generator", anchor_generator(body.strides.values(), 8))
+    kwargs.setdefault("box_roi_pool", _roi_pooler(body.fpn, 7))
+    return FasterRCNN(body, num_classes, **kwargs)
+
+
+def mask_rcnn(backbone: Backbone | BackboneWithFPN, num_classes: int, **kwargs) -> MaskRCNN:
+    """torchvision's Mask R-CNN (He et al. 2017): `faster_rcnn` plus a mask branch on the same levels."""
+    body = _with_fpn(backbone, "maxpool")
+    kwargs.setdefault("rpn_anchor_generator", anchor_generator(body.strides.values(), 8))
+    kwargs.setdefault("box_roi_pool", _roi_pooler(body.fpn, 7))
+    kwargs.setdefault("mask_roi_pool", _roi_pooler(body.fpn, 14))
+    return MaskRCNN(body, num_classes, **kwargs)
