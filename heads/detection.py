@@ -10,7 +10,7 @@ FasterRCNN's default RoI pooler silently pools from levels that do not exist).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -59,7 +59,7 @@ class BackboneWithFPN(nn.Module):
 
 
 def anchor_generator(
-    strides: Sequence[int],
+    strides: Iterable[int],
     size_per_stride: int,
     scales_per_octave: int = 1,
     aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),

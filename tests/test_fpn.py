@@ -118,6 +118,17 @@ def test_levels_and_sizes(extra: str | None, extra_levels: list[str], p6p7_from:
         assert out.shape == (2, OUT, math.ceil(size[0] / stride), math.ceil(size[1] / stride))
 
 
+def test_any_consecutive_levels_from_c1() -> None:
+    fpn = FPN({"C1": 8, "C2": 16}, OUT, extra_blocks="maxpool")
+    assert fpn.strides == {"P1": 2, "P2": 4, "P3": 8}
+    outputs = fpn(_features({"C1": 8, "C2": 16}, (33, 47)))
+    assert {k: tuple(v.shape[-2:]) for k, v in outputs.items()} == {
+        "P1": (17, 24),
+        "P2": (9, 12),
+        "P3": (5, 6),
+    }
+
+
 def test_norm_layer_drops_the_conv_bias() -> None:
     fpn = FPN({"C4": 40, "C5": 48}, 48, norm_layer=GroupNorm)
     assert fpn.lateral_convs["C4"].conv.bias is None

@@ -1,0 +1,205 @@
+"""torchvision's detectors on backbone + FPN: a training step and eval output, 3 and 5 levels."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+import torchvision
+from torchvision.models.detection import faster_rcnn as tv_faster_rcnn
+from torchvision.models.detection import retinanet as tv_retinanet
+
+from backbones import create
+from heads.detection import (
+    BackboneWithFPN,
+    anchor_generator,
+    faster_rcnn,
+    fcos,
+    mask_rcnn,
+    retinanet,
+)
+
+SIZE = 128
+# min_size = max_size = the image size: the transform neither upscales to 800 nor pads past 128.
+# A zero score threshold makes the untrained models return boxes, so the format is checked;
+# fewer proposals and sampled RoIs than the defaults keep the R-CNN heads cheap on a CPU.
+_RCNN = {
+    "rpn_pre_nms_top_n_train": 200,
+    "rpn_post_nms_top_n_train": 100,
+    "rpn_pre_nms_top_n_test": 200,
+    "rpn_post_nms_top_n_test": 100,
+    "box_batch_size_per_image": 32,
+    "box_score_thresh": 0.0,
+}
+OPTIONS = {
+    fcos: {"score_thresh": 0.0, "detections_per_img": 10, "topk_candidates": 100},
+    retinanet: {"score_thresh": 0.0, "detections_per_img": 10, "topk_candidates": 100},
+    faster_rcnn: {**_RCNN, "box_detections_per_img": 10},
+    mask_rcnn: {**_RCNN, "box_detections_per_img": 3},
+}
+LOSSES = {
+    fcos: {"classification", "bbox_regression", "bbox_ctrness"},
+    retinanet: {"classification", "bbox_regression"},
+    faster_rcnn: {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"},
+    mask_rcnn: {
+        "loss_classifier",
+        "loss_box_reg",
+        "loss_objectness",
+        "loss_rpn_box_reg",
+        "loss_mask",
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Two 128x128 images with two and one boxes (and their box-shaped masks)."""
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, SIZE, SIZE, generator=generator) for _ in range(2)]
+    boxes = [
+        torch.tensor([[10.0, 20.0, 60.0, 90.0], [30.0, 5.0, 120.0, 100.0]]),
+        torch.tensor([[40.0, 40.0, 100.0, 80.0]]),
+    ]
+    targets = []
+    for image_boxes, labels in zip(boxes, [[1, 2], [2]], strict=True):
+        masks = torch.zeros(len(image_boxes), SIZE, SIZE, dtype=torch.uint8)
+        for mask, (x1, y1, x2, y2) in zip(masks, image_boxes.int().tolist(), strict=True):
+            mask[y1:y2, x1:x2] = 1
+        targets.append({"boxes": image_boxes, "labels": torch.tensor(labels), "masks": masks})
+    return images, targets
+
+
+def _build(builder, num_levels: int) -> torch.nn.Module:
+    """resnet18 + a 64-channel FPN: C3..C5 alone, or the detector's usual five levels."""
+    torch.manual_seed(0)
+    if num_levels == 3:
+        body = BackboneWithFPN(create("resnet18"), out_channels=64, extra_blocks=None)
+    elif builder in (fcos, retinanet):  # P3..P7
+        body = BackboneWithFPN(create("resnet18"), out_channels=64, extra_blocks="p6p7")
+    else:  # P2..P6
+        levels = ("C2", "C3", "C4", "C5")
+        body = BackboneWithFPN(create("resnet18", out_features=levels), out_channels=64)
+    return builder(body, num_classes=3, min_size=SIZE, max_size=SIZE, **OPTIONS[builder])
+
+
+def _check_detections(detections: list[dict[str, torch.Tensor]], limit: int, masks: bool) -> None:
+    assert isinstance(detections, list) and len(detections) == 2
+    for found in detections:
+        assert set(found) == (
+            {"boxes", "scores", "labels", "masks"} if masks else {"boxes", "scores", "labels"}
+        )
+        n = found["boxes"].shape[0]
+        assert 0 < n <= limit
+        assert found["boxes"].shape == (n, 4) and found["boxes"].dtype == torch.float32
+        assert found["scores"].shape == (n,) and torch.isfinite(found["scores"]).all()
+        assert found["labels"].shape == (n,) and found["labels"].dtype == torch.int64
+        assert ((found["labels"] >= 0) & (found["labels"] < 3)).all()
+        boxes = found["boxes"]
+        assert (boxes >= 0).all() and (boxes <= SIZE).all()
+        assert (boxes[:, 2:] >= boxes[:, :2]).all()
+        if masks:
+            assert found["masks"].shape == (n, 1, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("num_levels", [3, 5])
+@pytest.mark.parametrize("builder", [fcos, retinanet, faster_rcnn])
+def test_train_step_and_eval(builder, num_levels: int, batch: tuple) -> None:
+    model = _build(builder, num_levels)
+    pyramid = model.backbone
+    assert isinstance(pyramid, BackboneWithFPN) and len(pyramid.strides) == num_levels
+    anchors = model.rpn.anchor_generator if builder is faster_rcnn else model.anchor_generator
+    assert len(anchors.sizes) == num_levels  # one anchor set per level, whatever the depth
+    if builder is faster_rcnn:
+        assert model.roi_heads.box_roi_pool.featmap_names == list(pyramid.fpn.levels)
+
+    images, targets = batch
+    model.train()
+    losses = model(images, targets)
+    assert set(losses) == LOSSES[builder]
+    assert all(torch.isfinite(loss) for loss in losses.values()), losses
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    sum(losses.values()).backward()
+    stem = pyramid.body.get_submodule(pyramid.body.input_conv_name())
+    assert stem.weight.grad is not None and torch.isfinite(stem.weight.grad).all()
+    assert stem.weight.grad.abs().sum() > 0
+    optimizer.step()
+
+    model.eval()
+    with torch.no_grad():
+        detections = model(images)
+    _check_detections(detections, limit=10, masks=False)
+
+
+def test_mask_rcnn(batch: tuple) -> None:
+    model = _build(mask_rcnn, num_levels=3)
+    assert model.roi_heads.mask_roi_pool.featmap_names == ["P3", "P4", "P5"]
+    images, targets = batch
+    losses = model.train()(images, targets)
+    assert set(losses) == LOSSES[mask_rcnn] and all(torch.isfinite(v) for v in losses.values())
+    with torch.no_grad():
+        detections = model.eval()(images)
+    _check_detections(detections, limit=3, masks=True)
+
+
+@pytest.mark.parametrize(
+    ("builder", "levels"),
+    [
+        (fcos, ["P3", "P4", "P5", "P6", "P7"]),
+        (retinanet, ["P3", "P4", "P5", "P6", "P7"]),
+        (faster_rcnn, ["P3", "P4", "P5", "P6"]),
+    ],
+)
+def test_builders_add_the_detectors_usual_fpn(builder, levels: list[str]) -> None:
+    model = builder(create("resnet18"), num_classes=3)
+    assert list(model.backbone.strides) == levels and model.backbone.out_channels == 256
+    anchors = model.rpn.anchor_generator if builder is faster_rcnn else model.anchor_generator
+    assert len(anchors.sizes) == len(levels)
+    if builder is faster_rcnn:  # RoIs from the backbone's levels, not the pooled P6
+        assert model.roi_heads.box_roi_pool.featmap_names == ["P3", "P4", "P5"]
+
+
+def test_backbone_with_fpn_is_what_torchvision_expects() -> None:
+    body = create("resnet18")
+    pyramid = BackboneWithFPN(body, out_channels=64, extra_blocks="p6p7")
+    out = pyramid(torch.randn(1, 3, 97, 65))
+    assert isinstance(out, OrderedDict) and pyramid.out_channels == 64
+    assert list(out) == ["P3", "P4", "P5", "P6", "P7"]
+    assert [tuple(t.shape) for t in out.values()] == [
+        (1, 64, 13, 9),
+        (1, 64, 7, 5),
+        (1, 64, 4, 3),
+        (1, 64, 2, 2),
+        (1, 64, 1, 1),
+    ]
+    # The issue's usage: torchvision's own FCOS on our 5-level pyramid, with its own anchors.
+    model = torchvision.models.detection.FCOS(pyramid, num_classes=3, min_size=64, max_size=64)
+    with torch.no_grad():
+        assert set(model.eval()([torch.rand(3, 64, 64)])[0]) == {"boxes", "scores", "labels"}
+
+
+def test_anchor_sizes_reproduce_torchvision_defaults() -> None:
+    # torchvision's five-level defaults (private helpers: the values are what matter)
+    assert (
+        anchor_generator([8, 16, 32, 64, 128], 4, 3).sizes
+        == tv_retinanet._default_anchorgen().sizes
+    )
+    assert (
+        anchor_generator([4, 8, 16, 32, 64], 8).sizes == tv_faster_rcnn._default_anchorgen().sizes
+    )
+    assert (
+        anchor_generator([4, 8, 16, 32, 64], 8).aspect_ratios
+        == tv_faster_rcnn._default_anchorgen().aspect_ratios
+    )
+    fcos_anchors = anchor_generator([8, 16, 32, 64, 128], 1, aspect_ratios=(1.0,))
+    assert fcos_anchors.sizes == ((8,), (16,), (32,), (64,), (128,))  # FCOS's inline default
+    assert fcos_anchors.num_anchors_per_location() == [1] * 5
+
+
+def test_bad_input() -> None:
+    with pytest.raises(
+        TypeError, match=r"expected a backbones\.Backbone or a .*BackboneWithFPN, got Sequential"
+    ):
+        fcos(torch.nn.Sequential(), num_classes=3)
+    with pytest.raises(ValueError, match=r"consecutive levels.*C3 \(stride 8\), C5 \(stride 32\)"):
+        BackboneWithFPN(create("resnet18", out_features=("C3", "C5")))
