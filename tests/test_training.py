@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -145,11 +146,20 @@ def test_resume_matches_an_uninterrupted_run(
     assert (end["global_step"], end["epoch"]) == (reference["global_step"], reference["epoch"])
 
 
-def test_fast_dev_run_segmentation(tmp_path: Path) -> None:
-    cfg = config(
-        tmp_path, *TINY, "head=fpn", "trainer.fast_dev_run=true", "export_backbone=false"
-    )
-    train_script.train(cfg)
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("head=fpn",),
+        ("head=fpn", "backbone=mobilenetv3", "channels_last=true"),
+        ("head=classification", "head.out_features=[C3,C4,C5]", "trainer.precision=bf16-mixed"),
+    ],
+    ids=["segmentation", "segmentation-channels_last", "multiscale-bf16"],
+)
+def test_fast_dev_run(overrides: tuple[str, ...], tmp_path: Path) -> None:
+    cfg = config(tmp_path, *TINY, *overrides, "trainer.fast_dev_run=true")
+    result = train_script.train(cfg)
+    assert result["metrics"], "no metric was logged"
+    assert all(math.isfinite(v) for v in result["metrics"].values())
 
 
 def test_non_finite_loss_stops_with_the_step(
@@ -199,3 +209,32 @@ def test_cli_error_is_one_line_without_traceback(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert "error:" in done.stderr and "does not exist" in done.stderr
+
+
+def _one_step(cfg: DictConfig) -> tuple[dict, dict, list[dict]]:
+    """Parameter groups and the state dict before and after one optimiser step."""
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule)
+    optimizer = module.configure_optimizers()["optimizer"]
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    module.train()
+    x, y = next(iter(datamodule.train_dataloader()))
+    module.task.loss(module(x), y).backward()
+    optimizer.step()
+    return before, module.state_dict(), optimizer.param_groups
+
+
+def test_backbone_lr_multiplier(tmp_path: Path) -> None:
+    cfg = config(tmp_path, *TINY, "scheduler=none", "backbone_lr_mult=0.1", "optim.lr=0.01")
+    _, _, groups = _one_step(cfg)
+    lrs = sorted({round(g["lr"], 9) for g in groups})
+    assert lrs == [0.001, 0.01]
+    assert {g["weight_decay"] for g in groups} == {0.0, cfg.optim.weight_decay}
+
+
+def test_linear_probe_trains_only_the_head(tmp_path: Path) -> None:
+    cfg = config(tmp_path, *TINY, "linear_probe=true", "scheduler=none")
+    before, after, _ = _one_step(cfg)
+    backbone = [k for k in before if k.startswith("model.backbone.")]
+    assert backbone and all(torch.equal(before[k], after[k]) for k in backbone)  # BN stats too
+    assert not torch.equal(before["model.head.fc.weight"], after["model.head.fc.weight"])

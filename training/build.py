@@ -22,11 +22,10 @@ class ConfigError(ValueError):
 
 
 def classifier(backbone: Backbone, num_classes: int, **head_options: Any) -> Classifier:
-    """`ClassificationHead` on the backbone's coarsest returned level."""
-    level = next(reversed(backbone.channels))
-    return Classifier(
-        backbone, ClassificationHead(backbone.channels[level], num_classes, **head_options)
-    )
+    """`ClassificationHead` on the backbone's one returned level, or multi-scale on several."""
+    channels = backbone.channels
+    in_channels = channels if len(channels) > 1 else next(iter(channels.values()))
+    return Classifier(backbone, ClassificationHead(in_channels, num_classes, **head_options))
 
 
 def build_datamodule(cfg: DictConfig) -> TaskDataModule:
