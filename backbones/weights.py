@@ -118,6 +118,7 @@ def convert(
             f"{len(unmatched)} keys of this checkpoint are not part of {source}'s {name}: "
             f"{_names(unmatched)}. Is it a checkpoint of another architecture?"
         )
+    converted = _fit_singleton_dims(converted, reference)
     _check_backbone(name, converted, reference)
     return converted
 
@@ -143,7 +144,7 @@ def to_ours(name: str, state_dict: Mapping[str, torch.Tensor]) -> StateDict:
                 f"{name}: {len(unmatched)} of its {len(keys)} keys are unknown, e.g. "
                 f"{_names(unmatched)}. Is it a checkpoint of another architecture?"
             )
-        ours = attempts[matched[0]][0]
+        ours = _fit_singleton_dims(attempts[matched[0]][0], reference)
         _check_backbone(name, ours, reference)
     # Our own checkpoints may come from a model built with other arguments (fewer stages,
     # other in_chans): `load_into` checks them against the model they are loaded into.
@@ -185,6 +186,22 @@ def _meta_backbone(name: str) -> Backbone:
     # Shapes and keys only: building on the meta device allocates nothing.
     with torch.device("meta"):
         return get_entry(name).fn(out_features=("C5",))
+
+
+def _fit_singleton_dims(ours: StateDict, reference: Backbone) -> StateDict:
+    """Reshape tensors that differ from ours only by size-1 dims, e.g. a per-channel scale
+    stored as (C, 1, 1) by torchvision and (C,) by timm: same values, same order."""
+    expected = {f"backbone.{k}": v.shape for k, v in reference.state_dict().items()}
+    fitted = dict(ours)
+    for key, value in ours.items():
+        shape = expected.get(key)
+        if (
+            shape is not None
+            and value.shape != shape
+            and [n for n in value.shape if n != 1] == [n for n in shape if n != 1]
+        ):
+            fitted[key] = value.reshape(shape)
+    return fitted
 
 
 def _check_backbone(name: str, ours: Mapping[str, torch.Tensor], reference: Backbone) -> None:
