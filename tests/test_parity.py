@@ -25,7 +25,23 @@ PUBLISHED_PARAMS = {
     "resnext101_64x4d": 83_455_272,
     "wide_resnet50_2": 68_883_240,
     "wide_resnet101_2": 126_886_696,
+    "mobilenet_v2": 3_504_872,
+    "mobilenet_v3_large": 5_483_032,
+    "mobilenet_v3_small": 2_542_856,
+    "efficientnet_b0": 5_288_548,
+    "efficientnet_b1": 7_794_184,
+    "efficientnet_b2": 9_109_994,
+    "efficientnet_b3": 12_233_232,
+    "efficientnet_b4": 19_341_616,
+    "efficientnet_b5": 30_389_784,
+    "efficientnet_b6": 43_040_704,
+    "efficientnet_b7": 66_347_960,
 }
+
+# Reference arguments other than the library's defaults. torchvision's EfficientNet drops
+# residual branches in train mode by default (stochastic_depth_prob=0.2), which the SGD step
+# below could not replay; tests/test_parity_mobile.py compares stochastic depth on its own.
+REFERENCE_KWARGS = {f"efficientnet_b{i}": {"stochastic_depth_prob": 0.0} for i in range(8)}
 
 
 def names_from(source: str) -> list[str]:
@@ -36,7 +52,7 @@ def _reference(source: str, name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     library_name = get_entry(name).sources[source]
     if source == "torchvision":
-        model = torchvision.models.get_model(library_name)
+        model = torchvision.models.get_model(library_name, **REFERENCE_KWARGS.get(name, {}))
     else:
         model = timm.create_model(library_name)
     return randomize_norms(model).eval()
