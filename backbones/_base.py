@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -62,8 +62,9 @@ class Backbone(nn.Module):
     freezes what `frozen_stages` asks for and validates the settings.
     """
 
-    # source library -> rules that turn its classifier state dict into ours
-    weight_rules: ClassVar[Mapping[str, Rules]] = {}
+    # source library -> rules that turn its classifier state dict into ours; a family whose
+    # rules depend on the variant (e.g. on its number of blocks) sets them per instance.
+    weight_rules: Mapping[str, Rules] = {}
     # What `heads.build_classifier` puts on top to rebuild the reference classifier; a family
     # whose variants differ (e.g. in dropout) sets it per instance.
     classifier_cfg: ClassifierCfg = ClassifierCfg()

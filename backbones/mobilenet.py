@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
-from itertools import groupby
+from itertools import groupby, islice
 
 from torch import nn
 
@@ -110,7 +110,7 @@ class MobileNetV3(Backbone):
 
     Args:
         cfg: the variant at width 1 (large or small).
-        width_mult: channel multiplier (e.g. 0.75, 1.0).
+        width_mult: channel multiplier (e.g. 0.35, 0.5, 0.75, 1.0, 1.4).
         out_features: levels to return, any of C1..C5.
         in_chans: input channels.
         frozen_stages: -1 nothing, 0 the stem, k the stem and the first k stages.
@@ -136,9 +136,9 @@ class MobileNetV3(Backbone):
             frozen_stages=frozen_stages,
             norm_eval=norm_eval,
         )
-        # A stage is a run of blocks with the same output channels (a row in timm's definition);
-        # found before scaling, since narrow widths can round two rows to one channel count.
-        depths = [len(list(run)) for _, run in groupby(cfg.blocks, key=lambda b: b.out_channels)]
+        # A stage is a row of blocks with the same output channels, as timm groups them; rows
+        # are found at width 1, since narrow widths can round two rows to one channel count.
+        depths = [len(list(row)) for _, row in groupby(cfg.blocks, key=lambda b: b.out_channels)]
         cfg = cfg.scaled(width_mult)
         self.stem = ConvNormAct(
             in_chans, cfg.stem_channels, 3, stride=2, norm_layer=norm_layer, act_layer=Hardswish
@@ -150,7 +150,7 @@ class MobileNetV3(Backbone):
         remaining = iter(cfg.blocks)
         for depth in depths:
             blocks = []
-            for block in (next(remaining) for _ in range(depth)):
+            for block in islice(remaining, depth):
                 se_layer = None
                 if block.se:
                     se_layer = partial(

@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import torch
 import torchvision
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from backbones import convert, create
 
@@ -46,6 +48,13 @@ def timed(model: nn.Module, x: torch.Tensor, clock: Callable[[], float]) -> floa
     return (clock() - start) * 1e3
 
 
+def op_counts(model: nn.Module, x: torch.Tensor) -> Counter[str]:
+    """How often each ATen operator runs in one forward pass."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(x)
+    return Counter({event.key: event.count for event in prof.key_averages()})
+
+
 def quartiles(samples: list[float]) -> tuple[float, float, float]:
     q1, median, q3 = statistics.quantiles(samples, n=4)
     return q1, median, q3
@@ -66,6 +75,11 @@ def main() -> None:
         help="wall: elapsed time; cpu: CPU time of this process, which on a machine shared "
         "with other jobs leaves out the time they take the cores (use with --threads 1)",
     )
+    parser.add_argument(
+        "--ops",
+        action="store_true",
+        help="also list the ATen operators whose call counts differ between the two models",
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -80,6 +94,7 @@ def main() -> None:
     )
     print("| model | memory format | torchvision | ours | ours / torchvision |")
     print("|---|---|---:|---:|---:|")
+    op_differences = []
     for name in args.names:
         ours, reference = build_pair(name)
         for format_name, memory_format in FORMATS.items():
@@ -92,6 +107,15 @@ def main() -> None:
                 torch.testing.assert_close(ours(x)["C5"], reference(x))  # same network
                 for _ in range(args.warmup):
                     ours(x), reference(x)
+                if args.ops:
+                    ours_ops, reference_ops = op_counts(ours, x), op_counts(reference, x)
+                    differing = sorted(
+                        op for op in ours_ops | reference_ops if ours_ops[op] != reference_ops[op]
+                    )
+                    summary = ", ".join(
+                        f"{op} {ours_ops[op]} / {reference_ops[op]}" for op in differing
+                    )
+                    op_differences.append(f"| {name} | {format_name} | {summary or 'none'} |")
                 times: dict[nn.Module, list[float]] = {ours: [], reference: []}
                 for i in range(args.repeats):
                     # alternate which model runs first, so neither always follows the other
@@ -109,6 +133,12 @@ def main() -> None:
                 + " |",
                 flush=True,
             )
+    if op_differences:
+        print(
+            "\n| model | memory format | ATen operators run a different number of times: ours / torchvision |"
+        )
+        print("|---|---|---|")
+        print("\n".join(op_differences))
 
 
 if __name__ == "__main__":
