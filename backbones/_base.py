@@ -65,7 +65,8 @@ class Backbone(nn.Module):
     """
 
     # Source library -> rules that turn its classifier state dict into ours; a family whose
-    # variants number their layers differently (e.g. VGG's `features.<i>`) sets it per instance.
+    # rules depend on the variant (e.g. VGG's `features.<i>` numbering, a number of blocks)
+    # sets them per instance.
     weight_rules: Mapping[str, Rules] = {}
     # What `heads.build_classifier` puts on top to rebuild the reference classifier; a family
     # whose variants differ (e.g. in dropout) sets it per instance.

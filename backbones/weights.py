@@ -103,15 +103,20 @@ def unwrap_state_dict(obj: object, origin: str = "checkpoint") -> StateDict:
 
 
 def convert(
-    name: str, state_dict: Mapping[str, torch.Tensor], source: str = "torchvision"
+    name: str,
+    state_dict: Mapping[str, torch.Tensor],
+    source: str = "torchvision",
+    **backbone_kwargs,
 ) -> StateDict:
     """Rename a torchvision or timm classifier's state dict into `build_classifier(name)`'s keys.
 
-    Raises `WeightsError` naming every source key no rule matches, and every backbone key
-    that is missing or has the wrong shape (a checkpoint of another architecture).
+    `backbone_kwargs` are the constructor arguments the weights were made for, where they
+    change the architecture (e.g. `width_mult=0.5`). Raises `WeightsError` naming every source
+    key no rule matches, and every backbone key that is missing or has the wrong shape (a
+    checkpoint of another architecture).
     """
     _library_name(name, source)
-    reference = _meta_backbone(name)
+    reference = _meta_backbone(name, **backbone_kwargs)
     converted, unmatched = _apply_rules(state_dict, reference.weight_rules[source])
     if unmatched:
         raise WeightsError(
@@ -182,10 +187,10 @@ def _library_name(name: str, source: str) -> str:
     return sources[source]
 
 
-def _meta_backbone(name: str) -> Backbone:
+def _meta_backbone(name: str, **kwargs) -> Backbone:
     # Shapes and keys only: building on the meta device allocates nothing.
     with torch.device("meta"):
-        return get_entry(name).fn(out_features=("C5",))
+        return get_entry(name).fn(**{**kwargs, "out_features": ("C5",)})
 
 
 def _fit_singleton_dims(ours: StateDict, reference: Backbone) -> StateDict:
