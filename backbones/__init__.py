@@ -4,7 +4,7 @@ from backbones import create, list_backbones
 model = create("resnet50")                # returns {"C3": ..., "C4": ..., "C5": ...}
 """
 
-from . import resnet  # noqa: F401  (registers the family)
+from . import convnext, densenet, efficientnet, mobilenet, resnet, vgg  # noqa: F401  (register the families)
 from ._base import (
     Backbone,
     ClassifierCfg,

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 import math
 import re
+import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -62,8 +64,10 @@ class Backbone(nn.Module):
     freezes what `frozen_stages` asks for and validates the settings.
     """
 
-    # source library -> rules that turn its classifier state dict into ours
-    weight_rules: ClassVar[Mapping[str, Rules]] = {}
+    # Source library -> rules that turn its classifier state dict into ours; a family whose
+    # rules depend on the variant (e.g. VGG's `features.<i>` numbering, a number of blocks)
+    # sets them per instance.
+    weight_rules: Mapping[str, Rules] = {}
     # What `heads.build_classifier` puts on top to rebuild the reference classifier; a family
     # whose variants differ (e.g. in dropout) sets it per instance.
     classifier_cfg: ClassifierCfg = ClassifierCfg()
@@ -286,9 +290,63 @@ def create(
         **kwargs: the family's constructor arguments (out_features, in_chans,
             frozen_stages, norm_eval, drop_path_rate, norm_layer, ...).
     """
-    model = get_entry(name).fn(**kwargs)
+    entry = get_entry(name)
+    _check_arguments(name, entry, kwargs)
+    model = entry.fn(**kwargs)
     if pretrained is not None:
         from .weights import load_pretrained  # weights imports this module
 
         load_pretrained(model, name, pretrained, strict=strict)
     return model
+
+
+def _family(entry: _Entry) -> type[Backbone] | None:
+    """The class a registered constructor builds, from its return annotation."""
+    try:
+        family = typing.get_type_hints(entry.fn).get("return")
+    except NameError:  # an annotation that does not resolve: no check, Python's error stands
+        return None
+    return family if isinstance(family, type) and issubclass(family, Backbone) else None
+
+
+def _arguments(family: type[Backbone]) -> list[str] | None:
+    """The options `family.__init__` takes by keyword, or None when it takes **kwargs.
+
+    Arguments without a default (the variant's cfg) are the registered constructor's to pass.
+    """
+    params = inspect.signature(family.__init__).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    keyword = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in params if p.kind in keyword and p.default is not p.empty]
+
+
+def _check_arguments(name: str, entry: _Entry, kwargs: Mapping[str, object]) -> None:
+    # Families differ in their options (memory_efficient, drop_path_rate, ...): say which
+    # ones this family has, and which families have the one asked for, instead of Python's
+    # bare "unexpected keyword argument".
+    family = _family(entry)
+    accepted = _arguments(family) if family is not None else None
+    if accepted is None:
+        return
+    for key in kwargs:
+        if key in accepted:
+            continue
+        others = sorted(
+            {
+                f.__name__
+                for f in map(_family, _REGISTRY.values())
+                if f is not None and key in (_arguments(f) or ())
+            }
+        )
+        close = difflib.get_close_matches(key, accepted, n=1)
+        if others:
+            hint = f"{key!r} is an argument of {', '.join(others)}, not of {family.__name__}. "
+        elif close:
+            hint = f"Did you mean {close[0]!r}? "
+        else:
+            hint = ""
+        raise TypeError(
+            f"{name} got an unexpected keyword argument {key!r}. {hint}"
+            f"{family.__name__} takes: {', '.join(accepted)}."
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -112,22 +113,28 @@ class DropPath(nn.Module):
             return x
         keep = 1.0 - self.p
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, 1, 1)
-        return x * mask / keep
+        # scale the mask, not x: one pass over x, and the rounding of torchvision and timm
+        return x * mask.div_(keep)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
 
-def drop_path_rates(drop_path_rate: float, depths: Sequence[int]) -> list[list[float]]:
+def drop_path_rates(
+    drop_path_rate: float, depths: Sequence[int], endpoint: bool = True
+) -> list[list[float]]:
     """Per-block drop-path rates rising linearly from 0 to `drop_path_rate`, split by stage.
 
-    The linear decay rule of Huang et al. 2016, as used by ConvNeXt and timm.
+    The linear decay rule of Huang et al. 2016, as used by ConvNeXt and timm. With
+    `endpoint=False` block i of n gets `drop_path_rate * i / n`, so the last block stays below
+    the rate: the EfficientNet convention (torchvision's `stochastic_depth_prob`, timm).
     """
     if not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
     total = sum(depths)
+    steps = max(total - 1, 1) if endpoint else total
     # plain Python, not torch.linspace: models are also built on the meta device
-    rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+    rates = [drop_path_rate * i / steps for i in range(total)]
     per_stage, start = [], 0
     for depth in depths:
         per_stage.append(rates[start : start + depth])
@@ -164,3 +171,71 @@ class GroupNorm(nn.GroupNorm):
             g for g in range(1, min(max_groups, num_channels) + 1) if num_channels % g == 0
         )
         super().__init__(groups, num_channels, eps=eps, affine=affine)
+
+
+# BatchNorm as TensorFlow's reference MobileNetV3 / EfficientNet code sets it; torchvision keeps
+# it for MobileNetV3 and EfficientNet-B5..B7 (eps changes eval outputs, momentum training).
+BatchNorm2dTF = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01)
+
+
+class InvertedResidual(nn.Module):
+    """Expand 1x1 -> depthwise kxk -> squeeze-excite -> project 1x1, plus identity when shapes allow.
+
+    The block of MobileNetV2 (Sandler et al. 2018), MobileNetV3 (Howard et al. 2019) and
+    EfficientNet's MBConv (Tan & Le 2019). Without expansion (`expanded_channels ==
+    in_channels`) there is no expand conv: the depthwise-separable block.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels; the projection has no activation (a linear bottleneck).
+        expanded_channels: channels of the depthwise conv.
+        kernel_size: depthwise kernel size.
+        stride: depthwise stride.
+        act_layer: activation after the expand and depthwise convs.
+        se_layer: called with `expanded_channels`; `None` for no squeeze-excite.
+        norm_layer: called with a channel count.
+        drop_path: stochastic-depth rate of the residual branch (used only with the identity).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        expanded_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        act_layer: LayerFn = nn.ReLU,
+        se_layer: LayerFn | None = None,
+        norm_layer: LayerFn = nn.BatchNorm2d,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.has_shortcut = stride == 1 and in_channels == out_channels
+        self.expand = (
+            ConvNormAct(
+                in_channels, expanded_channels, 1, norm_layer=norm_layer, act_layer=act_layer
+            )
+            if expanded_channels != in_channels
+            else nn.Identity()
+        )
+        self.depthwise = ConvNormAct(
+            expanded_channels,
+            expanded_channels,
+            kernel_size,
+            stride,
+            groups=expanded_channels,
+            norm_layer=norm_layer,
+            act_layer=act_layer,
+        )
+        self.se = se_layer(expanded_channels) if se_layer is not None else nn.Identity()
+        self.project = ConvNormAct(
+            expanded_channels, out_channels, 1, norm_layer=norm_layer, act_layer=None
+        )
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.project(self.se(self.depthwise(self.expand(x))))
+        if self.has_shortcut:
+            out = self.drop_path(out)
+            out += x  # in place: one memory pass less in these memory-bound nets
+        return out

@@ -103,21 +103,27 @@ def unwrap_state_dict(obj: object, origin: str = "checkpoint") -> StateDict:
 
 
 def convert(
-    name: str, state_dict: Mapping[str, torch.Tensor], source: str = "torchvision"
+    name: str,
+    state_dict: Mapping[str, torch.Tensor],
+    source: str = "torchvision",
+    **backbone_kwargs,
 ) -> StateDict:
     """Rename a torchvision or timm classifier's state dict into `build_classifier(name)`'s keys.
 
-    Raises `WeightsError` naming every source key no rule matches, and every backbone key
-    that is missing or has the wrong shape (a checkpoint of another architecture).
+    `backbone_kwargs` are the constructor arguments the weights were made for, where they
+    change the architecture (e.g. `width_mult=0.5`). Raises `WeightsError` naming every source
+    key no rule matches, and every backbone key that is missing or has the wrong shape (a
+    checkpoint of another architecture).
     """
     _library_name(name, source)
-    reference = _meta_backbone(name)
+    reference = _meta_backbone(name, **backbone_kwargs)
     converted, unmatched = _apply_rules(state_dict, reference.weight_rules[source])
     if unmatched:
         raise WeightsError(
             f"{len(unmatched)} keys of this checkpoint are not part of {source}'s {name}: "
             f"{_names(unmatched)}. Is it a checkpoint of another architecture?"
         )
+    converted = _fit_singleton_dims(converted, reference)
     _check_backbone(name, converted, reference)
     return converted
 
@@ -143,7 +149,7 @@ def to_ours(name: str, state_dict: Mapping[str, torch.Tensor]) -> StateDict:
                 f"{name}: {len(unmatched)} of its {len(keys)} keys are unknown, e.g. "
                 f"{_names(unmatched)}. Is it a checkpoint of another architecture?"
             )
-        ours = attempts[matched[0]][0]
+        ours = _fit_singleton_dims(attempts[matched[0]][0], reference)
         _check_backbone(name, ours, reference)
     # Our own checkpoints may come from a model built with other arguments (fewer stages,
     # other in_chans): `load_into` checks them against the model they are loaded into.
@@ -181,10 +187,26 @@ def _library_name(name: str, source: str) -> str:
     return sources[source]
 
 
-def _meta_backbone(name: str) -> Backbone:
+def _meta_backbone(name: str, **kwargs) -> Backbone:
     # Shapes and keys only: building on the meta device allocates nothing.
     with torch.device("meta"):
-        return get_entry(name).fn(out_features=("C5",))
+        return get_entry(name).fn(**{**kwargs, "out_features": ("C5",)})
+
+
+def _fit_singleton_dims(ours: StateDict, reference: Backbone) -> StateDict:
+    """Reshape tensors that differ from ours only by size-1 dims, e.g. a per-channel scale
+    stored as (C, 1, 1) by torchvision and (C,) by timm: same values, same order."""
+    expected = {f"backbone.{k}": v.shape for k, v in reference.state_dict().items()}
+    fitted = dict(ours)
+    for key, value in ours.items():
+        shape = expected.get(key)
+        if (
+            shape is not None
+            and value.shape != shape
+            and [n for n in value.shape if n != 1] == [n for n in shape if n != 1]
+        ):
+            fitted[key] = value.reshape(shape)
+    return fitted
 
 
 def _check_backbone(name: str, ours: Mapping[str, torch.Tensor], reference: Backbone) -> None:

@@ -8,12 +8,17 @@ from torch import nn
 
 from backbones import list_backbones
 
+# Parameter names of per-channel layer scales: torchvision's and ours, timm's.
+LAYER_SCALES = ("layer_scale", "gamma")
+
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every norm non-trivial affine parameters and running statistics.
+    """Give every norm non-trivial affine parameters and running statistics, and every layer
+    scale values near 1.
 
     Default BatchNorm (weight 1, bias 0, mean 0, var 1) is the identity in eval mode, which
-    would let a wrongly mapped norm key pass a parity test.
+    would let a wrongly mapped norm key pass a parity test; so would ConvNeXt's layer scale
+    of 1e-6, which hides its blocks' branches from the output.
     """
     generator = torch.Generator().manual_seed(seed)
 
@@ -31,6 +36,9 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
             if isinstance(module, nn.BatchNorm2d):
                 uniform(module.running_mean, -0.2, 0.2)
                 uniform(module.running_var, 0.5, 1.5)
+        for name, param in model.named_parameters():
+            if name.rsplit(".", 1)[-1] in LAYER_SCALES:
+                uniform(param, 0.5, 1.5)
     return model
 
 

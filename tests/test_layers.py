@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torchvision.models.convnext import LayerNorm2d as TorchvisionLayerNorm2d
 from backbones.layers import (
     ConvNormAct,
     DropPath,
+    InvertedResidual,
     LayerNorm2d,
     SqueezeExcite,
     drop_path_rates,
@@ -71,6 +73,32 @@ def test_drop_path_rates_are_linear() -> None:
     assert drop_path_rates(0.0, (2,)) == [[0.0, 0.0]]
     with pytest.raises(ValueError, match=r"drop_path_rate must be in \[0, 1\), got -0.1"):
         drop_path_rates(-0.1, (2,))
+    # EfficientNet's convention: block i of n gets rate * i / n
+    rates = drop_path_rates(0.2, (2, 2), endpoint=False)
+    assert [r for stage in rates for r in stage] == pytest.approx([0.0, 0.05, 0.1, 0.15])
+
+
+def test_inverted_residual_without_expansion() -> None:
+    block = InvertedResidual(16, 16, expanded_channels=16).eval()
+    assert isinstance(block.expand, nn.Identity) and block.has_shortcut
+    x = torch.randn(2, 16, 8, 8)
+    before = x.clone()
+    torch.testing.assert_close(block(x), x + block.project(block.depthwise(x)))
+    assert torch.equal(x, before), "the in-place residual add must not touch the input"
+
+
+def test_inverted_residual_with_expansion_and_squeeze_excite() -> None:
+    se_layer = partial(SqueezeExcite, squeeze_channels=4, gate_layer=nn.Hardsigmoid)
+    block = InvertedResidual(
+        16, 24, expanded_channels=96, kernel_size=5, stride=2, se_layer=se_layer
+    ).eval()
+    assert not block.has_shortcut
+    assert block.expand.conv.out_channels == 96 and block.se.fc1.out_channels == 4
+    assert block.depthwise.conv.groups == 96 and block.depthwise.conv.kernel_size == (5, 5)
+    x = torch.randn(2, 16, 9, 9)
+    expected = block.project(block.se(block.depthwise(block.expand(x))))
+    torch.testing.assert_close(block(x), expected)
+    assert expected.shape == (2, 24, 5, 5)
 
 
 def test_layer_norm_2d_matches_torchvision() -> None:

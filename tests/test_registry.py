@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -14,8 +16,14 @@ RESNETS = [
 ]  # fmt: skip
 
 
+VGGS = ["vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
+DENSENETS = ["densenet121", "densenet161", "densenet169", "densenet201"]
+CONVNEXTS = ["convnext_tiny", "convnext_small", "convnext_base", "convnext_large"]
+
+
 def test_list_backbones() -> None:
-    assert set(RESNETS) <= set(list_backbones())
+    assert set(RESNETS + VGGS + DENSENETS + CONVNEXTS) <= set(list_backbones())
+    assert list_backbones("densenet*") == DENSENETS
     assert list_backbones("resnet*") == [
         "resnet18",
         "resnet34",
@@ -32,8 +40,34 @@ def test_unknown_name_lists_close_matches() -> None:
 
 
 def test_unknown_argument() -> None:
-    with pytest.raises(TypeError, match="unexpected keyword argument 'out_feature'"):
+    with pytest.raises(
+        TypeError,
+        match=r"resnet18 got an unexpected keyword argument 'out_feature'\. Did you mean "
+        r"'out_features'\? ResNet takes: out_features, in_chans, frozen_stages, norm_eval, ",
+    ):
         create("resnet18", out_feature=("C5",))
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_family_options_are_checked_or_refused(name: str) -> None:
+    with pytest.raises(TypeError, match=rf"^{name} got an unexpected keyword argument 'no_such'"):
+        create(name, no_such=1)
+    # Every family either has stochastic depth and checks the rate, or says it has none.
+    with torch.device("meta"):
+        try:
+            create(name, drop_path_rate=0.1)
+        except TypeError as e:
+            assert re.fullmatch(
+                rf"{name} got an unexpected keyword argument 'drop_path_rate'\. 'drop_path_rate' "
+                r"is an argument of [\w, ]+, not of \w+\. \w+ takes: out_features, .*\.",
+                str(e),
+            ), str(e)
+            return
+        for rate in (1.0, -0.5, float("nan")):
+            with pytest.raises(
+                ValueError, match=rf"drop_path_rate must be in \[0, 1\), got {rate}"
+            ):
+                create(name, drop_path_rate=rate)
 
 
 @pytest.mark.parametrize(
@@ -69,6 +103,10 @@ def test_cli_list(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "resnet50" in out and "512" in out and "1024" in out and "2048" in out
     assert "resnet18" not in out
+    assert main(["list", "densenet1[26]1"]) == 0  # C3, C4, C5 channels of both
+    out = capsys.readouterr().out
+    assert "│ densenet121 │ 512 │ 1024 │ 1024 │" in out
+    assert "│ densenet161 │ 768 │ 2112 │ 2208 │" in out
 
 
 def test_cli_demo(capsys: pytest.CaptureFixture[str]) -> None:

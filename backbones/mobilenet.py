@@ -1,0 +1,456 @@
+"""MobileNetV2 (Sandler et al. 2018) and MobileNetV3 (Howard et al. 2019).
+
+Both stack inverted residuals (`layers.InvertedResidual`) between a 3x3 stem and a 1x1 head
+conv that belongs to C5. `width_mult` scales every channel count through `make_divisible`,
+exactly as torchvision computes it, so `mobilenet_v2(width_mult=0.5)` converts from
+`torchvision.models.mobilenet_v2(width_mult=0.5)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
+from itertools import groupby, islice
+
+from torch import nn
+
+from ._base import DEFAULT_OUT_FEATURES, Backbone, ClassifierCfg, Rules, register_backbone
+from .layers import (
+    BatchNorm2dTF,
+    ConvNormAct,
+    InvertedResidual,
+    LayerFn,
+    SqueezeExcite,
+    make_divisible,
+)
+
+ReLU = partial(nn.ReLU, inplace=True)
+ReLU6 = partial(nn.ReLU6, inplace=True)
+Hardswish = partial(nn.Hardswish, inplace=True)
+# (block, source key prefix regex, our key prefix) -> that block's rules
+BlockRules = Callable[[InvertedResidual, str, str], Rules]
+
+
+class MobileNetV2(Backbone):
+    """MobileNetV2 (Sandler et al. 2018): inverted residuals with linear bottlenecks and ReLU6.
+
+    Args:
+        cfg: the network at width 1 (stem, stages, head conv).
+        width_mult: channel multiplier (e.g. 0.35, 0.5, 0.75, 1.0, 1.4); the head conv is
+            never narrowed below its width-1 size.
+        out_features: levels to return, any of C1..C5.
+        in_chans: input channels.
+        frozen_stages: -1 nothing, 0 the stem, k the stem and the first k stages.
+        norm_eval: keep every BatchNorm in eval mode while training.
+        norm_layer: called with a channel count; BatchNorm2d by default.
+    """
+
+    classifier_cfg = ClassifierCfg(dropout=0.2)
+
+    def __init__(
+        self,
+        cfg: MobileNetV2Cfg,
+        *,
+        width_mult: float = 1.0,
+        out_features: Sequence[str] = DEFAULT_OUT_FEATURES,
+        in_chans: int = 3,
+        frozen_stages: int = -1,
+        norm_eval: bool = False,
+        norm_layer: LayerFn = nn.BatchNorm2d,
+    ) -> None:
+        super().__init__(
+            out_features=out_features,
+            in_chans=in_chans,
+            frozen_stages=frozen_stages,
+            norm_eval=norm_eval,
+        )
+        cfg = cfg.scaled(width_mult)
+        self.stem = ConvNormAct(
+            in_chans, cfg.stem_channels, 3, stride=2, norm_layer=norm_layer, act_layer=ReLU6
+        )
+        self.add_level(cfg.stem_channels, stride=2)
+
+        self.stages = nn.ModuleList()
+        in_channels, stride = cfg.stem_channels, 2
+        for row in cfg.stages:
+            blocks = []
+            for i in range(row.depth):
+                blocks.append(
+                    InvertedResidual(
+                        in_channels,
+                        row.out_channels,
+                        expanded_channels=in_channels * row.expand_ratio,
+                        stride=row.stride if i == 0 else 1,
+                        act_layer=ReLU6,
+                        norm_layer=norm_layer,
+                    )
+                )
+                in_channels = row.out_channels
+            stride *= row.stride
+            self.stages.append(nn.Sequential(*blocks))
+            self.add_level(in_channels, stride)
+        self.stages.append(
+            ConvNormAct(in_channels, cfg.head_channels, 1, norm_layer=norm_layer, act_layer=ReLU6)
+        )
+        self.add_level(cfg.head_channels, stride)
+
+        self.weight_rules = {
+            "torchvision": torchvision_rules(
+                self.stages, _torchvision_v2_block, ((r"classifier\.1\.(\w+)", r"head.fc.\1"),)
+            ),
+            "timm": timm_rules(len(self.stages)),
+        }
+        init_weights(self)
+        self.finalize()
+
+
+class MobileNetV3(Backbone):
+    """MobileNetV3 (Howard et al. 2019): inverted residuals with hard-swish and squeeze-excite.
+
+    Args:
+        cfg: the variant at width 1 (large or small).
+        width_mult: channel multiplier (e.g. 0.35, 0.5, 0.75, 1.0, 1.4).
+        out_features: levels to return, any of C1..C5.
+        in_chans: input channels.
+        frozen_stages: -1 nothing, 0 the stem, k the stem and the first k stages.
+        norm_eval: keep every BatchNorm in eval mode while training.
+        norm_layer: called with a channel count; BatchNorm2d with eps 1e-3 and momentum 0.01
+            by default, as torchvision's.
+    """
+
+    def __init__(
+        self,
+        cfg: MobileNetV3Cfg,
+        *,
+        width_mult: float = 1.0,
+        out_features: Sequence[str] = DEFAULT_OUT_FEATURES,
+        in_chans: int = 3,
+        frozen_stages: int = -1,
+        norm_eval: bool = False,
+        norm_layer: LayerFn = BatchNorm2dTF,
+    ) -> None:
+        super().__init__(
+            out_features=out_features,
+            in_chans=in_chans,
+            frozen_stages=frozen_stages,
+            norm_eval=norm_eval,
+        )
+        # A stage is a row of blocks with the same output channels, as timm groups them; rows
+        # are found at width 1, since narrow widths can round two rows to one channel count.
+        depths = [len(list(row)) for _, row in groupby(cfg.blocks, key=lambda b: b.out_channels)]
+        cfg = cfg.scaled(width_mult)
+        self.stem = ConvNormAct(
+            in_chans, cfg.stem_channels, 3, stride=2, norm_layer=norm_layer, act_layer=Hardswish
+        )
+        self.add_level(cfg.stem_channels, stride=2)
+
+        self.stages = nn.ModuleList()
+        in_channels, stride = cfg.stem_channels, 2
+        remaining = iter(cfg.blocks)
+        for depth in depths:
+            blocks = []
+            for block in islice(remaining, depth):
+                se_layer = None
+                if block.se:
+                    se_layer = partial(
+                        SqueezeExcite,
+                        squeeze_channels=make_divisible(block.expanded_channels // 4),
+                        act_layer=ReLU,
+                        gate_layer=nn.Hardsigmoid,
+                    )
+                blocks.append(
+                    InvertedResidual(
+                        in_channels,
+                        block.out_channels,
+                        expanded_channels=block.expanded_channels,
+                        kernel_size=block.kernel_size,
+                        stride=block.stride,
+                        act_layer=block.act_layer,
+                        se_layer=se_layer,
+                        norm_layer=norm_layer,
+                    )
+                )
+                in_channels = block.out_channels
+                stride *= block.stride
+            self.stages.append(nn.Sequential(*blocks))
+            self.add_level(in_channels, stride)
+        self.stages.append(
+            ConvNormAct(
+                in_channels, cfg.head_channels, 1, norm_layer=norm_layer, act_layer=Hardswish
+            )
+        )
+        self.add_level(cfg.head_channels, stride)
+
+        self.classifier_cfg = ClassifierCfg(
+            hidden_channels=(cfg.hidden_channels,), act_layer=Hardswish, dropout=0.2
+        )
+        self.weight_rules = {
+            "torchvision": torchvision_rules(
+                self.stages,
+                torchvision_block_rules,
+                (  # pool, linear, hardswish, dropout, linear
+                    (r"classifier\.0\.(\w+)", r"head.hidden.0.linear.\1"),
+                    (r"classifier\.3\.(\w+)", r"head.fc.\1"),
+                ),
+            )
+        }
+        init_weights(self)
+        self.finalize()
+
+
+def init_weights(model: nn.Module) -> None:
+    """torchvision's initialisation of these families: He-normal convs (fan out), unit norms."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d | nn.GroupNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+# ----------------------------------------------------------------------------- weight rules
+# torchvision numbers the stem, every block and the head conv in one flat `features`
+# sequence, so its rules are generated from the blocks as built; timm nests blocks by row, as
+# we do, and one set of regexes covers every variant.
+
+
+def torchvision_rules(
+    stages: nn.ModuleList, block_rules: BlockRules, classifier: Rules, nested: bool = False
+) -> Rules:
+    """Rules for torchvision's `features`: stem, blocks (flat, or nested by row), head conv."""
+    rules: list[tuple[str, str | None]] = [
+        (r"features\.0\.0\.weight", "backbone.stem.conv.weight"),
+        (r"features\.0\.1\.(\w+)", r"backbone.stem.norm.\1"),
+    ]
+    index = 1
+    for s, stage in enumerate(stages[:-1]):
+        for b, block in enumerate(stage):
+            source = rf"features\.{s + 1}\.{b}\." if nested else rf"features\.{index}\."
+            rules += block_rules(block, source, f"backbone.stages.{s}.{b}.")
+            index += 1
+    head = len(stages) if nested else index
+    rules += _conv_norm(rf"features\.{head}\.", f"backbone.stages.{len(stages) - 1}.")
+    return (*rules, *classifier)
+
+
+def _conv_norm(source: str, target: str) -> Rules:
+    return (
+        (rf"{source}0\.weight", f"{target}conv.weight"),
+        (rf"{source}1\.(\w+)", rf"{target}norm.\1"),
+    )
+
+
+def _torchvision_v2_block(block: InvertedResidual, source: str, target: str) -> Rules:
+    # conv.0, conv.1: (expand,) depthwise as conv-norm-act; then the projection's conv and norm
+    # as two separate entries.
+    parts = ["depthwise"] if isinstance(block.expand, nn.Identity) else ["expand", "depthwise"]
+    rules = [
+        rule
+        for j, part in enumerate(parts)
+        for rule in _conv_norm(rf"{source}conv\.{j}\.", f"{target}{part}.")
+    ]
+    j = len(parts)
+    rules += [
+        (rf"{source}conv\.{j}\.weight", f"{target}project.conv.weight"),
+        (rf"{source}conv\.{j + 1}\.(\w+)", rf"{target}project.norm.\1"),
+    ]
+    return tuple(rules)
+
+
+def torchvision_block_rules(block: InvertedResidual, source: str, target: str) -> Rules:
+    """torchvision's MobileNetV3 / EfficientNet block: `block.j` = (expand,) depthwise, (se,) project."""
+    parts = [
+        name
+        for name, module in (
+            ("expand", block.expand),
+            ("depthwise", block.depthwise),
+            ("se", block.se),
+            ("project", block.project),
+        )
+        if not isinstance(module, nn.Identity)
+    ]
+    rules: list[tuple[str, str | None]] = []
+    for j, part in enumerate(parts):
+        if part == "se":
+            rules.append((rf"{source}block\.{j}\.(fc[12]\.\w+)", rf"{target}se.\1"))
+        else:
+            rules += _conv_norm(rf"{source}block\.{j}\.", f"{target}{part}.")
+    return tuple(rules)
+
+
+def timm_rules(num_stages: int) -> Rules:
+    """timm's MobileNetV2 / EfficientNet layout: the first row depthwise-separable, then IR blocks."""
+    head = f"backbone.stages.{num_stages - 1}"
+    return (
+        (r"conv_stem\.weight", "backbone.stem.conv.weight"),
+        (r"bn1\.(\w+)", r"backbone.stem.norm.\1"),
+        # row 0: conv_dw, bn1, (se,) conv_pw, bn2
+        (r"blocks\.0\.(\d+)\.conv_dw\.weight", r"backbone.stages.0.\1.depthwise.conv.weight"),
+        (r"blocks\.0\.(\d+)\.bn1\.(\w+)", r"backbone.stages.0.\1.depthwise.norm.\2"),
+        (r"blocks\.0\.(\d+)\.conv_pw\.weight", r"backbone.stages.0.\1.project.conv.weight"),
+        (r"blocks\.0\.(\d+)\.bn2\.(\w+)", r"backbone.stages.0.\1.project.norm.\2"),
+        # other rows: conv_pw, bn1, conv_dw, bn2, (se,) conv_pwl, bn3
+        (r"blocks\.(\d+)\.(\d+)\.conv_pw\.weight", r"backbone.stages.\1.\2.expand.conv.weight"),
+        (r"blocks\.(\d+)\.(\d+)\.bn1\.(\w+)", r"backbone.stages.\1.\2.expand.norm.\3"),
+        (r"blocks\.(\d+)\.(\d+)\.conv_dw\.weight", r"backbone.stages.\1.\2.depthwise.conv.weight"),
+        (r"blocks\.(\d+)\.(\d+)\.bn2\.(\w+)", r"backbone.stages.\1.\2.depthwise.norm.\3"),
+        (r"blocks\.(\d+)\.(\d+)\.conv_pwl\.weight", r"backbone.stages.\1.\2.project.conv.weight"),
+        (r"blocks\.(\d+)\.(\d+)\.bn3\.(\w+)", r"backbone.stages.\1.\2.project.norm.\3"),
+        (r"blocks\.(\d+)\.(\d+)\.se\.conv_reduce\.(\w+)", r"backbone.stages.\1.\2.se.fc1.\3"),
+        (r"blocks\.(\d+)\.(\d+)\.se\.conv_expand\.(\w+)", r"backbone.stages.\1.\2.se.fc2.\3"),
+        (r"conv_head\.weight", f"{head}.conv.weight"),
+        (r"bn2\.(\w+)", rf"{head}.norm.\1"),
+        (r"classifier\.(\w+)", r"head.fc.\1"),
+    )
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+@dataclass(frozen=True)
+class V2Stage:
+    expand_ratio: int
+    out_channels: int
+    depth: int
+    stride: int
+
+
+@dataclass(frozen=True)
+class MobileNetV2Cfg:
+    stem_channels: int
+    stages: tuple[V2Stage, ...]
+    head_channels: int
+
+    def scaled(self, width: float) -> MobileNetV2Cfg:
+        """Channels times `width`, rounded to multiples of 8; the head conv never narrower."""
+        _check_width(width)
+        return replace(
+            self,
+            stem_channels=make_divisible(self.stem_channels * width),
+            stages=tuple(
+                replace(s, out_channels=make_divisible(s.out_channels * width)) for s in self.stages
+            ),
+            head_channels=make_divisible(self.head_channels * max(1.0, width)),
+        )
+
+
+@dataclass(frozen=True)
+class V3Block:
+    kernel_size: int
+    expanded_channels: int
+    out_channels: int
+    se: bool
+    act_layer: LayerFn  # the table's "NL" column: ReLU (RE) or hard-swish (HS)
+    stride: int
+
+
+@dataclass(frozen=True)
+class MobileNetV3Cfg:
+    stem_channels: int
+    blocks: tuple[V3Block, ...]
+    head_channels: int  # the 1x1 conv ending C5
+    hidden_channels: int  # the classifier's hidden linear layer
+
+    def scaled(self, width: float) -> MobileNetV3Cfg:
+        """Channels times `width`, rounded to multiples of 8."""
+        _check_width(width)
+        blocks = tuple(
+            replace(
+                b,
+                expanded_channels=make_divisible(b.expanded_channels * width),
+                out_channels=make_divisible(b.out_channels * width),
+            )
+            for b in self.blocks
+        )
+        # torchvision widens the head conv with the last block (960 = 6 x 160), which is not
+        # always make_divisible(960 * width): small at width 0.35 has 6 x 32, not 200.
+        head_ratio = self.head_channels // self.blocks[-1].out_channels
+        return replace(
+            self,
+            stem_channels=make_divisible(self.stem_channels * width),
+            blocks=blocks,
+            head_channels=head_ratio * blocks[-1].out_channels,
+            hidden_channels=make_divisible(self.hidden_channels * width),
+        )
+
+
+def _check_width(width: float) -> None:
+    if not isinstance(width, int | float) or width <= 0:
+        raise ValueError(f"width_mult must be a positive number, got {width!r}")
+
+
+MOBILENET_V2 = MobileNetV2Cfg(  # Sandler et al. 2018, Table 2 (t, c, n, s)
+    stem_channels=32,
+    stages=(
+        V2Stage(expand_ratio=1, out_channels=16, depth=1, stride=1),
+        V2Stage(expand_ratio=6, out_channels=24, depth=2, stride=2),
+        V2Stage(expand_ratio=6, out_channels=32, depth=3, stride=2),
+        V2Stage(expand_ratio=6, out_channels=64, depth=4, stride=2),
+        V2Stage(expand_ratio=6, out_channels=96, depth=3, stride=1),
+        V2Stage(expand_ratio=6, out_channels=160, depth=3, stride=2),
+        V2Stage(expand_ratio=6, out_channels=320, depth=1, stride=1),
+    ),
+    head_channels=1280,
+)
+
+RE, HS = ReLU, Hardswish
+MOBILENET_V3 = {
+    "mobilenet_v3_large": MobileNetV3Cfg(  # Howard et al. 2019, Table 1
+        stem_channels=16,
+        blocks=(
+            V3Block(kernel_size=3, expanded_channels=16, out_channels=16, se=False, act_layer=RE, stride=1),
+            V3Block(kernel_size=3, expanded_channels=64, out_channels=24, se=False, act_layer=RE, stride=2),
+            V3Block(kernel_size=3, expanded_channels=72, out_channels=24, se=False, act_layer=RE, stride=1),
+            V3Block(kernel_size=5, expanded_channels=72, out_channels=40, se=True, act_layer=RE, stride=2),
+            V3Block(kernel_size=5, expanded_channels=120, out_channels=40, se=True, act_layer=RE, stride=1),
+            V3Block(kernel_size=5, expanded_channels=120, out_channels=40, se=True, act_layer=RE, stride=1),
+            V3Block(kernel_size=3, expanded_channels=240, out_channels=80, se=False, act_layer=HS, stride=2),
+            V3Block(kernel_size=3, expanded_channels=200, out_channels=80, se=False, act_layer=HS, stride=1),
+            V3Block(kernel_size=3, expanded_channels=184, out_channels=80, se=False, act_layer=HS, stride=1),
+            V3Block(kernel_size=3, expanded_channels=184, out_channels=80, se=False, act_layer=HS, stride=1),
+            V3Block(kernel_size=3, expanded_channels=480, out_channels=112, se=True, act_layer=HS, stride=1),
+            V3Block(kernel_size=3, expanded_channels=672, out_channels=112, se=True, act_layer=HS, stride=1),
+            V3Block(kernel_size=5, expanded_channels=672, out_channels=160, se=True, act_layer=HS, stride=2),
+            V3Block(kernel_size=5, expanded_channels=960, out_channels=160, se=True, act_layer=HS, stride=1),
+            V3Block(kernel_size=5, expanded_channels=960, out_channels=160, se=True, act_layer=HS, stride=1),
+        ),
+        head_channels=960,
+        hidden_channels=1280,
+    ),
+    "mobilenet_v3_small": MobileNetV3Cfg(  # Howard et al. 2019, Table 2
+        stem_channels=16,
+        blocks=(
+            V3Block(kernel_size=3, expanded_channels=16, out_channels=16, se=True, act_layer=RE, stride=2),
+            V3Block(kernel_size=3, expanded_channels=72, out_channels=24, se=False, act_layer=RE, stride=2),
+            V3Block(kernel_size=3, expanded_channels=88, out_channels=24, se=False, act_layer=RE, stride=1),
+            V3Block(kernel_size=5, expanded_channels=96, out_channels=40, se=True, act_layer=HS, stride=2),
+            V3Block(kernel_size=5, expanded_channels=240, out_channels=40, se=True, act_layer=HS, stride=1),
+            V3Block(kernel_size=5, expanded_channels=240, out_channels=40, se=True, act_layer=HS, stride=1),
+            V3Block(kernel_size=5, expanded_channels=120, out_channels=48, se=True, act_layer=HS, stride=1),
+            V3Block(kernel_size=5, expanded_channels=144, out_channels=48, se=True, act_layer=HS, stride=1),
+            V3Block(kernel_size=5, expanded_channels=288, out_channels=96, se=True, act_layer=HS, stride=2),
+            V3Block(kernel_size=5, expanded_channels=576, out_channels=96, se=True, act_layer=HS, stride=1),
+            V3Block(kernel_size=5, expanded_channels=576, out_channels=96, se=True, act_layer=HS, stride=1),
+        ),
+        head_channels=576,
+        hidden_channels=1024,
+    ),
+}  # fmt: skip
+
+
+@register_backbone(timm="mobilenetv2_100")
+def mobilenet_v2(**kwargs) -> MobileNetV2:
+    return MobileNetV2(MOBILENET_V2, **kwargs)
+
+
+@register_backbone()
+def mobilenet_v3_large(**kwargs) -> MobileNetV3:
+    return MobileNetV3(MOBILENET_V3["mobilenet_v3_large"], **kwargs)
+
+
+@register_backbone()
+def mobilenet_v3_small(**kwargs) -> MobileNetV3:
+    return MobileNetV3(MOBILENET_V3["mobilenet_v3_small"], **kwargs)

@@ -1,0 +1,96 @@
+"""MobileNetV2/V3 and EfficientNet beyond the registry-wide parity: widths, stochastic depth, levels."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torchvision
+from torchvision.ops import StochasticDepth
+
+from backbones import WeightsError, convert, create
+from heads import build_classifier
+
+from .conftest import max_rel_error, num_params, randomize_norms
+
+# Width 1.0, the default, is covered with the registry in test_parity.py.
+WIDTHS = (0.35, 0.5, 0.75, 1.4)
+
+
+def assert_same_logits(ours: torch.nn.Module, reference: torch.nn.Module) -> None:
+    assert num_params(ours) == num_params(reference)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert max_rel_error(ours(x), reference(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small"])
+def test_width_mult_torchvision_parity(name: str, width: float) -> None:
+    torch.manual_seed(0)
+    reference = randomize_norms(torchvision.models.get_model(name, width_mult=width)).eval()
+    ours = build_classifier(name, width_mult=width).eval()
+    ours.load_state_dict(convert(name, reference.state_dict(), width_mult=width))
+    assert_same_logits(ours, reference)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_width_mult_timm_parity(width: float) -> None:
+    torch.manual_seed(0)
+    reference = randomize_norms(timm.create_model(f"mobilenetv2_{round(width * 100):03d}")).eval()
+    ours = build_classifier("mobilenet_v2", width_mult=width).eval()
+    ours.load_state_dict(
+        convert("mobilenet_v2", reference.state_dict(), source="timm", width_mult=width)
+    )
+    assert_same_logits(ours, reference)
+
+
+def test_convert_checks_the_width() -> None:
+    state_dict = torchvision.models.mobilenet_v2(width_mult=0.5).state_dict()
+    with pytest.raises(WeightsError, match=r"do not fit mobilenet_v2: .* of the wrong shape"):
+        convert("mobilenet_v2", state_dict)
+
+
+@pytest.mark.parametrize("width", [0, -1.0, "1.0"])
+def test_rejects_bad_width(width: object) -> None:
+    with (
+        pytest.raises(ValueError, match=rf"width_mult must be a positive number, got {width!r}"),
+        torch.device("meta"),
+    ):
+        create("mobilenet_v3_small", width_mult=width)
+
+
+@pytest.mark.parametrize(
+    ("name", "channels"),
+    [
+        ("mobilenet_v2", {"C1": 16, "C2": 24, "C3": 32, "C4": 96, "C5": 1280}),
+        ("mobilenet_v3_large", {"C1": 16, "C2": 24, "C3": 40, "C4": 112, "C5": 960}),
+        ("mobilenet_v3_small", {"C1": 16, "C2": 16, "C3": 24, "C4": 48, "C5": 576}),
+        ("efficientnet_b0", {"C1": 16, "C2": 24, "C3": 40, "C4": 112, "C5": 1280}),
+        ("efficientnet_b7", {"C1": 32, "C2": 48, "C3": 80, "C4": 224, "C5": 2560}),
+    ],
+)
+def test_levels(name: str, channels: dict[str, int]) -> None:
+    # C3/C4 end the last block at strides 8/16; C5 includes the 1x1 head conv, as
+    # torchvision's `features` do.
+    with torch.device("meta"):
+        model = create(name)
+    assert {f.name: f.channels for f in model.feature_info} == channels
+
+
+def test_drop_path_rate_is_torchvision_stochastic_depth() -> None:
+    torch.manual_seed(0)
+    reference = randomize_norms(torchvision.models.efficientnet_b0(stochastic_depth_prob=0.2))
+    ours = build_classifier("efficientnet_b0", drop_path_rate=0.2)
+    ours.load_state_dict(convert("efficientnet_b0", reference.state_dict()))
+    rates = [block.drop_path.p for stage in ours.backbone.stages[:-1] for block in stage]
+    assert rates == [m.p for m in reference.modules() if isinstance(m, StochasticDepth)]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2 * 15 / 16)
+
+    # In train mode the same seed drops the same residual branches of the same samples.
+    x = torch.randn(8, 3, 32, 32)
+    outputs = []
+    for model in (ours.train(), reference.train()):
+        torch.manual_seed(1)
+        outputs.append(model(x))
+    assert max_rel_error(*outputs) <= 1e-5
