@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from training.build import build_datamodule, build_module, write_config
 from training.callbacks import MetricsPlot
-from training.module import NonFiniteLossError
 from training.checkpoints import AtomicCheckpointIO, export_backbone, find_last, load_checkpoint
+from training.module import NonFiniteLossError
 from training.report import print_summary, quiet_lightning, user_errors
 
 
@@ -107,7 +107,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     if cfg.export_backbone and best and trainer.is_global_zero:
         weights = load_checkpoint(best)["state_dict"]
-        path = export_backbone(weights, Path(best).parent / "backbone.safetensors", cfg.backbone.name)
+        path = export_backbone(
+            weights, Path(best).parent / "backbone.safetensors", cfg.backbone.name
+        )
         result["backbone_weights"] = str(path)
     return result
 

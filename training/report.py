@@ -19,7 +19,13 @@ from .build import ConfigError
 from .checkpoints import CheckpointError
 from .module import NonFiniteLossError
 
-USER_ERRORS = (ConfigError, CheckpointError, WeightsError, NonFiniteLossError, InstantiationException)
+USER_ERRORS = (
+    ConfigError,
+    CheckpointError,
+    WeightsError,
+    NonFiniteLossError,
+    InstantiationException,
+)
 
 
 def quiet_lightning() -> None:
