@@ -28,15 +28,22 @@ def _callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str) -> li
     options = OmegaConf.to_container(cfg.callbacks, resolve=True)
     checkpoint = options.pop("checkpoint", None) or {}
     callbacks: list[L.Callback] = [
-        ModelCheckpoint(
+        ModelCheckpoint(  # best by the task's metric; trainer.checkpoint_callback
             dirpath=output_dir / "checkpoints",
             filename="best",
             monitor=monitor,
             mode=mode,
-            save_last=True,
             auto_insert_metric_name=False,
             enable_version_counter=False,
             **checkpoint,
+        ),
+        # last.ckpt after every epoch. Lightning's own save_last only refreshes it when a
+        # top-k checkpoint was saved too, which would resume from a stale epoch.
+        ModelCheckpoint(
+            dirpath=output_dir / "checkpoints",
+            filename="last",
+            save_top_k=1,
+            enable_version_counter=False,
         ),
         MetricsPlot(output_dir / "metrics.png"),
     ]
@@ -83,13 +90,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except NonFiniteLossError as error:
-        last = trainer.checkpoint_callback.last_model_path
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        last = output_dir / "checkpoints" / "last.ckpt"
+        kept = (
+            f"the last good checkpoint is {last}"
+            if last.is_file()
+            else "no checkpoint was written yet"
+        )
         raise NonFiniteLossError(f"{error}; {kept}") from None
     fit_seconds = time.perf_counter() - start
 
     checkpoint = trainer.checkpoint_callback
-    best = checkpoint.best_model_path or checkpoint.last_model_path
+    best = checkpoint.best_model_path
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
     if cfg.test_after_fit and best:
         tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
