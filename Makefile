@@ -22,8 +22,8 @@ install: $(STAMP) ## Create .venv (if missing) and install the package with dev 
 test: $(STAMP) ## Run the whole test suite (what CI runs)
 	$(PY) -m pytest -q
 
-train: $(STAMP) ## Run the main job (for now: build resnet50 and print its C3/C4/C5 features)
-	$(PY) -m backbones demo resnet50
+train: $(STAMP) ## Train resnet18 + classification on the synthetic shapes (python train.py ARGS="...")
+	$(PY) train.py $(ARGS)
 
 lint: $(STAMP) ## ruff check + ruff format --check
 	$(VENV)/bin/ruff check .

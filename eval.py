@@ -1,0 +1,52 @@
+"""Score a checkpoint: `python eval.py ckpt_path=outputs/.../checkpoints/best.ckpt [split=test]`.
+
+The model, data and task are rebuilt from the run config stored in the checkpoint, so the
+validation split reproduces the metric the checkpoint was selected by.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from training.build import ConfigError, build_datamodule, build_module
+from training.checkpoints import load_checkpoint
+from training.report import print_summary, quiet_lightning, user_errors
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Rebuild the checkpoint's model and data, run the chosen split, return its metrics."""
+    if cfg.split not in ("val", "test"):
+        raise ConfigError(f"split must be val or test, got {cfg.split!r}")
+    quiet_lightning()
+    checkpoint = load_checkpoint(cfg.ckpt_path)
+    run_cfg = OmegaConf.create(checkpoint["hyper_parameters"]["config"])
+    run_cfg.backbone.pretrained = None  # the checkpoint holds every weight
+    if cfg.batch_size is not None:
+        run_cfg.data.batch_size = cfg.batch_size
+    datamodule = build_datamodule(run_cfg)
+    module = build_module(run_cfg, datamodule)
+    module.load_state_dict(checkpoint["state_dict"])
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], max_epochs=1)
+    run = trainer.validate if cfg.split == "val" else trainer.test
+    scores = run(module, datamodule=datamodule, verbose=False)[0]
+    return {
+        "metrics": {k: float(v) for k, v in scores.items()},
+        "monitor": module.task.monitor,
+        "best_score": None,
+        "best_model_path": str(cfg.ckpt_path),
+    }
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    with user_errors():
+        print_summary(evaluate(cfg))
+
+
+if __name__ == "__main__":
+    main()

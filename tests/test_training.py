@@ -1,0 +1,255 @@
+"""train.py / eval.py end to end on tiny synthetic data: configs, resume, checkpoints, errors."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+import eval as eval_script
+import train as train_script
+from backbones import create
+from training.build import build_datamodule, build_model, build_module
+from training.checkpoints import CheckpointError, load_checkpoint
+from training.module import NonFiniteLossError
+from training.tasks import Classification
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+TINY = [
+    "data.image_size=32",
+    "data.num_train=128",
+    "data.num_val=64",
+    "data.num_test=64",
+    "data.batch_size=32",
+    "callbacks=none",
+    "logger=csv",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.log_every_n_steps=1",
+    "trainer.num_sanity_val_steps=0",
+    "test_after_fit=false",
+]
+
+
+# An easy two-class task with 16 optimiser steps per epoch: the training loss falls within
+# two tiny epochs. (Validation accuracy needs a few hundred steps to move on shapes; the
+# make train run measures that, not the unit tests.)
+LEARNABLE = [
+    "data.classes=[circle,cross]",
+    "data.max_shapes=1",
+    "data.num_train=256",
+    "data.batch_size=16",
+    "optim.lr=1e-3",
+    "scheduler=none",
+]
+
+
+def config(tmp_path: Path, *overrides: str, name: str = "train", run: str = "run") -> DictConfig:
+    """Composed like `python <name>.py overrides`, run directory `<tmp>/outputs/<run_name>/<run>`."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.outputs = str(tmp_path / "outputs")
+        cfg.paths.output_dir = str(tmp_path / "outputs" / cfg.run_name / run)
+    return cfg
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+@pytest.mark.parametrize("head", options("head"))
+@pytest.mark.parametrize("backbone", options("backbone"))
+def test_every_backbone_and_head_config_builds(backbone: str, head: str, tmp_path: Path) -> None:
+    cfg = config(tmp_path, f"backbone={backbone}", f"head={head}")
+    datamodule = build_datamodule(cfg)
+    with torch.device("meta"):  # wiring and shapes only: no weight init cost
+        model = build_model(cfg, datamodule.num_classes)
+    x = torch.empty(2, 3, 64, 64, device="meta")
+    out = model(x)
+    if cfg.head.task == "classification":
+        assert out.shape == (2, datamodule.num_classes)
+    else:
+        assert out.shape == (2, datamodule.num_classes, 64, 64)
+    assert list(model.backbone.channels) == list(cfg.head.out_features)
+
+
+def test_config_choices_are_documented_errors(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="Could not find 'backbone/nope'"):
+        config(tmp_path, "backbone=nope")
+    cfg = config(tmp_path)
+    with open_dict(cfg):
+        cfg.head.task = "depth"
+    with pytest.raises(ValueError, match="unknown task 'depth'"):
+        build_datamodule(cfg)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[DictConfig, dict]:
+    """Two epochs of resnet18 classification on tiny shapes, from an untrained baseline."""
+    tmp_path = tmp_path_factory.mktemp("trained")
+    cfg = config(tmp_path, *TINY, *LEARNABLE, "trainer.max_epochs=2", "test_after_fit=true")
+    return cfg, train_script.train(cfg)
+
+
+def test_training_run_writes_its_artifacts(trained: tuple[DictConfig, dict]) -> None:
+    _, result = trained
+    run = Path(result["output_dir"])
+    for name in ("config.yaml", "metrics.csv", "metrics.png", "checkpoints/last.ckpt"):
+        assert (run / name).is_file(), name
+    assert Path(result["best_model_path"]) == run / "checkpoints" / "best.ckpt"
+    assert {"val/acc", "val/f1", "test/acc", "test/f1"} <= set(result["metrics"])
+    assert not list(run.rglob("*.tmp")), "temporary files left behind"
+    last = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert (last["global_step"], last["epoch"]) == (32, 1)  # refreshed every epoch
+    history = last["callbacks"]["MetricsPlot"]["history"]
+    for key in ("train/loss", "val/loss", "val/acc"):
+        assert [epoch for epoch, _ in history[key]] == [0, 1], key
+    # The model learns: the second epoch's mean training loss is below the first's.
+    (_, first), (_, second) = history["train/loss"]
+    assert second < first
+
+
+def test_same_seed_same_metrics(trained: tuple[DictConfig, dict], tmp_path: Path) -> None:
+    _, result = trained
+    again = config(tmp_path, *TINY, *LEARNABLE, "trainer.max_epochs=2", "test_after_fit=true")
+    assert train_script.train(again)["metrics"] == result["metrics"]
+
+
+def test_checkpoint_loads_safely_and_eval_reproduces_it(
+    trained: tuple[DictConfig, dict], tmp_path: Path
+) -> None:
+    _, result = trained
+    checkpoint = torch.load(result["best_model_path"], map_location="cpu", weights_only=True)
+    assert checkpoint["hyper_parameters"]["config"]["backbone"]["name"] == "resnet18"
+    eval_cfg = config(
+        tmp_path, f"ckpt_path={result['best_model_path']}", "trainer.accelerator=cpu", name="eval"
+    )
+    scores = eval_script.evaluate(eval_cfg)["metrics"]
+    assert scores["val/acc"] == pytest.approx(result["best_score"], abs=1e-6)
+
+
+def test_exported_backbone_loads_with_create(trained: tuple[DictConfig, dict]) -> None:
+    _, result = trained
+    backbone = create("resnet18", pretrained=result["backbone_weights"], out_features=("C5",))
+    state = load_checkpoint(result["best_model_path"])["state_dict"]
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(value, state[f"model.backbone.{key}"]), key
+
+
+def test_resume_matches_an_uninterrupted_run(
+    trained: tuple[DictConfig, dict], tmp_path: Path
+) -> None:
+    _, result = trained
+    first = config(tmp_path, *TINY, *LEARNABLE, "trainer.max_epochs=1", run="first")
+    train_script.train(first)
+    resumed = config(
+        tmp_path, *TINY, *LEARNABLE, "trainer.max_epochs=2", "ckpt_path=last", run="second"
+    )
+    end = load_checkpoint(Path(train_script.train(resumed)["output_dir"]) / "checkpoints/last.ckpt")
+    reference = load_checkpoint(Path(result["output_dir"]) / "checkpoints/last.ckpt")
+    assert (end["global_step"], end["epoch"]) == (reference["global_step"], reference["epoch"])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("head=fpn",),
+        ("head=fpn", "backbone=mobilenetv3", "channels_last=true"),
+        ("head=classification", "head.out_features=[C3,C4,C5]", "head.model.pool=catavgmax"),
+    ],
+    ids=["segmentation", "segmentation-channels_last", "multiscale"],
+)
+def test_fast_dev_run(overrides: tuple[str, ...], tmp_path: Path) -> None:
+    cfg = config(tmp_path, *TINY, *overrides, "trainer.fast_dev_run=true")
+    result = train_script.train(cfg)
+    assert result["metrics"], "no metric was logged"
+    assert all(math.isfinite(v) for v in result["metrics"].values())
+
+
+def test_non_finite_loss_stops_with_the_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+    loss = Classification.loss
+
+    def poisoned(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        value = loss(self, output, target)
+        return value * float("nan") if calls["n"] > 6 else value  # 4 train + 2 val batches
+
+    monkeypatch.setattr(Classification, "loss", poisoned)
+    cfg = config(tmp_path, *TINY, "trainer.max_epochs=3")
+    with pytest.raises(NonFiniteLossError, match=r"became nan at step 4 .*last good checkpoint"):
+        train_script.train(cfg)
+    last = load_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 4
+    assert all(
+        torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point()
+    )
+
+
+def test_bad_checkpoints(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+    truncated = tmp_path / "bad.ckpt"
+    truncated.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "weights.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="no stored run config"):
+        load_checkpoint(foreign)
+    cfg = config(tmp_path, *TINY, "ckpt_path=last")
+    with pytest.raises(CheckpointError, match="no earlier run of 'resnet18-classification'"):
+        train_script.train(cfg)
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "eval.py", f"ckpt_path={tmp_path / 'missing.ckpt'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "error:" in done.stderr and "does not exist" in done.stderr
+
+
+def _one_step(cfg: DictConfig) -> tuple[dict, dict, list[dict]]:
+    """Parameter groups and the state dict before and after one optimiser step."""
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule)
+    optimizer = module.configure_optimizers()["optimizer"]
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    module.train()
+    x, y = next(iter(datamodule.train_dataloader()))
+    module.task.loss(module(x), y).backward()
+    optimizer.step()
+    return before, module.state_dict(), optimizer.param_groups
+
+
+def test_backbone_lr_multiplier(tmp_path: Path) -> None:
+    cfg = config(tmp_path, *TINY, "scheduler=none", "backbone_lr_mult=0.1", "optim.lr=0.01")
+    _, _, groups = _one_step(cfg)
+    lrs = sorted({round(g["lr"], 9) for g in groups})
+    assert lrs == [0.001, 0.01]
+    assert {g["weight_decay"] for g in groups} == {0.0, cfg.optim.weight_decay}
+
+
+def test_linear_probe_trains_only_the_head(tmp_path: Path) -> None:
+    cfg = config(tmp_path, *TINY, "linear_probe=true", "scheduler=none")
+    before, after, _ = _one_step(cfg)
+    backbone = [k for k in before if k.startswith("model.backbone.")]
+    assert backbone and all(torch.equal(before[k], after[k]) for k in backbone)  # BN stats too
+    assert not torch.equal(before["model.head.fc.weight"], after["model.head.fc.weight"])

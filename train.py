@@ -1,0 +1,143 @@
+"""Train a backbone + head: `python train.py backbone=mobilenetv3 head=fpn trainer.max_epochs=3`.
+
+`train(cfg) -> dict` does the work (and is what tests and sweeps call); `main` is the thin
+Hydra entry point. Configs live in `configs/` (`python train.py --help` lists them).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from training.build import build_datamodule, build_module, write_config
+from training.callbacks import MetricsPlot
+from training.checkpoints import AtomicCheckpointIO, export_backbone, find_last, load_checkpoint
+from training.module import NonFiniteLossError
+from training.report import print_summary, quiet_lightning, user_errors
+
+
+def _callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str) -> list[L.Callback]:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    options = OmegaConf.to_container(cfg.callbacks, resolve=True)
+    checkpoint = options.pop("checkpoint", None) or {}
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(  # best by the task's metric; trainer.checkpoint_callback
+            dirpath=output_dir / "checkpoints",
+            filename="best",
+            monitor=monitor,
+            mode=mode,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+            **checkpoint,
+        ),
+        # last.ckpt after every epoch. Lightning's own save_last only refreshes it when a
+        # top-k checkpoint was saved too, which would resume from a stale epoch.
+        ModelCheckpoint(
+            dirpath=output_dir / "checkpoints",
+            filename="last",
+            save_top_k=1,
+            enable_version_counter=False,
+        ),
+        MetricsPlot(output_dir / "metrics.png"),
+    ]
+    for key, spec in options.items():
+        if spec is None or (key == "progress_bar" and not cfg.trainer.enable_progress_bar):
+            continue
+        if "monitor" in spec and spec["monitor"] is None:  # the task's metric
+            spec.update(monitor=monitor, mode=spec.get("mode") or mode)
+        callbacks.append(instantiate(spec))
+    return callbacks
+
+
+def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
+    if cfg.ckpt_path is None:
+        return None
+    if cfg.ckpt_path == "last":
+        path = find_last(cfg.paths.outputs, cfg.run_name, exclude=output_dir)
+    else:
+        path = Path(cfg.ckpt_path)
+    load_checkpoint(path)  # a missing or unreadable file fails here, with a clear message
+    return str(path)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, test the best checkpoint, export its backbone; return the final metrics."""
+    output_dir = Path(cfg.paths.output_dir)
+    quiet_lightning()
+    write_config(cfg, output_dir / "config.yaml")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule)
+    ckpt_path = _resolve_ckpt_path(cfg, output_dir)
+
+    monitor, mode = module.task.monitor, module.task.mode
+    loggers = [instantiate(spec) for spec in cfg.logger.values() if spec is not None]
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=_callbacks(cfg, output_dir, monitor, mode),
+        logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=output_dir,
+    )
+    start = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except NonFiniteLossError as error:
+        last = output_dir / "checkpoints" / "last.ckpt"
+        kept = (
+            f"the last good checkpoint is {last}"
+            if last.is_file()
+            else "no checkpoint was written yet"
+        )
+        raise NonFiniteLossError(f"{error}; {kept}") from None
+    fit_seconds = time.perf_counter() - start
+
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
+    if cfg.test_after_fit and best:
+        tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
+        metrics.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})
+    result: dict[str, Any] = {
+        "metrics": metrics,
+        "monitor": monitor,
+        "best_score": float(checkpoint.best_model_score)
+        if checkpoint.best_model_score is not None
+        else None,
+        "best_model_path": best,
+        "output_dir": str(output_dir),
+        "fit_seconds": fit_seconds,
+        "train_images_per_second": _images_per_second(trainer, datamodule, fit_seconds),
+    }
+    if cfg.export_backbone and best and trainer.is_global_zero:
+        weights = load_checkpoint(best)["state_dict"]
+        path = export_backbone(
+            weights, Path(best).parent / "backbone.safetensors", cfg.backbone.name
+        )
+        result["backbone_weights"] = str(path)
+    return result
+
+
+def _images_per_second(trainer: L.Trainer, datamodule, seconds: float) -> float:
+    """Training images seen per second of `fit` (validation time included: a lower bound)."""
+    batches = trainer.fit_loop.epoch_loop.total_batch_idx + 1
+    return batches * datamodule.batch_size / max(seconds, 1e-9)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    with user_errors():
+        result = train(cfg)
+        print_summary(result)
+        return result["best_score"]  # what Hydra sweepers (Optuna) optimise
+
+
+if __name__ == "__main__":
+    main()

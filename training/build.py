@@ -1,0 +1,74 @@
+"""Compose the run from a config: data module, backbone + head model, LightningModule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from backbones import Backbone
+from heads import ClassificationHead, Classifier
+
+from .data import TaskDataModule
+from .module import TaskModule
+from .tasks import get_task
+
+
+class ConfigError(ValueError):
+    """The config asks for something that cannot run; the message says what to change."""
+
+
+def classifier(backbone: Backbone, num_classes: int, **head_options: Any) -> Classifier:
+    """`ClassificationHead` on the backbone's one returned level, or multi-scale on several."""
+    channels = backbone.channels
+    in_channels = channels if len(channels) > 1 else next(iter(channels.values()))
+    return Classifier(backbone, ClassificationHead(in_channels, num_classes, **head_options))
+
+
+def build_datamodule(cfg: DictConfig) -> TaskDataModule:
+    task = cfg.head.task
+    get_task(task)  # an unknown task fails here, before any data is touched
+    return instantiate(cfg.data, task=task)
+
+
+def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
+    """Backbone (with the levels the head needs) + head, wired by channel counts."""
+    backbone_kwargs: dict[str, Any] = {"out_features": tuple(cfg.head.out_features)}
+    if cfg.get("linear_probe", False):
+        backbone_kwargs["norm_eval"] = True  # BatchNorm statistics stay frozen too
+    backbone = instantiate(cfg.backbone, **backbone_kwargs)
+    if cfg.get("linear_probe", False):
+        backbone.requires_grad_(False)
+    return instantiate(cfg.head.model)(backbone=backbone, num_classes=num_classes)
+
+
+def build_module(cfg: DictConfig, datamodule: TaskDataModule) -> TaskModule:
+    return TaskModule(
+        model=build_model(cfg, datamodule.num_classes),
+        task=cfg.head.task,
+        num_classes=datamodule.num_classes,
+        optimizer=instantiate(cfg.optim),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+        backbone_lr_mult=cfg.backbone_lr_mult,
+        channels_last=cfg.channels_last,
+        compile=cfg.compile,
+        config=plain_config(cfg),
+    )
+
+
+def write_config(cfg: DictConfig, path: Path) -> None:
+    """The resolved run config, written atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(OmegaConf.to_yaml(plain_config(cfg)))
+    tmp.replace(path)
+
+
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """The run config as plain dicts/lists/scalars (what checkpoints may hold)."""
+    config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    config.pop("hydra", None)
+    return config

@@ -1,0 +1,99 @@
+"""Checkpoints: written atomically, read with `weights_only=True`, found for `ckpt_path=last`."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from backbones.weights import save_safetensors
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path is missing or the file is not a readable checkpoint of this project."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Save to a temp file in the same directory, then rename: never half a checkpoint."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
+    ) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a Lightning checkpoint written by `train.py`, safely (no code execution)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not exist; pass ckpt_path=<run dir>/checkpoints/"
+            "best.ckpt (or last.ckpt)"
+        )
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (not a torch.save archive, maybe truncated); "
+            "pass a .ckpt written by train.py"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path} holds objects that only load by running pickled code (weights_only=True "
+            "refuses them); pass a .ckpt written by train.py"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path} could not be read ({first})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path} holds no 'state_dict': not a Lightning checkpoint")
+    config = checkpoint.get("hyper_parameters", {}).get("config")
+    if not config:
+        raise CheckpointError(
+            f"{path} has no stored run config (hyper_parameters.config): it was not written "
+            "by train.py"
+        )
+    return checkpoint
+
+
+def find_last(outputs: str | os.PathLike, run_name: str, exclude: str | os.PathLike) -> Path:
+    """The newest `last.ckpt` under `<outputs>/<run_name>/*/checkpoints/`."""
+    root = Path(outputs) / run_name
+    exclude = Path(exclude).resolve()
+    candidates = [
+        p
+        for p in root.glob("*/checkpoints/last.ckpt")
+        if exclude not in (p.resolve().parents[1], *p.resolve().parents[1].parents)
+    ]
+    if not candidates:
+        raise CheckpointError(
+            f"ckpt_path=last: no earlier run of {run_name!r} has a last.ckpt under {root}/; "
+            "train once without ckpt_path, or pass a checkpoint file"
+        )
+    return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+def export_backbone(
+    state_dict: dict[str, torch.Tensor], path: str | os.PathLike, backbone_name: str
+) -> Path:
+    """Write the `model.backbone.*` weights in the backbones' own keys (for `create(pretrained=)`)."""
+    prefix = "model.backbone."
+    weights = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not weights:
+        raise CheckpointError("the checkpoint holds no model.backbone.* weights to export")
+    return save_safetensors(weights, path, metadata={"backbone": backbone_name, "source": "ours"})

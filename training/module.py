@@ -1,0 +1,169 @@
+"""One LightningModule for every task; the task strategy supplies the loss and the metrics."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from .tasks import get_task
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the step."""
+
+
+@dataclass
+class WarmupCosine:
+    """LR factor: linear warm-up from 0, then cosine decay to `final_ratio`.
+
+    A callable object (not a lambda), so the scheduler's state dict holds plain numbers and
+    checkpoints stay loadable with `weights_only=True`.
+    """
+
+    warmup_steps: int
+    total_steps: int
+    final_ratio: float = 0.0
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return self.final_ratio + (1 - self.final_ratio) * cosine
+
+
+class TaskModule(L.LightningModule):
+    """Trains `model` (backbone + head) for a task: loss, metrics, optimiser and schedule.
+
+    Args:
+        model: an `nn.Module` with a `.backbone` attribute, images in, task outputs out.
+        task: "classification" or "segmentation" (the head config's task).
+        num_classes: from the data module.
+        optimizer: a partial optimiser (`params` missing), e.g. `partial(AdamW, lr=1e-3)`.
+        scheduler: `{"name": "cosine", "warmup_epochs": 1, "final_ratio": 0.01}` or
+            `{"name": "none"}`; stepped every optimiser step.
+        backbone_lr_mult: the backbone's learning rate relative to the head's.
+        channels_last: run the model and its inputs in channels_last memory format.
+        compile: `torch.compile` the model (in place, so state dict keys do not change).
+        config: the plain-container run config, stored in checkpoints for `eval.py`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: str,
+        num_classes: int,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: dict[str, Any] | None = None,
+        backbone_lr_mult: float = 1.0,
+        channels_last: bool = False,
+        compile: bool = False,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if backbone_lr_mult < 0:
+            raise ValueError(f"backbone_lr_mult must be >= 0, got {backbone_lr_mult}")
+        # Plain containers only: OmegaConf objects would break weights_only loading.
+        self.save_hyperparameters(
+            {"task": task, "num_classes": num_classes, "config": config or {}}
+        )
+        self.model = model
+        self.task = get_task(task)
+        self.num_classes = num_classes
+        self.optimizer_factory = optimizer
+        self.scheduler_cfg = dict(scheduler or {"name": "none"})
+        self.backbone_lr_mult = backbone_lr_mult
+        self.channels_last = channels_last
+        self.compile_model = compile
+        metrics = self.task.metrics(num_classes)
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def configure_model(self) -> None:
+        if self.compile_model and not getattr(self, "_compiled", False):
+            self.model.compile()
+            self._compiled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
+        x, target = batch
+        loss = self.task.loss(self(x), target)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the training loss became {loss.item()} at step {self.global_step} "
+                f"(epoch {self.current_epoch}, batch {batch_idx}); lower optim.lr, set "
+                "trainer.gradient_clip_val, or use precision=32-true"
+            )
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+        x, target = batch
+        output = self(x)
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        metrics.update(output, target)
+        self.log(f"{stage}/loss", self.task.loss(output, target))
+        for name, metric in metrics.items():  # names carry the stage prefix
+            self.log(name, metric, prog_bar=name == self.task.monitor)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Backbone / head x decay / no decay (norms and biases get no weight decay)."""
+        backbone = getattr(self.model, "backbone", None)
+        backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for param in self.model.parameters():
+            if param.requires_grad:
+                key = (id(param) in backbone_ids, param.ndim > 1)
+                groups.setdefault(key, []).append(param)
+        decay = self.optimizer_factory.keywords.get("weight_decay", 0.0)
+        return [
+            {
+                "params": params,
+                "lr_mult": self.backbone_lr_mult if in_backbone else 1.0,
+                "weight_decay": decay if decays else 0.0,
+            }
+            for (in_backbone, decays), params in sorted(groups.items())
+            if not (in_backbone and self.backbone_lr_mult == 0)
+        ]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = self.parameter_groups()
+        if not groups:
+            raise ValueError("nothing to train: every parameter is frozen")
+        optimizer = self.optimizer_factory(groups)
+        for group in optimizer.param_groups:
+            group["lr"] *= group["lr_mult"]
+        name = self.scheduler_cfg.get("name", "none")
+        if name == "none":
+            return {"optimizer": optimizer}
+        if name != "cosine":
+            raise ValueError(f"unknown scheduler {name!r}; use 'cosine' or 'none'")
+        total = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        warmup = round(self.scheduler_cfg.get("warmup_epochs", 0) * steps_per_epoch)
+        factor = WarmupCosine(warmup, total, self.scheduler_cfg.get("final_ratio", 0.0))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

@@ -1,0 +1,210 @@
+"""Synthetic "shapes": coloured shapes on textured backgrounds, generated from (seed, index).
+
+Every sample is a pure function of `(seed, split, index)`: no disk, no download, the same
+image in every epoch and in every DataLoader worker. One scene serves all three tasks: the
+class of the largest shape (classification), a per-pixel class map (segmentation, 0 is the
+background) and a box per visible shape (detection). Colours are drawn independently of the
+class, so only the geometry tells shapes apart.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
+SPLITS = {"train": 0, "val": 1, "test": 2}
+IGNORE_INDEX = 255  # segmentation pixels that no loss or metric counts
+
+
+def _regular_polygon(n: int, phase: float) -> np.ndarray:
+    angles = phase + 2 * math.pi * np.arange(n) / n
+    return np.stack([np.cos(angles), np.sin(angles)], axis=1)  # (n, 2) on the unit circle
+
+
+def _star() -> np.ndarray:
+    outer = _regular_polygon(5, -math.pi / 2)
+    inner = 0.45 * _regular_polygon(5, -math.pi / 2 + math.pi / 5)
+    return np.stack([outer, inner], axis=1).reshape(10, 2)  # alternate outer and inner tips
+
+
+def _cross(arm: float = 0.34) -> np.ndarray:
+    a, b = arm, 1.0
+    return np.array(
+        [(a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a),
+         (-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a)]
+    )  # fmt: skip
+
+
+# Unit outlines (radius 1), scaled so that shapes of one size draw have similar areas.
+POLYGONS = {
+    "square": 0.95 * _regular_polygon(4, math.pi / 4),
+    "triangle": 1.1 * _regular_polygon(3, -math.pi / 2),
+    "star": 1.2 * _star(),
+    "cross": 1.0 * _cross(),
+}
+
+
+def _inside_polygon(x: np.ndarray, y: np.ndarray, vertices: np.ndarray) -> np.ndarray:
+    """Even-odd rule: a point is inside when a ray to +x crosses the outline an odd number of times."""
+    inside = np.zeros(x.shape, dtype=bool)
+    for (x0, y0), (x1, y1) in zip(vertices, np.roll(vertices, -1, axis=0), strict=True):
+        straddles = (y0 > y) != (y1 > y)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            crossing_x = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
+        inside ^= straddles & (x < crossing_x)
+    return inside
+
+
+def shape_mask(kind: str, x: np.ndarray, y: np.ndarray, radius: float, angle: float) -> np.ndarray:
+    """Pixels covered by a shape of `radius` centred at the origin of (x, y), rotated by `angle`."""
+    cos, sin = math.cos(angle), math.sin(angle)
+    u = (cos * x + sin * y) / radius  # shape-frame coordinates, radius 1
+    v = (-sin * x + cos * y) / radius
+    if kind == "circle":
+        return u * u + v * v <= 0.9**2
+    if kind == "ring":
+        r2 = u * u + v * v
+        return (r2 <= 1.0) & (r2 >= 0.55**2)
+    return _inside_polygon(u, v, POLYGONS[kind])
+
+
+@dataclass(frozen=True)
+class Scene:
+    image: torch.Tensor  # (3, H, W) float in [0, 1]
+    mask: torch.Tensor  # (H, W) int64: 0 background, k + 1 for class k
+    boxes: torch.Tensor  # (N, 4) float xyxy of the visible part of each shape
+    labels: torch.Tensor  # (N,) int64 class of each box
+    label: int  # class of the shape with the largest visible area
+
+
+class ShapesDataset(Dataset):
+    """Scenes of 1-`max_shapes` shapes; one large shape, smaller distractors under it.
+
+    Args:
+        split: "train", "val" or "test" (disjoint random streams).
+        length: number of scenes.
+        task: what `__getitem__` returns as target: "classification" (int),
+            "segmentation" (mask) or "detection" (dict of boxes and labels).
+        image_size: side of the square images.
+        classes: which shapes to draw, a subset of `SHAPES`.
+        min_shapes, max_shapes: shapes per scene.
+        seed: the dataset seed; (seed, split, index) fixes every sample.
+        mean, std: per-channel normalisation applied to the image.
+    """
+
+    def __init__(
+        self,
+        split: str,
+        length: int,
+        task: str = "classification",
+        image_size: int = 64,
+        classes: tuple[str, ...] = SHAPES,
+        min_shapes: int = 1,
+        max_shapes: int = 4,
+        seed: int = 0,
+        mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
+        std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+        if task not in ("classification", "segmentation", "detection"):
+            raise ValueError(f"unknown task {task!r}")
+        unknown = [c for c in classes if c not in SHAPES]
+        if unknown or not classes or len(set(classes)) != len(classes):
+            raise ValueError(
+                f"classes must be distinct names from {list(SHAPES)}, got {list(classes)}"
+            )
+        if not 1 <= min_shapes <= max_shapes:
+            raise ValueError(f"need 1 <= min_shapes <= max_shapes, got {min_shapes}, {max_shapes}")
+        if image_size < 16:
+            raise ValueError(f"image_size must be at least 16, got {image_size}")
+        self.split, self.length, self.task = split, length, task
+        self.image_size, self.classes = image_size, tuple(classes)
+        self.min_shapes, self.max_shapes, self.seed = min_shapes, max_shapes, seed
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def scene(self, index: int) -> Scene:
+        """The raw scene behind sample `index` (image in [0, 1], all labels)."""
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} samples")
+        rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
+        size = self.image_size
+        coords = np.arange(size, dtype=np.float32) + 0.5
+        x, y = np.meshgrid(coords, coords)  # (H, W) pixel centres
+
+        image = _background(rng, size, x, y)
+        instance = np.full((size, size), -1, dtype=np.int64)  # which shape owns each pixel
+        count = int(rng.integers(self.min_shapes, self.max_shapes + 1))
+        # Distractors first and small, the main shape last and large: it stays whole and
+        # is the largest; the label is still computed from the visible areas.
+        radii = [rng.uniform(0.08, 0.16) * size for _ in range(count - 1)]
+        radii.append(rng.uniform(0.2, 0.32) * size)
+        kinds = rng.integers(len(self.classes), size=count)
+        for position, radius in enumerate(radii):
+            cx, cy = rng.uniform(radius, size - radius, size=2)
+            angle = rng.uniform(0, 2 * math.pi)
+            covered = shape_mask(self.classes[kinds[position]], x - cx, y - cy, radius, angle)
+            colour = _contrasting_colour(rng, image[:, covered].mean(axis=1))
+            image[:, covered] = colour[:, None]
+            instance[covered] = position
+        image += rng.normal(0, 0.04, size=image.shape).astype(np.float32)
+
+        mask = np.where(instance >= 0, kinds[instance] + 1, 0)
+        boxes, labels, areas = [], [], []
+        for position, kind in enumerate(kinds):
+            rows, cols = np.nonzero(instance == position)
+            if rows.size == 0:  # hidden under later shapes
+                continue
+            boxes.append((cols.min(), rows.min(), cols.max() + 1, rows.max() + 1))
+            labels.append(int(kind))
+            areas.append(rows.size)
+        return Scene(
+            image=torch.from_numpy(np.clip(image, 0.0, 1.0)),
+            mask=torch.from_numpy(mask),
+            boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            labels=torch.tensor(labels, dtype=torch.int64),
+            label=labels[int(np.argmax(areas))],
+        )
+
+    def __getitem__(self, index: int):
+        scene = self.scene(index)
+        image = (scene.image - self.mean) / self.std
+        if self.task == "classification":
+            return image, scene.label
+        if self.task == "segmentation":
+            return image, scene.mask
+        return image, {"boxes": scene.boxes, "labels": scene.labels}
+
+
+def _background(rng: np.random.Generator, size: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """A smooth two-colour blend plus stripes: texture that is not a shape."""
+    low, high = rng.uniform(0, 1, size=(2, 3, 1, 1)).astype(np.float32)
+    angle = rng.uniform(0, 2 * math.pi)
+    ramp = (math.cos(angle) * x + math.sin(angle) * y) / size  # in about [-1.4, 1.4]
+    blend = 0.5 + 0.5 * np.sin(math.pi * ramp + rng.uniform(0, 2 * math.pi))
+    period = rng.uniform(4, 12)
+    stripe_angle = rng.uniform(0, math.pi)
+    stripes = np.sin(
+        2 * math.pi * (math.cos(stripe_angle) * x + math.sin(stripe_angle) * y) / period
+    )
+    image = low + (high - low) * blend[None] + 0.08 * stripes[None]
+    return image.astype(np.float32)  # (3, H, W)
+
+
+def _contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
+    """A uniformly random colour at least 0.35 (RGB distance) away from what it covers."""
+    under = np.nan_to_num(under, nan=0.5)
+    for _ in range(100):
+        colour = rng.uniform(0, 1, size=3).astype(np.float32)
+        if np.linalg.norm(colour - under) >= 0.35:
+            return colour
+    return (1.0 - under).astype(np.float32)  # unreachable in practice; still a contrast
