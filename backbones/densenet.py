@@ -54,11 +54,7 @@ class DenseLayer(nn.Module):
         return self.conv1(self.act1(self.norm1(x)))  # (B, bn_size * growth_rate, H, W)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        if (
-            self.memory_efficient
-            and torch.is_grad_enabled()
-            and any(f.requires_grad for f in features)
-        ):
+        if self.memory_efficient and torch.is_grad_enabled():
             # The recomputation runs norm1 in train mode again: keep its running statistics
             # from being updated twice for one batch.
             context_fn = partial(_keep_norm_stats_on_recompute, self.norm1)
@@ -130,7 +126,7 @@ class DenseNet(Backbone):
         norm_eval: keep every BatchNorm in eval mode while training.
         norm_layer: called with a channel count; BatchNorm2d by default.
         memory_efficient: recompute each layer's concatenation and bottleneck during backward
-            (same outputs and gradients, far less activation memory, some more compute).
+            (same outputs and gradients, about half the stored activations, more compute).
     """
 
     def __init__(

@@ -54,3 +54,12 @@ def test_rejects_bad_drop_path_rate(drop_path_rate: float) -> None:
         torch.device("meta"),
     ):
         create("convnext_tiny", drop_path_rate=drop_path_rate)
+
+
+def test_pretrained_layer_scale_is_reshaped() -> None:
+    # torchvision stores the layer scale as (C, 1, 1), timm and we as (C,).
+    reference = torchvision.models.convnext_tiny().state_dict()
+    model = create("convnext_tiny", pretrained=reference, out_features=("C2",))
+    expected = reference["features.1.2.layer_scale"]
+    assert expected.shape == (96, 1, 1)
+    torch.testing.assert_close(model.stages[0].blocks[2].layer_scale, expected.flatten())
