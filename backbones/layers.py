@@ -179,7 +179,7 @@ BatchNorm2dTF = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01)
 
 
 class InvertedResidual(nn.Module):
-    """Expand 1x1 -> depthwise kxk -> squeeze-excite -> project 1x1, plus identity when shapes allow.
+    """Expand 1x1 -> depthwise kxk -> squeeze-excite -> project 1x1 (+ identity if shapes allow).
 
     The block of MobileNetV2 (Sandler et al. 2018), MobileNetV3 (Howard et al. 2019) and
     EfficientNet's MBConv (Tan & Le 2019). Without expansion (`expanded_channels ==

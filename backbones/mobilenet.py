@@ -166,7 +166,7 @@ class MobileNetV3(Backbone):
                         expanded_channels=block.expanded_channels,
                         kernel_size=block.kernel_size,
                         stride=block.stride,
-                        act_layer=block.act_layer,
+                        act_layer=block.act,
                         se_layer=se_layer,
                         norm_layer=norm_layer,
                     )
@@ -261,7 +261,7 @@ def _torchvision_v2_block(block: InvertedResidual, source: str, target: str) -> 
 
 
 def torchvision_block_rules(block: InvertedResidual, source: str, target: str) -> Rules:
-    """torchvision's MobileNetV3 / EfficientNet block: `block.j` = (expand,) depthwise, (se,) project."""
+    """torchvision's V3 / EfficientNet block: `block.j` is (expand,) depthwise, (se,) project."""
     parts = [
         name
         for name, module in (
@@ -282,7 +282,7 @@ def torchvision_block_rules(block: InvertedResidual, source: str, target: str) -
 
 
 def timm_rules(num_stages: int) -> Rules:
-    """timm's MobileNetV2 / EfficientNet layout: the first row depthwise-separable, then IR blocks."""
+    """timm's MobileNetV2 / EfficientNet keys; its row 0 blocks are depthwise-separable."""
     head = f"backbone.stages.{num_stages - 1}"
     return (
         (r"conv_stem\.weight", "backbone.stem.conv.weight"),
@@ -343,7 +343,7 @@ class V3Block:
     expanded_channels: int
     out_channels: int
     se: bool
-    act_layer: LayerFn  # the table's "NL" column: ReLU (RE) or hard-swish (HS)
+    act: LayerFn  # ReLU (RE) or hard-swish (HS)
     stride: int
 
 
@@ -396,49 +396,48 @@ MOBILENET_V2 = MobileNetV2Cfg(  # Sandler et al. 2018, Table 2 (t, c, n, s)
     head_channels=1280,
 )
 
-RE, HS = ReLU, Hardswish
-MOBILENET_V3 = {
-    "mobilenet_v3_large": MobileNetV3Cfg(  # Howard et al. 2019, Table 1
-        stem_channels=16,
-        blocks=(
-            V3Block(kernel_size=3, expanded_channels=16, out_channels=16, se=False, act_layer=RE, stride=1),
-            V3Block(kernel_size=3, expanded_channels=64, out_channels=24, se=False, act_layer=RE, stride=2),
-            V3Block(kernel_size=3, expanded_channels=72, out_channels=24, se=False, act_layer=RE, stride=1),
-            V3Block(kernel_size=5, expanded_channels=72, out_channels=40, se=True, act_layer=RE, stride=2),
-            V3Block(kernel_size=5, expanded_channels=120, out_channels=40, se=True, act_layer=RE, stride=1),
-            V3Block(kernel_size=5, expanded_channels=120, out_channels=40, se=True, act_layer=RE, stride=1),
-            V3Block(kernel_size=3, expanded_channels=240, out_channels=80, se=False, act_layer=HS, stride=2),
-            V3Block(kernel_size=3, expanded_channels=200, out_channels=80, se=False, act_layer=HS, stride=1),
-            V3Block(kernel_size=3, expanded_channels=184, out_channels=80, se=False, act_layer=HS, stride=1),
-            V3Block(kernel_size=3, expanded_channels=184, out_channels=80, se=False, act_layer=HS, stride=1),
-            V3Block(kernel_size=3, expanded_channels=480, out_channels=112, se=True, act_layer=HS, stride=1),
-            V3Block(kernel_size=3, expanded_channels=672, out_channels=112, se=True, act_layer=HS, stride=1),
-            V3Block(kernel_size=5, expanded_channels=672, out_channels=160, se=True, act_layer=HS, stride=2),
-            V3Block(kernel_size=5, expanded_channels=960, out_channels=160, se=True, act_layer=HS, stride=1),
-            V3Block(kernel_size=5, expanded_channels=960, out_channels=160, se=True, act_layer=HS, stride=1),
-        ),
-        head_channels=960,
-        hidden_channels=1280,
+RE, HS = ReLU, Hardswish  # the tables' "NL" column
+MOBILENET_V3_LARGE = MobileNetV3Cfg(  # Howard et al. 2019, Table 1
+    stem_channels=16,
+    blocks=(
+        V3Block(kernel_size=3, expanded_channels=16, out_channels=16, se=False, act=RE, stride=1),
+        V3Block(kernel_size=3, expanded_channels=64, out_channels=24, se=False, act=RE, stride=2),
+        V3Block(kernel_size=3, expanded_channels=72, out_channels=24, se=False, act=RE, stride=1),
+        V3Block(kernel_size=5, expanded_channels=72, out_channels=40, se=True, act=RE, stride=2),
+        V3Block(kernel_size=5, expanded_channels=120, out_channels=40, se=True, act=RE, stride=1),
+        V3Block(kernel_size=5, expanded_channels=120, out_channels=40, se=True, act=RE, stride=1),
+        V3Block(kernel_size=3, expanded_channels=240, out_channels=80, se=False, act=HS, stride=2),
+        V3Block(kernel_size=3, expanded_channels=200, out_channels=80, se=False, act=HS, stride=1),
+        V3Block(kernel_size=3, expanded_channels=184, out_channels=80, se=False, act=HS, stride=1),
+        V3Block(kernel_size=3, expanded_channels=184, out_channels=80, se=False, act=HS, stride=1),
+        V3Block(kernel_size=3, expanded_channels=480, out_channels=112, se=True, act=HS, stride=1),
+        V3Block(kernel_size=3, expanded_channels=672, out_channels=112, se=True, act=HS, stride=1),
+        V3Block(kernel_size=5, expanded_channels=672, out_channels=160, se=True, act=HS, stride=2),
+        V3Block(kernel_size=5, expanded_channels=960, out_channels=160, se=True, act=HS, stride=1),
+        V3Block(kernel_size=5, expanded_channels=960, out_channels=160, se=True, act=HS, stride=1),
     ),
-    "mobilenet_v3_small": MobileNetV3Cfg(  # Howard et al. 2019, Table 2
-        stem_channels=16,
-        blocks=(
-            V3Block(kernel_size=3, expanded_channels=16, out_channels=16, se=True, act_layer=RE, stride=2),
-            V3Block(kernel_size=3, expanded_channels=72, out_channels=24, se=False, act_layer=RE, stride=2),
-            V3Block(kernel_size=3, expanded_channels=88, out_channels=24, se=False, act_layer=RE, stride=1),
-            V3Block(kernel_size=5, expanded_channels=96, out_channels=40, se=True, act_layer=HS, stride=2),
-            V3Block(kernel_size=5, expanded_channels=240, out_channels=40, se=True, act_layer=HS, stride=1),
-            V3Block(kernel_size=5, expanded_channels=240, out_channels=40, se=True, act_layer=HS, stride=1),
-            V3Block(kernel_size=5, expanded_channels=120, out_channels=48, se=True, act_layer=HS, stride=1),
-            V3Block(kernel_size=5, expanded_channels=144, out_channels=48, se=True, act_layer=HS, stride=1),
-            V3Block(kernel_size=5, expanded_channels=288, out_channels=96, se=True, act_layer=HS, stride=2),
-            V3Block(kernel_size=5, expanded_channels=576, out_channels=96, se=True, act_layer=HS, stride=1),
-            V3Block(kernel_size=5, expanded_channels=576, out_channels=96, se=True, act_layer=HS, stride=1),
-        ),
-        head_channels=576,
-        hidden_channels=1024,
+    head_channels=960,
+    hidden_channels=1280,
+)
+
+MOBILENET_V3_SMALL = MobileNetV3Cfg(  # Howard et al. 2019, Table 2
+    stem_channels=16,
+    blocks=(
+        V3Block(kernel_size=3, expanded_channels=16, out_channels=16, se=True, act=RE, stride=2),
+        V3Block(kernel_size=3, expanded_channels=72, out_channels=24, se=False, act=RE, stride=2),
+        V3Block(kernel_size=3, expanded_channels=88, out_channels=24, se=False, act=RE, stride=1),
+        V3Block(kernel_size=5, expanded_channels=96, out_channels=40, se=True, act=HS, stride=2),
+        V3Block(kernel_size=5, expanded_channels=240, out_channels=40, se=True, act=HS, stride=1),
+        V3Block(kernel_size=5, expanded_channels=240, out_channels=40, se=True, act=HS, stride=1),
+        V3Block(kernel_size=5, expanded_channels=120, out_channels=48, se=True, act=HS, stride=1),
+        V3Block(kernel_size=5, expanded_channels=144, out_channels=48, se=True, act=HS, stride=1),
+        V3Block(kernel_size=5, expanded_channels=288, out_channels=96, se=True, act=HS, stride=2),
+        V3Block(kernel_size=5, expanded_channels=576, out_channels=96, se=True, act=HS, stride=1),
+        V3Block(kernel_size=5, expanded_channels=576, out_channels=96, se=True, act=HS, stride=1),
     ),
-}  # fmt: skip
+    head_channels=576,
+    hidden_channels=1024,
+)
 
 
 @register_backbone(timm="mobilenetv2_100")
@@ -448,9 +447,9 @@ def mobilenet_v2(**kwargs) -> MobileNetV2:
 
 @register_backbone()
 def mobilenet_v3_large(**kwargs) -> MobileNetV3:
-    return MobileNetV3(MOBILENET_V3["mobilenet_v3_large"], **kwargs)
+    return MobileNetV3(MOBILENET_V3_LARGE, **kwargs)
 
 
 @register_backbone()
 def mobilenet_v3_small(**kwargs) -> MobileNetV3:
-    return MobileNetV3(MOBILENET_V3["mobilenet_v3_small"], **kwargs)
+    return MobileNetV3(MOBILENET_V3_SMALL, **kwargs)

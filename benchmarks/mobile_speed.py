@@ -134,9 +134,7 @@ def main() -> None:
                 flush=True,
             )
     if op_differences:
-        print(
-            "\n| model | memory format | ATen operators run a different number of times: ours / torchvision |"
-        )
+        print("\n| model | memory format | ATen calls that differ (ours / torchvision) |")
         print("|---|---|---|")
         print("\n".join(op_differences))
 

@@ -1,4 +1,4 @@
-"""MobileNetV2/V3 and EfficientNet beyond the registry-wide parity: widths, stochastic depth, levels."""
+"""MobileNetV2/V3 and EfficientNet beyond the registry-wide parity: widths, drop path, levels."""
 
 from __future__ import annotations
 
