@@ -288,7 +288,8 @@ def create(
             .pth/.pt/.safetensors file (torchvision's, timm's or ours), or a state dict.
         strict: with False, load what matches and warn about the rest instead of raising.
         **kwargs: the family's constructor arguments (out_features, in_chans,
-            frozen_stages, norm_eval, drop_path_rate, norm_layer, ...).
+            frozen_stages, norm_eval, drop_path_rate, norm_layer, ...); one the family does
+            not take is a TypeError that lists those it does.
     """
     entry = get_entry(name)
     _check_arguments(name, entry, kwargs)
@@ -304,7 +305,7 @@ def _family(entry: _Entry) -> type[Backbone] | None:
     """The class a registered constructor builds, from its return annotation."""
     try:
         family = typing.get_type_hints(entry.fn).get("return")
-    except NameError:  # an annotation that does not resolve: no check, Python's error stands
+    except (NameError, TypeError):  # unresolvable annotations: no check, Python's error stands
         return None
     return family if isinstance(family, type) and issubclass(family, Backbone) else None
 
