@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from backbones import Backbone
+from backbones.weights import atomic_path
 from heads import ClassificationHead, Classifier
 
 from .data import TaskDataModule
@@ -61,10 +62,8 @@ def build_module(cfg: DictConfig, datamodule: TaskDataModule) -> TaskModule:
 
 def write_config(cfg: DictConfig, path: Path) -> None:
     """The resolved run config, written atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(OmegaConf.to_yaml(plain_config(cfg)))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(OmegaConf.to_yaml(plain_config(cfg)))
 
 
 def plain_config(cfg: DictConfig) -> dict[str, Any]:

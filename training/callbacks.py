@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+
+from backbones.weights import atomic_path
 
 
 class MetricsPlot(L.Callback):
@@ -73,16 +74,11 @@ class MetricsPlot(L.Callback):
             if series:
                 axis.legend()
         figure.tight_layout()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".metrics.", suffix=".png")
-        os.close(fd)
         try:
-            figure.savefig(tmp, dpi=100)
-            os.replace(tmp, self.path)
+            with atomic_path(self.path) as tmp:
+                figure.savefig(tmp, dpi=100, format="png")
         finally:
             plt.close(figure)
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": {k: [list(p) for p in v] for k, v in self.history.items()}}
