@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -15,9 +16,10 @@ from omegaconf import DictConfig, open_dict
 import eval as eval_script
 import train as train_script
 from backbones import create
-from training.build import build_datamodule, build_model, build_module
+from training.build import ConfigError, build_datamodule, build_model, build_module
 from training.checkpoints import CheckpointError, load_checkpoint
 from training.module import NonFiniteLossError
+from training.report import quiet_lightning
 from training.tasks import Classification
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +161,20 @@ def test_resume_matches_an_uninterrupted_run(
     assert (end["global_step"], end["epoch"]) == (reference["global_step"], reference["epoch"])
 
 
+def test_two_epochs_improve_the_metric_over_the_untrained_model(tmp_path: Path) -> None:
+    """Segmentation: per-pixel labels move val/miou within 32 tiny steps (val/acc needs more)."""
+    cfg = config(tmp_path, *TINY, *LEARNABLE, "head=fpn", "trainer.max_epochs=2")
+    quiet_lightning()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(cfg)
+    untrained = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    ).validate(build_module(cfg, datamodule), datamodule=datamodule, verbose=False)[0]
+    trained = train_script.train(cfg)["metrics"]
+    assert trained["val/miou"] > untrained["val/miou"] + 0.1, (untrained, trained)
+    assert trained["val/pixel_acc"] > untrained["val/pixel_acc"] + 0.2, (untrained, trained)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -253,3 +269,16 @@ def test_linear_probe_trains_only_the_head(tmp_path: Path) -> None:
     backbone = [k for k in before if k.startswith("model.backbone.")]
     assert backbone and all(torch.equal(before[k], after[k]) for k in backbone)  # BN stats too
     assert not torch.equal(before["model.head.fc.weight"], after["model.head.fc.weight"])
+
+
+def test_bn_momentum_overrides_every_batchnorm(tmp_path: Path) -> None:
+    def momenta(*overrides: str) -> set[float]:
+        cfg = config(tmp_path, "backbone=mobilenetv3", "head=fpn", *overrides)
+        with torch.device("meta"):
+            model = build_model(cfg, num_classes=7)
+        return {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+
+    assert momenta() == {0.1}  # the training default
+    assert momenta("bn_momentum=null") == {0.01}  # MobileNetV3's own
+    with pytest.raises(ConfigError, match=r"bn_momentum must be in \(0, 1\] or null, got 0"):
+        momenta("bn_momentum=0")

@@ -43,7 +43,20 @@ def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
     backbone = instantiate(cfg.backbone, **backbone_kwargs)
     if cfg.get("linear_probe", False):
         backbone.requires_grad_(False)
-    return instantiate(cfg.head.model)(backbone=backbone, num_classes=num_classes)
+    model = instantiate(cfg.head.model)(backbone=backbone, num_classes=num_classes)
+    set_bn_momentum(model, cfg.get("bn_momentum"))
+    return model
+
+
+def set_bn_momentum(model: nn.Module, momentum: float | None) -> None:
+    """Give every BatchNorm `momentum` (None keeps each family's own value)."""
+    if momentum is None:
+        return
+    if not 0.0 < momentum <= 1.0:
+        raise ConfigError(f"bn_momentum must be in (0, 1] or null, got {momentum}")
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
 
 
 def build_module(cfg: DictConfig, datamodule: TaskDataModule) -> TaskModule:

@@ -40,6 +40,8 @@ class ShapesDataModule(TaskDataModule):
         classes: shape names to draw, a subset of `training.shapes.SHAPES`.
         min_shapes, max_shapes: shapes per scene.
         seed: the dataset seed (independent of the training seed).
+        augment: random rotations by 90 degrees and mirror images of the training scenes
+            (labels follow; validation and test are never augmented).
         batch_size, num_workers: DataLoader settings.
     """
 
@@ -56,6 +58,7 @@ class ShapesDataModule(TaskDataModule):
         min_shapes: int = 1,
         max_shapes: int = 4,
         seed: int = 0,
+        augment: bool = True,
         batch_size: int = 64,
         num_workers: int = 0,
     ) -> None:
@@ -70,7 +73,7 @@ class ShapesDataModule(TaskDataModule):
             seed=seed,
         )
         self.splits = {
-            "train": ShapesDataset("train", num_train, **common),
+            "train": ShapesDataset("train", num_train, augment=augment, **common),
             "val": ShapesDataset("val", num_val, **common),
             "test": ShapesDataset("test", num_test, **common),
         }

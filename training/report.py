@@ -62,7 +62,8 @@ def print_summary(result: dict[str, Any]) -> None:
     if result.get("best_score") is not None:
         console.print(f"best {result['monitor']}: {result['best_score']:.4f}")
     label = "best checkpoint" if "fit_seconds" in result else "checkpoint"
-    console.print(f"{label}: {result['best_model_path']}")
+    # fast_dev_run writes no checkpoint
+    console.print(f"{label}: {result['best_model_path'] or 'none (no checkpoint was written)'}")
     if result.get("backbone_weights"):
         console.print(f"backbone weights: {result['backbone_weights']}")
     if "fit_seconds" in result:

@@ -95,6 +95,10 @@ class ShapesDataset(Dataset):
         min_shapes, max_shapes: shapes per scene.
         seed: the dataset seed; (seed, split, index) fixes every sample.
         mean, std: per-channel normalisation applied to the image.
+        augment: apply one of the 8 symmetries of the square (rotations by 90 degrees and
+            mirror images) to each sample, drawn from torch's random generator (seeded per
+            DataLoader worker by Lightning). No label depends on orientation, so every scene
+            gives 8 training views; use it on the train split only.
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class ShapesDataset(Dataset):
         seed: int = 0,
         mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
         std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+        augment: bool = False,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
@@ -126,6 +131,7 @@ class ShapesDataset(Dataset):
         self.split, self.length, self.task = split, length, task
         self.image_size, self.classes = image_size, tuple(classes)
         self.min_shapes, self.max_shapes, self.seed = min_shapes, max_shapes, seed
+        self.augment = augment
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
 
@@ -152,10 +158,17 @@ class ShapesDataset(Dataset):
         for position, radius in enumerate(radii):
             cx, cy = rng.uniform(radius, size - radius, size=2)
             angle = rng.uniform(0, 2 * math.pi)
-            covered = shape_mask(self.classes[kinds[position]], x - cx, y - cy, radius, angle)
-            colour = _contrasting_colour(rng, image[:, covered].mean(axis=1))
-            image[:, covered] = colour[:, None]
-            instance[covered] = position
+            # Only the square around the shape can be covered (every outline fits in 1.2 radii).
+            reach = 1.2 * radius + 1
+            rows = slice(max(0, int(cy - reach)), min(size, int(cy + reach) + 1))
+            cols = slice(max(0, int(cx - reach)), min(size, int(cx + reach) + 1))
+            covered = shape_mask(
+                self.classes[kinds[position]], x[rows, cols] - cx, y[rows, cols] - cy, radius, angle
+            )
+            window = image[:, rows, cols]  # a view: writing to it draws on the image
+            colour = _contrasting_colour(rng, window[:, covered].mean(axis=1))
+            window[:, covered] = colour[:, None]
+            instance[rows, cols][covered] = position
         image += rng.normal(0, 0.04, size=image.shape).astype(np.float32)
 
         mask = np.where(instance >= 0, kinds[instance] + 1, 0)
@@ -177,12 +190,42 @@ class ShapesDataset(Dataset):
 
     def __getitem__(self, index: int):
         scene = self.scene(index)
+        if self.augment:
+            scene = square_symmetry(scene, int(torch.randint(8, ())))
         image = (scene.image - self.mean) / self.std
         if self.task == "classification":
             return image, scene.label
         if self.task == "segmentation":
             return image, scene.mask
         return image, {"boxes": scene.boxes, "labels": scene.labels}
+
+
+def square_symmetry(scene: Scene, which: int) -> Scene:
+    """Symmetry `which` (0-7; 0 is the identity) of a square scene, applied to every label.
+
+    The three bits of `which` choose a transpose, a horizontal and a vertical flip, in that
+    order; together they give the 4 rotations by 90 degrees and their 4 mirror images.
+    """
+    if not 0 <= which < 8:
+        raise ValueError(f"which must be in 0..7, got {which}")
+    image, mask, boxes = scene.image, scene.mask, scene.boxes.clone()
+    size = image.shape[-1]
+    if which & 1:  # transpose: x <-> y
+        image, mask = image.transpose(-1, -2), mask.transpose(-1, -2)
+        boxes = boxes[:, [1, 0, 3, 2]]
+    if which & 2:  # horizontal flip: x -> size - x
+        image, mask = image.flip(-1), mask.flip(-1)
+        boxes[:, [0, 2]] = size - boxes[:, [2, 0]]
+    if which & 4:  # vertical flip: y -> size - y
+        image, mask = image.flip(-2), mask.flip(-2)
+        boxes[:, [1, 3]] = size - boxes[:, [3, 1]]
+    return Scene(
+        image=image.contiguous(),
+        mask=mask.contiguous(),
+        boxes=boxes,
+        labels=scene.labels,
+        label=scene.label,
+    )
 
 
 def _background(rng: np.random.Generator, size: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -1,0 +1,127 @@
+"""The synthetic shapes data: determinism, label consistency, colour independence, symmetries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from training.data import ShapesDataModule
+from training.shapes import SHAPES, ShapesDataset, square_symmetry
+
+
+def test_a_sample_is_a_function_of_seed_split_and_index() -> None:
+    a = ShapesDataset("train", 10, image_size=32)
+    b = ShapesDataset("train", 10, image_size=32)
+    assert torch.equal(a[3][0], b[3][0]) and a[3][1] == b[3][1]
+    assert not torch.equal(a[3][0], a[4][0])
+    assert not torch.equal(a[3][0], ShapesDataset("val", 10, image_size=32)[3][0])
+    assert not torch.equal(a[3][0], ShapesDataset("train", 10, image_size=32, seed=1)[3][0])
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 2 worker processes")
+def test_workers_see_the_same_samples() -> None:
+    dataset = ShapesDataset("val", 8, task="segmentation", image_size=32)
+    loaded = list(DataLoader(dataset, batch_size=4, num_workers=2))
+    images = torch.cat([images for images, _ in loaded])
+    masks = torch.cat([masks for _, masks in loaded])
+    assert torch.equal(images, torch.stack([dataset[i][0] for i in range(8)]))
+    assert torch.equal(masks, torch.stack([dataset[i][1] for i in range(8)]))
+
+
+@pytest.mark.parametrize("index", range(20))
+def test_the_labels_of_one_scene_agree(index: int) -> None:
+    dataset = ShapesDataset("train", 20, image_size=48, max_shapes=4)
+    scene = dataset.scene(index)
+    assert scene.image.shape == (3, 48, 48) and 0 <= scene.image.min() <= scene.image.max() <= 1
+    assert 1 <= len(scene.labels) <= 4 and scene.boxes.shape == (len(scene.labels), 4)
+    # Every class in the mask has a box, and the label is one of them.
+    assert set(scene.mask.unique().tolist()) - {0} == {int(c) + 1 for c in scene.labels}
+    assert scene.label in scene.labels.tolist()
+    for (x0, y0, x1, y1), label in zip(scene.boxes.tolist(), scene.labels.tolist(), strict=True):
+        inside = scene.mask[int(y0) : int(y1), int(x0) : int(x1)] == label + 1
+        # Tight: each edge row and column of the box touches its shape (occlusion may cut
+        # holes inside the box).
+        assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+    # The main shape is drawn last and whole: its class covers the most pixels.
+    counts = torch.bincount(scene.mask.flatten(), minlength=len(SHAPES) + 1)[1:]
+    assert counts[scene.label] == counts.max()
+
+
+def test_colour_does_not_give_the_class_away() -> None:
+    """The mean colour of each class's pixels is the same for every class, within noise."""
+    dataset = ShapesDataset("train", 300, image_size=32, max_shapes=1)
+    sums, counts = torch.zeros(len(SHAPES), 3), torch.zeros(len(SHAPES))
+    for i in range(len(dataset)):
+        scene = dataset.scene(i)
+        pixels = scene.mask == scene.label + 1
+        sums[scene.label] += scene.image[:, pixels].mean(1)
+        counts[scene.label] += 1
+    assert counts.min() > 30  # every class is drawn
+    means = sums / counts[:, None]
+    assert (means - means.mean(0)).abs().max() < 0.08, means
+
+
+def test_class_subset_and_counts() -> None:
+    dataset = ShapesDataset("train", 30, classes=("ring", "star"), min_shapes=2, max_shapes=3)
+    for i in range(30):
+        scene = dataset.scene(i)
+        assert set(scene.labels.tolist()) <= {0, 1}
+        assert scene.mask.max() <= 2
+    module = ShapesDataModule("segmentation", classes=["ring", "star"], num_train=4)
+    assert module.num_classes == 3 and module.class_names == ["background", "ring", "star"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"split": "dev"}, "split must be one of"),
+        ({"task": "depth"}, "unknown task 'depth'"),
+        ({"classes": ("circle", "hexagon")}, "classes must be distinct names"),
+        ({"classes": ("circle", "circle")}, "classes must be distinct names"),
+        ({"min_shapes": 3, "max_shapes": 2}, "need 1 <= min_shapes <= max_shapes"),
+        ({"image_size": 8}, "image_size must be at least 16"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ShapesDataset(**{"split": "train", "length": 4, **kwargs})
+
+
+def test_the_eight_symmetries_move_every_label_together() -> None:
+    scene = ShapesDataset("train", 1, image_size=40, max_shapes=4, min_shapes=4).scene(0)
+    views = [square_symmetry(scene, k) for k in range(8)]
+    assert torch.equal(views[0].image, scene.image) and torch.equal(views[0].boxes, scene.boxes)
+    assert len({v.image.numpy().tobytes() for v in views}) == 8  # all distinct
+    for view in views:
+        assert view.label == scene.label and torch.equal(view.labels, scene.labels)
+        # The mask follows the image: every mask pixel keeps the colour it had.
+        assert torch.equal(
+            torch.sort(view.image[:, view.mask > 0].flatten()).values,
+            torch.sort(scene.image[:, scene.mask > 0].flatten()).values,
+        )
+        for (x0, y0, x1, y1), label in zip(view.boxes.tolist(), view.labels.tolist(), strict=True):
+            inside = view.mask[int(y0) : int(y1), int(x0) : int(x1)] == label + 1
+            assert inside[0].any() and inside[-1].any()
+            assert inside[:, 0].any() and inside[:, -1].any()
+    # Transpose, then a horizontal flip: a quarter turn clockwise.
+    assert torch.equal(views[3].image, torch.rot90(scene.image, -1, (-2, -1)))
+    with pytest.raises(ValueError, match=r"which must be in 0\.\.7"):
+        square_symmetry(scene, 8)
+
+
+def test_only_the_training_split_is_augmented() -> None:
+    module = ShapesDataModule("detection", image_size=32, num_train=4, num_val=4, num_test=4)
+    train, val = module.splits["train"], module.splits["val"]
+    assert train.augment and not val.augment
+    torch.manual_seed(0)
+    views = {train[0][0].numpy().tobytes() for _ in range(40)}
+    plain = ShapesDataset("train", 4, task="detection", image_size=32)
+    allowed = {
+        ((square_symmetry(plain.scene(0), k).image - plain.mean) / plain.std).numpy().tobytes()
+        for k in range(8)
+    }
+    assert views <= allowed and len(views) > 4
+    unaugmented = ShapesDataset("val", 4, task="detection", image_size=32)
+    assert torch.equal(val[1][0], unaugmented[1][0])
+    assert torch.equal(val[1][1]["boxes"], unaugmented[1][1]["boxes"])
