@@ -1,4 +1,4 @@
-"""Command line: `python -m backbones {list,demo,fetch-weights} ...`."""
+"""Command line: `python -m backbones {list,demo,fetch-weights,summary,bench,export} ...`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from rich.table import Table
 
 from . import create, list_backbones
 from ._base import get_entry
+from .tools.export import FORMATS, ExportError
 from .weights import SOURCES, WeightsError, fetch_weights
 
 console = Console()
@@ -61,6 +62,74 @@ def cmd_fetch(args: argparse.Namespace) -> None:
         console.print(f"[green]wrote[/] {path}  ->  create({name!r}, pretrained={str(path)!r})")
 
 
+def cmd_summary(args: argparse.Namespace) -> None:
+    from .tools.summary import summarize
+
+    height, width = args.size
+    levels = summarize(args.name, height, width)
+    table = Table(title=f"{args.name}, input 1x3x{height}x{width}")
+    for column in ("level", "shape", "stride", "receptive field", "params", "GFLOPs"):
+        table.add_column(column, justify="left" if column == "level" else "right")
+    for level in levels:
+        rows, cols = level.receptive_field
+        field = str(rows) if rows == cols else f"{rows}x{cols}"
+        table.add_row(
+            level.name,
+            "x".join(map(str, level.shape[1:])),
+            str(level.stride),
+            field + (" + global" if level.global_context else ""),
+            f"{level.params / 1e6:.2f}M",
+            f"{level.flops / 1e9:.3f}",
+        )
+    params, flops = sum(lv.params for lv in levels), sum(lv.flops for lv in levels)
+    table.add_row("total", "", "", "", f"{params / 1e6:.2f}M", f"{flops / 1e9:.3f}", style="bold")
+    console.print(table)
+    console.print(
+        "params and GFLOPs (torch.utils.flop_counter, 2 per multiply-add, batch 1) are those "
+        "of the layers since the previous level; the receptive field is the theoretical one, "
+        "in input pixels, and its effective stride equals the level's stride."
+    )
+    if any(level.global_context for level in levels):
+        console.print(
+            "+ global: a squeeze-excite (or other global pooling) before this level lets every "
+            "output pixel see the whole image."
+        )
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .tools.export import export, require_onnx
+    from .tools.summary import check_size, meta_backbone
+
+    if args.format == "onnx":
+        require_onnx()  # before building anything
+    height, width = args.size
+    check_size(args.name, meta_backbone(args.name), height, width)
+    model = create(args.name, pretrained=args.pretrained, out_features=args.levels.split(","))
+    model.eval()
+    if args.fuse:
+        model.fuse()
+    example = torch.randn(args.batch, model.in_chans, height, width)
+    checks = export(model, args.out, example, format=args.format)
+    console.print(f"[green]wrote[/] {args.out} ({args.format}; dynamic batch, height and width)")
+    for check in checks:
+        console.print(
+            f"  input {tuple(check.shape)}: max abs diff {check.max_abs_diff:.2e} against eager "
+            f"(relative {check.max_rel_diff:.2e})"
+        )
+
+
+def _size(text: str) -> tuple[int, int]:
+    """`224` or `224x320` (height x width)."""
+    parts = text.lower().split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SIZE or HxW, e.g. 224 or 224x320; got {text!r}")
+    if len(sizes) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected SIZE or HxW, e.g. 224 or 224x320; got {text!r}")
+    return (sizes[0], sizes[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backbones", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -84,10 +153,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="directory to write <name>-<source>.safetensors to")
     p.set_defaults(func=cmd_fetch)
 
+    p = commands.add_parser(
+        "summary", help="per level: shape, stride, receptive field, params, GFLOPs"
+    )
+    p.add_argument("name")
+    p.add_argument("--size", type=_size, default=(224, 224), help="SIZE or HxW (default 224)")
+    p.set_defaults(func=cmd_summary)
+
+    p = commands.add_parser(
+        "export", help="ONNX or torch.export .pt2 with dynamic batch/size, checked against eager"
+    )
+    p.add_argument("name")
+    p.add_argument("--format", choices=FORMATS, default="onnx")
+    p.add_argument("--out", required=True, help="file to write, e.g. model.onnx or model.pt2")
+    p.add_argument("--size", type=_size, default=(224, 224), help="example SIZE or HxW")
+    p.add_argument("--batch", type=int, default=1, help="example batch size")
+    p.add_argument("--levels", default="C3,C4,C5", help="comma-separated levels to output")
+    p.add_argument("--pretrained", default=None, help="'torchvision', 'timm' or a weights file")
+    p.add_argument("--fuse", action="store_true", help="fold BatchNorms into convs first")
+    p.set_defaults(func=cmd_export)
+
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, WeightsError, FileNotFoundError) as e:
+    except (ValueError, WeightsError, FileNotFoundError, ExportError) as e:
         console.print(f"[red]error:[/] {e}", highlight=False)
         return 1
     return 0

@@ -26,7 +26,11 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     remainder; inputs that already divide are untouched (and match the reference exactly).
     """
     pad_h, pad_w = -x.shape[-2] % multiple, -x.shape[-1] % multiple
-    return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+    # Traced with symbolic sizes (torch.export, ONNX, torch.compile), a branch on the size
+    # would fix it; a zero pad is free there, while in eager mode it would copy.
+    if torch.compiler.is_compiling() or pad_h or pad_w:
+        return F.pad(x, (0, pad_w, 0, pad_h))
+    return x
 
 
 class Stem(nn.Module):
