@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -106,8 +107,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     check_size(args.name, meta_backbone(args.name), height, width)
     model = create(args.name, pretrained=args.pretrained, out_features=args.levels.split(","))
     model.eval()
-    if args.fuse:
-        model.fuse()
+    if args.fuse:  # back to contiguous weights: the exported graph fixes no memory format
+        model.fuse().to(memory_format=torch.contiguous_format)
     example = torch.randn(args.batch, model.in_chans, height, width)
     checks = export(model, args.out, example, format=args.format)
     console.print(f"[green]wrote[/] {args.out} ({args.format}; dynamic batch, height and width)")
@@ -118,14 +119,66 @@ def cmd_export(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    import platform
+    import shlex
+
+    import torchvision
+
+    from .tools import bench
+    from .tools.summary import check_size, meta_backbone
+
+    allocator = bench.set_up_allocator()  # before the large allocations
+    names = args.models.split(",")
+    for name in names:
+        check_size(name, meta_backbone(name), args.size, args.size)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available; use --device cpu")
+    device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    processor = platform.processor() or platform.machine()
+    if device.type == "cuda":
+        processor = torch.cuda.get_device_name()
+    header = [
+        f"`{' '.join(['python -m backbones bench', *map(shlex.quote, sys.argv[2:])])}`",
+        "",
+        f"- {device.type}: {processor}, {torch.get_num_threads()} threads; torch "
+        f"{torch.__version__}, torchvision {torchvision.__version__}",
+        f"- batch {args.batch} x 3 x {args.size} x {args.size}, fp32 on CPU / bf16 autocast on "
+        f"GPU, inference mode; {args.repeats} alternating rounds after {args.warmup} warm-up "
+        "rounds",
+        f"- {allocator}",
+        "- same weights for ours and torchvision (converted); timm with its own random init",
+    ]
+    for line in header[2:]:
+        console.print(line, highlight=False)
+    rows, peak = bench.measure(
+        names,
+        args.batch,
+        args.size,
+        device,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        compile=args.compile,
+        log=lambda line: console.print(line, highlight=False, soft_wrap=True),
+    )
+    out = Path(args.out_dir)
+    markdown, plot = out / "RESULTS.md", out / f"throughput_{device.type}.png"
+    bench.write_results(rows, peak, header, markdown, plot, device.type)
+    for model, comparison, ratio, target in bench.ratios(rows):
+        console.print(f"{model:20s} {comparison:36s} {ratio:5.2f}  (target {target})")
+    console.print(f"[green]wrote[/] {markdown} and {plot}")
+
+
 def _size(text: str) -> tuple[int, int]:
     """`224` or `224x320` (height x width)."""
     parts = text.lower().split("x")
     try:
         sizes = [int(p) for p in parts]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected SIZE or HxW, e.g. 224 or 224x320; got {text!r}")
-    if len(sizes) not in (1, 2):
+        sizes = []
+    if len(sizes) not in (1, 2):  # also "abc", "1x2x3"
         raise argparse.ArgumentTypeError(f"expected SIZE or HxW, e.g. 224 or 224x320; got {text!r}")
     return (sizes[0], sizes[-1])
 
@@ -172,6 +225,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrained", default=None, help="'torchvision', 'timm' or a weights file")
     p.add_argument("--fuse", action="store_true", help="fold BatchNorms into convs first")
     p.set_defaults(func=cmd_export)
+
+    p = commands.add_parser(
+        "bench", help="img/s of ours vs torchvision vs timm; writes RESULTS.md and a plot"
+    )
+    p.add_argument("--models", default="resnet50,mobilenet_v3_large", help="comma-separated")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    p.add_argument("--repeats", type=int, default=10, help="timed rounds (median, quartiles)")
+    p.add_argument("--threads", type=int, default=None, help="default: torch's")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (GPU)")
+    p.add_argument("--out-dir", default="benchmarks", help="where RESULTS.md and the PNG go")
+    p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)
     try:

@@ -241,7 +241,7 @@ class _TensorUses(torch.overrides.TorchFunctionMode):
         self.uses: dict[int, int] = {}  # id of a watched tensor -> uses so far
         self.paused = False
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
         if not self.paused and any(True for _ in _tensors(result)):
             for arg in _tensors((args, kwargs)):

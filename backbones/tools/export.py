@@ -73,17 +73,25 @@ def second_shape(example: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def export(
-    model: Backbone, path: str | os.PathLike, example: torch.Tensor, format: str | None = None
+    model: Backbone,
+    path: str | os.PathLike,
+    example: torch.Tensor,
+    format: str | None = None,
+    program: ExportedProgram | None = None,
 ) -> list[Check]:
     """Write `model` to `path` (ONNX or `.pt2`, from the suffix unless `format` is given),
-    reload it, and compare it with eager at `example`'s shape and a second shape."""
+    reload it, and compare it with eager at `example`'s shape and a second shape.
+
+    `program`, from `export_program(model, example)`, saves tracing again for a second format.
+    """
     path = Path(path)
     format = format or path.suffix.lstrip(".")
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     if format == "onnx":
         require_onnx()
-    program = export_program(model, example)
+    if program is None:
+        program = export_program(model, example)
     path.parent.mkdir(parents=True, exist_ok=True)
     levels = list(model.out_features)
     if format == "pt2":

@@ -55,9 +55,14 @@ class Field:
             global_context=self.global_context or other.global_context,
         )
 
-    def window(self, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]):
-        size = tuple(r + (k - 1) * d * j for r, k, d, j in zip(self.size, kernel, dilation, self.jump))
-        jump = tuple(j * s for j, s in zip(self.jump, stride))
+    def window(
+        self, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]
+    ) -> Field:
+        size = tuple(
+            r + (k - 1) * d * j
+            for r, k, d, j in zip(self.size, kernel, dilation, self.jump, strict=True)
+        )
+        jump = tuple(j * s for j, s in zip(self.jump, stride, strict=True))
         return Field(size=size, jump=jump, global_context=self.global_context)  # type: ignore[arg-type]
 
 
@@ -89,7 +94,7 @@ class ReceptiveFieldMode(TorchDispatchMode):
     def field(self, tensor: torch.Tensor) -> Field:
         return self.fields[id(tensor)]
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         known = [self.fields[id(t)] for t in _tensors((args, kwargs)) if id(t) in self.fields]
