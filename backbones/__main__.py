@@ -153,7 +153,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     ]
     for line in header[2:]:
         console.print(line, highlight=False)
-    rows, peak = bench.measure(
+    out = Path(args.out_dir)
+    markdown, plot = out / "RESULTS.md", out / f"throughput_{device.type}.png"
+    rows, _ = bench.measure(
         names,
         args.batch,
         args.size,
@@ -162,10 +164,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
         repeats=args.repeats,
         compile=args.compile,
         log=lambda line: console.print(line, highlight=False, soft_wrap=True),
+        # rewritten after every model, so an interrupted run keeps what it measured
+        after_model=lambda rows, peak: bench.write_results(
+            rows, peak, header, markdown, plot, device.type
+        ),
     )
-    out = Path(args.out_dir)
-    markdown, plot = out / "RESULTS.md", out / f"throughput_{device.type}.png"
-    bench.write_results(rows, peak, header, markdown, plot, device.type)
     for model, comparison, ratio, target in bench.ratios(rows):
         console.print(f"{model:20s} {comparison:36s} {ratio:5.2f}  (target {target})")
     console.print(f"[green]wrote[/] {markdown} and {plot}")

@@ -249,8 +249,12 @@ def measure(
     repeats: int = 10,
     compile: bool = False,
     log: Callable[[str], None] = print,
+    after_model: Callable[[list[Row], float], None] | None = None,
 ) -> tuple[list[Row], float]:
-    """Time every variant of every model: one `Row` each, and the matmul peak in GFLOP/s."""
+    """Time every variant of every model: one `Row` each, and the matmul peak in GFLOP/s.
+
+    `after_model(rows so far, peak)` runs after each model, e.g. to save partial results.
+    """
     timer = _cuda_timer if device.type == "cuda" else _cpu_timer
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = matmul_peak_gflops(device, dtype)
@@ -289,6 +293,8 @@ def measure(
                 f"{row.median_ms:8.1f} ms  {row.images_per_s:7.1f} img/s"
             )
         del runs
+        if after_model is not None:
+            after_model(rows, peak)
     return rows, peak
 
 
