@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
+from torch import nn
 
+from backbones import create
 from backbones.__main__ import main
-from backbones.tools.bench import _PeakMemory
+from backbones.tools.bench import _like_ours, _PeakMemory, _WithReLU, build_implementations
 
 
 def test_bench_command_writes_results(tmp_path: Path) -> None:
@@ -33,3 +36,20 @@ def test_peak_memory_counts_live_tensors() -> None:
     with mode:
         run()
     assert mode.peak == 2 * 2**20
+
+
+def test_torchvision_side_computes_our_c5() -> None:
+    # torchvision's DenseNet applies the final ReLU in forward, outside `features`: the bench
+    # adds it, so both sides do the same work (and the outputs are checked to agree)
+    implementations = build_implementations("densenet121")
+    assert isinstance(implementations["torchvision"], _WithReLU)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        ours = implementations["ours"](x)["C5"]
+        torch.testing.assert_close(implementations["torchvision"](x), ours)
+
+
+def test_different_computation_is_refused() -> None:
+    ours = create("resnet18", out_features=("C5",)).eval()
+    with pytest.raises(RuntimeError, match="do not compute our C5"):
+        _like_ours(nn.Conv2d(3, 512, 32, stride=32), ours, "resnet18")

@@ -2,7 +2,9 @@
 
 Every implementation runs the features part only (torchvision: `features`, or the children up
 to the last stage; timm: `forward_features`; ours: C5) on the same input; ours and
-torchvision's share weights (torchvision's random init, converted). After warm-up runs, the
+torchvision's share weights (torchvision's random init, converted) and are checked to compute
+the same output (torchvision's DenseNet gets the final ReLU its `forward` applies, which our C5
+includes; see `_like_ours`). After warm-up runs, the
 variants of one model are timed in alternation (the order reversed every round), so load from
 other processes hits them alike; tables give the median with the interquartile range.
 
@@ -118,7 +120,7 @@ def build_implementations(name: str) -> dict[str, nn.Module]:
                 if k.startswith("backbone.")
             }
         )
-        built["torchvision"] = _features_of(reference)
+        built["torchvision"] = _like_ours(_features_of(reference), ours, name)
     if "timm" in sources:
         built["timm"] = _timm_features(name).eval()
     return built
@@ -128,6 +130,40 @@ def _features_of(reference: nn.Module) -> nn.Module:
     if hasattr(reference, "features"):
         return reference.features
     return nn.Sequential(*list(reference.children())[:-2])
+
+
+def _like_ours(features: nn.Module, ours: nn.Module, name: str) -> nn.Module:
+    """torchvision's features, extended where needed to compute exactly what our C5 is.
+
+    Our C5 is what the classifier pools, so it ends with the final norm's activation; where
+    torchvision applies that activation in `forward` rather than in `features` (DenseNet's
+    ReLU after norm5), timing `features` alone would leave it out. Instead of a per-family
+    list, the outputs decide on a small input (same weights): `features` as is, or followed by
+    a ReLU; anything else means the two are not the same computation and cannot be compared.
+    """
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected, theirs = ours(x)["C5"], features(x)
+    for candidate, extended in ((theirs, features), (theirs.relu(), _WithReLU(features))):
+        if candidate.shape == expected.shape and torch.allclose(
+            candidate, expected, rtol=1e-4, atol=1e-5
+        ):
+            return extended
+    raise RuntimeError(
+        f"torchvision's {name} features do not compute our C5 (with or without a final ReLU): "
+        "the benchmark would compare different work"
+    )
+
+
+class _WithReLU(nn.Module):
+    """torchvision features followed by the ReLU its `forward` applies (DenseNet)."""
+
+    def __init__(self, features: nn.Module) -> None:
+        super().__init__()
+        self.features = features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu_(self.features(x))
 
 
 class _PeakMemory(TorchDispatchMode):
