@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
+from ._fusion import ONEDNN_ACTIVATIONS, FusedConv2d, onednn_usable
 from .layers import LayerFn
 
 if TYPE_CHECKING:
@@ -208,16 +209,30 @@ class Backbone(nn.Module):
         found by running the model once on a small input, so it works for any family; a
         BatchNorm is folded only where it is the sole consumer of the conv's output (DenseNet's
         norm-ReLU-conv layers keep their first norm: a ReLU stands between it and any conv).
-        Returns `self`, in channels_last; outputs equal the unfused model's up to rounding.
+        Where PyTorch has oneDNN, the convs become `FusedConv2d`s that also take in the
+        activation that is the sole consumer of their output, run as one oneDNN call on CPU
+        (plain conv2d + activation on CUDA, with autograd on, and when traced; see
+        `backbones._fusion`). Returns `self`, in channels_last; outputs equal the unfused
+        model's up to rounding.
         """
         if self.training:
             raise RuntimeError(
                 "fuse() folds BatchNorm running statistics into the convolutions, which is only "
                 "valid for inference: call .eval() first, e.g. create(name).eval().fuse()"
             )
-        for parent, key, conv, norm in _conv_norm_pairs(self):
+        for parent, key, conv, norm in _sole_consumers(self, (nn.BatchNorm2d,)):
             _fold_norm_into_conv(conv, norm)
             setattr(parent, key, nn.Identity())
+        if onednn_usable():
+            activations = _sole_consumers(self, tuple(ONEDNN_ACTIVATIONS))
+            follows = {conv: act for _, _, conv, act in activations}
+            for parent, key, _, _ in activations:
+                setattr(parent, key, nn.Identity())
+            parents = dict(self.named_modules())
+            for name, conv in list(self.named_modules()):
+                if FusedConv2d.supports(conv):
+                    parent_name, _, key = name.rpartition(".")
+                    setattr(parents[parent_name], key, FusedConv2d(conv, follows.get(conv)))
         self._fused = True
         return self.to(memory_format=torch.channels_last)
 
@@ -262,15 +277,19 @@ def _tensors(obj: object) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
-def _conv_norm_pairs(model: Backbone) -> list[tuple[nn.Module, str, nn.Conv2d, _BatchNorm]]:
-    """(parent of the norm, its attribute name, conv, norm) for each BatchNorm2d whose input is
-    the output of a Conv2d that nothing else uses, found by running `model` once."""
+def _sole_consumers(
+    model: Backbone, kinds: tuple[type[nn.Module], ...]
+) -> list[tuple[nn.Module, str, nn.Conv2d, nn.Module]]:
+    """(parent of the consumer, its attribute name, conv, consumer) for each module of exactly
+    one of `kinds` whose input is the output of a Conv2d that nothing else uses (an in-place
+    sum with a shortcut is a use), found by running `model` once."""
     convs = {m: n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    norms = {m: n for n, m in model.named_modules() if type(m) is nn.BatchNorm2d}
+    consumers = {m: n for n, m in model.named_modules() if type(m) in kinds}
     calls: dict[nn.Module, int] = {}
     produced_by: dict[int, nn.Conv2d] = {}  # id of a conv output -> the conv
     keep: list[torch.Tensor] = []  # keeps ids unique while the model runs
-    fed: dict[_BatchNorm, int] = {}  # norm -> id of its input
+    fed: dict[nn.Module, int] = {}  # consumer -> id of its input
+    settled: dict[int, int] = {}  # uses of conv outputs that an in-place consumer overwrote
     mode = _TensorUses()
 
     def after_conv(conv: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -279,18 +298,22 @@ def _conv_norm_pairs(model: Backbone) -> list[tuple[nn.Module, str, nn.Conv2d, _
         mode.uses[id(output)] = 0
         keep.append(output)
 
-    def before_norm(norm: nn.Module, args: tuple) -> None:
-        calls[norm] = calls.get(norm, 0) + 1
-        fed[norm] = id(args[0])
+    def before_consumer(consumer: nn.Module, args: tuple) -> None:
+        calls[consumer] = calls.get(consumer, 0) + 1
+        fed[consumer] = id(args[0])
         keep.append(args[0])
-        mode.paused = True  # the norm's own use of its input does not count
+        mode.paused = True  # the consumer's own use of its input does not count
 
-    def after_norm(norm: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    def after_consumer(consumer: nn.Module, args: tuple, output: torch.Tensor) -> None:
         mode.paused = False
+        if output is args[0] and id(output) in mode.uses:
+            # in place (ReLU(inplace=True)): later uses of this tensor see the consumer's
+            # output, not the conv's
+            settled[id(output)] = mode.uses.pop(id(output))
 
     handles = [m.register_forward_hook(after_conv) for m in convs]
-    handles += [m.register_forward_pre_hook(before_norm) for m in norms]
-    handles += [m.register_forward_hook(after_norm) for m in norms]
+    handles += [m.register_forward_pre_hook(before_consumer) for m in consumers]
+    handles += [m.register_forward_hook(after_consumer) for m in consumers]
     param = next(model.parameters())
     x = torch.zeros(1, model.in_chans, 32, 32, device=param.device, dtype=param.dtype)
     try:
@@ -300,16 +323,19 @@ def _conv_norm_pairs(model: Backbone) -> list[tuple[nn.Module, str, nn.Conv2d, _
         for handle in handles:
             handle.remove()
 
+    uses = mode.uses | settled
     parents = dict(model.named_modules())
     pairs = []
-    for norm, source in fed.items():
+    for consumer, source in fed.items():
         conv = produced_by.get(source)
-        if conv is None or calls[conv] != 1 or calls[norm] != 1 or mode.uses[source]:
+        if conv is None or calls[conv] != 1 or calls[consumer] != 1 or uses[source]:
             continue  # not after a conv, a shared module, or the conv output is used elsewhere
-        if conv.out_channels != norm.num_features or norm.running_mean is None:
+        if isinstance(consumer, _BatchNorm) and (
+            conv.out_channels != consumer.num_features or consumer.running_mean is None
+        ):
             continue
-        parent_name, _, key = norms[norm].rpartition(".")
-        pairs.append((parents[parent_name], key, conv, norm))
+        parent_name, _, key = consumers[consumer].rpartition(".")
+        pairs.append((parents[parent_name], key, conv, consumer))
     return pairs
 
 
