@@ -52,6 +52,14 @@ SHALLOW = {
 }
 
 
+# ONNX conversion costs 5-13 s per family on one core, so it runs for the families that
+# together hold every op kind (conv, BatchNorm, ReLU, floor and ceil max-pools, ceil avg-pool,
+# concat, pad, LayerNorm, Linear, GELU, SiLU, Hardswish, Hardsigmoid, the squeeze-excite
+# mean, in-place residual adds). ResNet adds nothing to them and MobileNetV2 only ReLU6
+# (ONNX Clip): pt2 only for those two (both passed ONNX when the exporter was added).
+ONNX_FAMILIES = {VGG, DenseNet, ConvNeXt, MobileNetV3, EfficientNet}
+
+
 def test_every_family_is_exported() -> None:
     assert {_family(get_entry(name)) for name in list_backbones()} == set(SHALLOW)
 
@@ -63,7 +71,7 @@ def test_export_pt2_and_onnx(family: type, tmp_path: Path) -> None:
     model = SHALLOW[family]().eval()
     example = torch.randn(2, 3, 64, 64)
     program = export_program(model, example)
-    for format in ("pt2", "onnx"):
+    for format in ("pt2", "onnx") if family in ONNX_FAMILIES else ("pt2",):
         checks = export(model, tmp_path / f"model.{format}", example, format, program=program)
         assert (tmp_path / f"model.{format}").stat().st_size > 0
         # the traced shape and another batch and non-square size: the dims are dynamic
