@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
+from ._fusion import ONEDNN_ACTIVATIONS, FusedConv2d, onednn_usable
 from .layers import LayerFn
 
 if TYPE_CHECKING:
@@ -97,6 +98,7 @@ class Backbone(nn.Module):
         self.feature_info: list[FeatureInfo] = []
         self._level_module: dict[str, int] = {}  # level name -> index in (stem, *stages)
         self._grad_checkpointing = False
+        self._fused = False
 
     def add_level(self, channels: int, stride: int) -> None:
         """Record that the module built last (the stem or the newest stage) outputs a level.
@@ -160,6 +162,11 @@ class Backbone(nn.Module):
         return [self.stem, *self.stages[: self.frozen_stages]]
 
     def train(self, mode: bool = True) -> Backbone:
+        if mode and self._fused:
+            raise RuntimeError(
+                f"this {type(self).__name__} was fuse()d for inference: its BatchNorms are folded "
+                "into the convolutions and cannot be trained. Build a new model to train."
+            )
         super().train(mode)
         if mode:
             frozen = [self] if self.norm_eval else self._frozen_modules()
@@ -193,12 +200,155 @@ class Backbone(nn.Module):
                 features[self._taps[index]] = x
         return features
 
+    @torch.no_grad()
+    def fuse(self) -> Backbone:
+        """Fold every BatchNorm that directly follows a conv into it, switch to channels_last.
+
+        For inference only (eval mode): the running statistics become the conv's weight and
+        bias, which saves one pass over each conv output. Which norm follows which conv is
+        found by running the model once on a small input, so it works for any family; a
+        BatchNorm is folded only where it is the sole consumer of the conv's output (DenseNet's
+        norm-ReLU-conv layers keep their first norm: a ReLU stands between it and any conv).
+        Where PyTorch has oneDNN, the convs become `FusedConv2d`s that also take in the
+        activation that is the sole consumer of their output, run as one oneDNN call on CPU
+        (plain conv2d + activation on CUDA, with autograd on, and when traced; see
+        `backbones._fusion`). Returns `self`, in channels_last; outputs equal the unfused
+        model's up to rounding.
+        """
+        if self.training:
+            raise RuntimeError(
+                "fuse() folds BatchNorm running statistics into the convolutions, which is only "
+                "valid for inference: call .eval() first, e.g. create(name).eval().fuse()"
+            )
+        for parent, key, conv, norm in _sole_consumers(self, (nn.BatchNorm2d,)):
+            _fold_norm_into_conv(conv, norm)
+            setattr(parent, key, nn.Identity())
+        if onednn_usable():
+            activations = _sole_consumers(self, tuple(ONEDNN_ACTIVATIONS))
+            follows = {conv: act for _, _, conv, act in activations}
+            for parent, key, _, _ in activations:
+                setattr(parent, key, nn.Identity())
+            parents = dict(self.named_modules())
+            for name, conv in list(self.named_modules()):
+                if FusedConv2d.supports(conv):
+                    parent_name, _, key = name.rpartition(".")
+                    setattr(parents[parent_name], key, FusedConv2d(conv, follows.get(conv)))
+        self._fused = True
+        return self.to(memory_format=torch.channels_last)
+
     def input_conv_name(self) -> str:
         """Qualified name of the first convolution, the one that sees `in_chans` channels."""
         for name, module in self.named_modules():
             if isinstance(module, nn.Conv2d):
                 return name
         raise RuntimeError(f"{type(self).__name__} has no Conv2d")
+
+
+class _TensorUses(torch.overrides.TorchFunctionMode):
+    """Counts the torch calls that take a watched tensor and return a tensor (metadata queries
+    such as `.shape` or `.dim()` are not uses), except calls made while `paused`.
+
+    Watched tensors are kept alive by the caller, so their ids stay unique.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.uses: dict[int, int] = {}  # id of a watched tensor -> uses so far
+        self.paused = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if not self.paused and any(True for _ in _tensors(result)):
+            for arg in _tensors((args, kwargs)):
+                if id(arg) in self.uses:
+                    self.uses[id(arg)] += 1
+        return result
+
+
+def _tensors(obj: object) -> Iterator[torch.Tensor]:
+    """The tensors in nested tuples, lists and dict values."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, tuple | list):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
+
+
+def _sole_consumers(
+    model: Backbone, kinds: tuple[type[nn.Module], ...]
+) -> list[tuple[nn.Module, str, nn.Conv2d, nn.Module]]:
+    """(parent of the consumer, its attribute name, conv, consumer) for each module of exactly
+    one of `kinds` whose input is the output of a Conv2d that nothing else uses (an in-place
+    sum with a shortcut is a use), found by running `model` once."""
+    convs = {m: n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    consumers = {m: n for n, m in model.named_modules() if type(m) in kinds}
+    calls: dict[nn.Module, int] = {}
+    produced_by: dict[int, nn.Conv2d] = {}  # id of a conv output -> the conv
+    keep: list[torch.Tensor] = []  # keeps ids unique while the model runs
+    fed: dict[nn.Module, int] = {}  # consumer -> id of its input
+    settled: dict[int, int] = {}  # uses of conv outputs that an in-place consumer overwrote
+    mode = _TensorUses()
+
+    def after_conv(conv: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        calls[conv] = calls.get(conv, 0) + 1
+        produced_by[id(output)] = conv
+        mode.uses[id(output)] = 0
+        keep.append(output)
+
+    def before_consumer(consumer: nn.Module, args: tuple) -> None:
+        calls[consumer] = calls.get(consumer, 0) + 1
+        fed[consumer] = id(args[0])
+        keep.append(args[0])
+        mode.paused = True  # the consumer's own use of its input does not count
+
+    def after_consumer(consumer: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        mode.paused = False
+        if output is args[0] and id(output) in mode.uses:
+            # in place (ReLU(inplace=True)): later uses of this tensor see the consumer's
+            # output, not the conv's
+            settled[id(output)] = mode.uses.pop(id(output))
+
+    handles = [m.register_forward_hook(after_conv) for m in convs]
+    handles += [m.register_forward_pre_hook(before_consumer) for m in consumers]
+    handles += [m.register_forward_hook(after_consumer) for m in consumers]
+    param = next(model.parameters())
+    x = torch.zeros(1, model.in_chans, 32, 32, device=param.device, dtype=param.dtype)
+    try:
+        with mode:
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    uses = mode.uses | settled
+    parents = dict(model.named_modules())
+    pairs = []
+    for consumer, source in fed.items():
+        conv = produced_by.get(source)
+        if conv is None or calls[conv] != 1 or calls[consumer] != 1 or uses[source]:
+            continue  # not after a conv, a shared module, or the conv output is used elsewhere
+        if isinstance(consumer, _BatchNorm) and (
+            conv.out_channels != consumer.num_features or consumer.running_mean is None
+        ):
+            continue
+        parent_name, _, key = consumers[consumer].rpartition(".")
+        pairs.append((parents[parent_name], key, conv, consumer))
+    return pairs
+
+
+def _fold_norm_into_conv(conv: nn.Conv2d, norm: _BatchNorm) -> None:
+    # norm(conv(x)) = scale * (w * x + b - mean) + beta, with scale = gamma / sqrt(var + eps)
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    shift = -norm.running_mean * scale
+    if norm.affine:
+        scale = scale * norm.weight
+        shift = shift * norm.weight + norm.bias
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
+    conv.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+    conv.bias = nn.Parameter(bias * scale + shift, requires_grad=conv.weight.requires_grad)
 
 
 @contextmanager

@@ -25,8 +25,16 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     A patchify conv (kernel = stride) then gives ceil(H / stride) instead of dropping the
     remainder; inputs that already divide are untouched (and match the reference exactly).
     """
+    if torch.compiler.is_compiling():
+        # Traced with symbolic sizes (torch.export, ONNX, torch.compile), a branch on the size
+        # would fix it, and the remainder arithmetic makes tracing slow. Padding by
+        # `multiple - 1` always gives the same patches: the conv (kernel = stride = multiple)
+        # still yields ceil(H / multiple) rows, and rows past the last patch are never read.
+        return F.pad(x, (0, multiple - 1, 0, multiple - 1))
     pad_h, pad_w = -x.shape[-2] % multiple, -x.shape[-1] % multiple
-    return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+    if pad_h or pad_w:  # in eager mode an unneeded pad would copy
+        return F.pad(x, (0, pad_w, 0, pad_h))
+    return x
 
 
 class Stem(nn.Module):

@@ -47,7 +47,9 @@ class BasicBlock(nn.Module):
         self.act = ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.drop_path(self.conv2(self.conv1(x))) + self.shortcut(x))
+        out = self.drop_path(self.conv2(self.conv1(x)))
+        out += self.shortcut(x)  # in place, as torchvision: one memory pass less
+        return self.act(out)
 
 
 class Bottleneck(nn.Module):
@@ -78,8 +80,9 @@ class Bottleneck(nn.Module):
         self.act = ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv3(self.conv2(self.conv1(x)))
-        return self.act(self.drop_path(out) + self.shortcut(x))
+        out = self.drop_path(self.conv3(self.conv2(self.conv1(x))))
+        out += self.shortcut(x)  # in place, as torchvision: one memory pass less
+        return self.act(out)
 
 
 def _shortcut(in_channels: int, out_channels: int, stride: int, norm_layer: LayerFn) -> nn.Module:

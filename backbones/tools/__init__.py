@@ -1,0 +1,1 @@
+"""Tools that work on every registered backbone: summary, benchmark, export."""
