@@ -16,7 +16,6 @@ pixel depend on the whole image; they are reported as `global context`, not as a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +23,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from .._base import Backbone, create
+from .._base import Backbone, _tensors, create
 
 aten = torch.ops.aten
 _CONV_OPS = {aten.convolution, aten._convolution}
@@ -70,17 +69,6 @@ def _pair(value: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
     if isinstance(value, int):
         return value, value
     return (value[0], value[0]) if len(value) == 1 else (value[0], value[1])
-
-
-def _tensors(obj: object) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, tuple | list):
-        for item in obj:
-            yield from _tensors(item)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            yield from _tensors(item)
 
 
 class ReceptiveFieldMode(TorchDispatchMode):
