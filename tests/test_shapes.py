@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from training.data import ShapesDataModule
-from training.shapes import SHAPES, ShapesDataset, square_symmetry
+from training.shapes import SHAPES, Scene, ShapesDataset, square_symmetry
 
 
 def test_a_sample_is_a_function_of_seed_split_and_index() -> None:
@@ -38,11 +38,7 @@ def test_the_labels_of_one_scene_agree(index: int) -> None:
     # Every class in the mask has a box, and the label is one of them.
     assert set(scene.mask.unique().tolist()) - {0} == {int(c) + 1 for c in scene.labels}
     assert scene.label in scene.labels.tolist()
-    for (x0, y0, x1, y1), label in zip(scene.boxes.tolist(), scene.labels.tolist(), strict=True):
-        inside = scene.mask[int(y0) : int(y1), int(x0) : int(x1)] == label + 1
-        # Tight: each edge row and column of the box touches its shape (occlusion may cut
-        # holes inside the box).
-        assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+    assert_boxes_are_tight(scene)
     # The main shape is drawn last and whole: its class covers the most pixels.
     counts = torch.bincount(scene.mask.flatten(), minlength=len(SHAPES) + 1)[1:]
     assert counts[scene.label] == counts.max()
@@ -100,10 +96,7 @@ def test_the_eight_symmetries_move_every_label_together() -> None:
             torch.sort(view.image[:, view.mask > 0].flatten()).values,
             torch.sort(scene.image[:, scene.mask > 0].flatten()).values,
         )
-        for (x0, y0, x1, y1), label in zip(view.boxes.tolist(), view.labels.tolist(), strict=True):
-            inside = view.mask[int(y0) : int(y1), int(x0) : int(x1)] == label + 1
-            assert inside[0].any() and inside[-1].any()
-            assert inside[:, 0].any() and inside[:, -1].any()
+        assert_boxes_are_tight(view)
     # Transpose, then a horizontal flip: a quarter turn clockwise.
     assert torch.equal(views[3].image, torch.rot90(scene.image, -1, (-2, -1)))
     with pytest.raises(ValueError, match=r"which must be in 0\.\.7"):
@@ -125,3 +118,11 @@ def test_only_the_training_split_is_augmented() -> None:
     unaugmented = ShapesDataset("val", 4, task="detection", image_size=32)
     assert torch.equal(val[1][0], unaugmented[1][0])
     assert torch.equal(val[1][1]["boxes"], unaugmented[1][1]["boxes"])
+
+
+def assert_boxes_are_tight(scene: Scene) -> None:
+    """Each box's edge rows and columns touch its class in the mask (occlusion may cut holes
+    inside the box)."""
+    for (x0, y0, x1, y1), label in zip(scene.boxes.tolist(), scene.labels.tolist(), strict=True):
+        inside = scene.mask[int(y0) : int(y1), int(x0) : int(x1)] == label + 1
+        assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
