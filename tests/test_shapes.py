@@ -19,6 +19,21 @@ def test_a_sample_is_a_function_of_seed_split_and_index() -> None:
     assert not torch.equal(a[3][0], ShapesDataset("train", 10, image_size=32, seed=1)[3][0])
 
 
+def test_the_cache_returns_the_drawn_samples() -> None:
+    cached = ShapesDataset("train", 6, task="segmentation", image_size=32, cache=True)
+    drawn = ShapesDataset("train", 6, task="segmentation", image_size=32)
+    for _ in range(2):  # the first pass draws and stores, the second reads the cache
+        for i in range(6):
+            a, b = cached.scene(i), drawn.scene(i)
+            assert torch.equal(a.image, b.image) and torch.equal(a.boxes, b.boxes)
+            assert a.mask.dtype == torch.int64 and torch.equal(a.mask, b.mask)
+            assert a.label == b.label and torch.equal(a.labels, b.labels)
+    assert sorted(cached._cache) == list(range(6))
+    assert all(s.mask.dtype == torch.uint8 for s in cached._cache.values())
+    assert ShapesDataModule("segmentation", num_train=4).splits["train"]._cache == {}
+    assert ShapesDataModule("segmentation", num_train=4, cache=False).splits["train"]._cache is None
+
+
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 2 worker processes")
 def test_workers_see_the_same_samples() -> None:
     dataset = ShapesDataset("val", 8, task="segmentation", image_size=32)

@@ -10,7 +10,7 @@ class, so only the geometry tells shapes apart.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -99,6 +99,9 @@ class ShapesDataset(Dataset):
             mirror images) to each sample, drawn from torch's random generator (seeded per
             DataLoader worker by Lightning). No label depends on orientation, so every scene
             gives 8 training views; use it on the train split only.
+        cache: keep every generated scene in memory (about 52 KB per 64 px scene; per
+            process, so each DataLoader worker holds its own copy). Drawing a scene costs
+            ~1.2 ms at 64 px, a tenth of a training step's time per image on 2 CPU cores.
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class ShapesDataset(Dataset):
         mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
         std: tuple[float, float, float] = (0.229, 0.224, 0.225),
         augment: bool = False,
+        cache: bool = False,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
@@ -132,6 +136,7 @@ class ShapesDataset(Dataset):
         self.image_size, self.classes = image_size, tuple(classes)
         self.min_shapes, self.max_shapes, self.seed = min_shapes, max_shapes, seed
         self.augment = augment
+        self._cache: dict[int, Scene] | None = {} if cache else None
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
 
@@ -142,6 +147,16 @@ class ShapesDataset(Dataset):
         """The raw scene behind sample `index` (image in [0, 1], all labels)."""
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} samples")
+        if self._cache is None:
+            return self._draw(index)
+        if index not in self._cache:
+            scene = self._draw(index)
+            # Class ids fit in a byte: the mask takes 1/8 of the memory while cached.
+            self._cache[index] = replace(scene, mask=scene.mask.to(torch.uint8))
+        cached = self._cache[index]
+        return replace(cached, mask=cached.mask.long())
+
+    def _draw(self, index: int) -> Scene:
         rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
         size = self.image_size
         coords = np.arange(size, dtype=np.float32) + 0.5
