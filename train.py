@@ -6,18 +6,32 @@ Hydra entry point. Configs live in `configs/` (`python train.py --help` lists th
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from training.build import build_datamodule, build_module, write_config
+from training.build import ConfigError, build_datamodule, build_module, write_config
 from training.callbacks import MetricsPlot
-from training.checkpoints import AtomicCheckpointIO, export_backbone, find_last, load_checkpoint
+from training.checkpoints import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    export_backbone,
+    find_last,
+    find_resume,
+    load_checkpoint,
+)
+from training.launch import multirun_job
 from training.module import NonFiniteLossError
 from training.report import print_summary, quiet_lightning, user_errors
 
@@ -58,20 +72,48 @@ def _callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str) -> li
 
 def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
     if cfg.ckpt_path is None:
-        return None
-    if cfg.ckpt_path == "last":
-        path = find_last(cfg.paths.outputs, cfg.run_name, exclude=output_dir)
+        # A requeued SLURM job (signalled before its time limit, or preempted) is the same Hydra
+        # job in the same run directory: it goes on from the newest checkpoint there.
+        requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
+        path = find_resume(output_dir) if requeued else None
+    elif cfg.ckpt_path == "last":  # this run directory's own checkpoint, else the newest run's
+        path = find_resume(output_dir) or find_last(
+            (cfg.paths.outputs, cfg.paths.multirun), cfg.run_name, exclude=output_dir
+        )
+    elif Path(cfg.ckpt_path).is_dir():  # a run directory
+        path = find_resume(cfg.ckpt_path)
+        if path is None:
+            raise CheckpointError(
+                f"ckpt_path={cfg.ckpt_path}: the directory holds no checkpoints/last.ckpt "
+                "(nor hpc_ckpt_<n>.ckpt); pass a run directory or a .ckpt file"
+            )
     else:
         path = Path(cfg.ckpt_path)
+    if path is None:
+        return None
     load_checkpoint(path)  # a missing or unreadable file fails here, with a clear message
     return str(path)
+
+
+def _plugins(cfg: DictConfig) -> list[Any]:
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # Lightning would detect SLURM itself; this sets the signal it saves and requeues on
+        # to the one the submitit_slurm launcher asks SLURM to send.
+        try:
+            requeue_signal = signal.Signals[f"SIG{cfg.requeue_signal}"]
+        except KeyError:
+            raise ConfigError(
+                f"requeue_signal={cfg.requeue_signal} is not a signal name; use USR1 or USR2"
+            ) from None
+        plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=requeue_signal))
+    return plugins
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint, export its backbone; return the final metrics."""
     output_dir = Path(cfg.paths.output_dir)
     quiet_lightning()
-    write_config(cfg, output_dir / "config.yaml")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
@@ -83,9 +125,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg.trainer,
         callbacks=_callbacks(cfg, output_dir, monitor, mode),
         logger=loggers or False,
-        plugins=[AtomicCheckpointIO()],
-        default_root_dir=output_dir,
+        plugins=_plugins(cfg),
+        default_root_dir=output_dir,  # where Lightning's SLURM requeue saves hpc_ckpt_<n>.ckpt
     )
+    if trainer.is_global_zero:  # under DDP every rank runs train(); one writes the run's files
+        write_config(cfg, output_dir / "config.yaml")
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -126,17 +170,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _images_per_second(trainer: L.Trainer, datamodule, seconds: float) -> float:
-    """Training images seen per second of `fit` (validation time included: a lower bound)."""
+    """Training images seen per second of `fit`, all ranks (validation included: a lower bound)."""
     batches = trainer.fit_loop.epoch_loop.total_batch_idx + 1
-    return batches * datamodule.batch_size / max(seconds, 1e-9)
+    return batches * datamodule.batch_size * trainer.world_size / max(seconds, 1e-9)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    with user_errors():
+    # A multirun job's error must not end the sweep: it is logged and raised for Hydra to record.
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    with multirun_job() if multirun else user_errors():
         result = train(cfg)
+    if rank_zero_only.rank == 0:  # DDP: rank 0 reports (and its return value is the one used)
         print_summary(result)
-        return result["best_score"]  # what Hydra sweepers (Optuna) optimise
+    return result["best_score"]  # what Hydra sweepers (Optuna) optimise
 
 
 if __name__ == "__main__":

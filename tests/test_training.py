@@ -60,6 +60,7 @@ def config(tmp_path: Path, *overrides: str, name: str = "train", run: str = "run
         cfg = compose(config_name=name, overrides=list(overrides))
     with open_dict(cfg):
         cfg.paths.outputs = str(tmp_path / "outputs")
+        cfg.paths.multirun = str(tmp_path / "multirun")
         cfg.paths.output_dir = str(tmp_path / "outputs" / cfg.run_name / run)
     return cfg
 

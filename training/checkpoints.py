@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -62,19 +63,43 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return checkpoint
 
 
-def find_last(outputs: str | os.PathLike, run_name: str, exclude: str | os.PathLike) -> Path:
-    """The newest `last.ckpt` under `<outputs>/<run_name>/*/checkpoints/`."""
-    root = Path(outputs) / run_name
+def find_resume(run_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint a run directory can go on from: `checkpoints/last.ckpt` (every
+    epoch) or `hpc_ckpt_<n>.ckpt` (Lightning's save on a SLURM requeue signal); None if neither."""
+    run_dir = Path(run_dir)
+    candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+    existing = [p for p in candidates if p.is_file()]
+    return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
+
+
+def find_last(
+    roots: tuple[str | os.PathLike, str | os.PathLike],
+    run_name: str,
+    exclude: str | os.PathLike,
+) -> Path:
+    """The newest `last.ckpt` of `run_name` among single runs and multirun jobs.
+
+    `roots` are the single-run root (`<root>/<run_name>/<time>/`) and the multirun root
+    (`<root>/<time>/<job number>-<run_name>/`).
+    """
+    outputs, multirun = Path(roots[0]), Path(roots[1])
+    job = re.compile(rf"\d+-{re.escape(run_name)}")
+    runs = [
+        *(outputs / run_name).glob("*/"),
+        *(d for d in multirun.glob("*/*/") if job.fullmatch(d.name)),
+    ]
     exclude = Path(exclude).resolve()
     candidates = [
-        p
-        for p in root.glob("*/checkpoints/last.ckpt")
-        if exclude not in (p.resolve().parents[1], *p.resolve().parents[1].parents)
+        run / "checkpoints" / "last.ckpt"
+        for run in runs
+        if (run / "checkpoints" / "last.ckpt").is_file()
+        and exclude not in (run.resolve(), *run.resolve().parents)
     ]
     if not candidates:
         raise CheckpointError(
-            f"ckpt_path=last: no earlier run of {run_name!r} has a last.ckpt under {root}/; "
-            "train once without ckpt_path, or pass a checkpoint file"
+            f"ckpt_path=last: no earlier run of {run_name!r} has a last.ckpt under "
+            f"{outputs / run_name}/ or {multirun}/<time>/<n>-{run_name}/; train once without "
+            "ckpt_path, or pass a checkpoint file or run directory"
         )
     return max(candidates, key=lambda p: p.stat().st_mtime)
 

@@ -116,7 +116,7 @@ class TaskModule(L.LightningModule):
         output = self(x)
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         metrics.update(output, target)
-        self.log(f"{stage}/loss", self.task.loss(output, target))
+        self.log(f"{stage}/loss", self.task.loss(output, target), sync_dist=True)  # DDP: all ranks
         for name, metric in metrics.items():  # names carry the stage prefix
             self.log(name, metric, prog_bar=name == self.task.monitor)
 

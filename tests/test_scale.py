@@ -1,0 +1,334 @@
+"""Scale-out on CPU: DDP over gloo, multiruns (basic, submitit_local, Optuna), SLURM and requeue.
+
+The multirun tests run `python train.py -m ...` as users do (DDP relaunches the script), on
+tiny data and one epoch; the SLURM tests render what would be submitted, with no cluster.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+import train as train_script
+from training.build import ConfigError
+from training.checkpoints import CheckpointError, load_checkpoint
+from training.launch import job_command
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+TINY = [
+    "data.image_size=32",
+    "data.num_train=64",
+    "data.num_val=32",
+    "data.num_test=32",
+    "data.batch_size=32",
+    "trainer.max_epochs=1",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "callbacks=none",
+    "test_after_fit=false",
+    "export_backbone=false",
+]
+
+
+def multirun(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python train.py -m <overrides>` with every output under `tmp_path`."""
+    command = [sys.executable, str(ROOT / "train.py"), "-m", *TINY, *overrides]
+    command += [f"paths.outputs={tmp_path}/outputs", f"hydra.sweep.dir={tmp_path}/sweep"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # submitit's job processes import training/
+    return subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
+
+
+def jobs(tmp_path: Path) -> list[Path]:
+    return sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name[0].isdigit())
+
+
+def logged_keys(run: Path) -> list[str]:
+    with (run / "metrics.csv").open() as f:
+        return sorted(next(csv.reader(f)))
+
+
+def assert_written_once(run: Path) -> None:
+    """The run's own files exist, once, complete (no temp files of an interrupted write)."""
+    for name in ("config.yaml", "metrics.csv", "metrics.png", "checkpoints/last.ckpt"):
+        assert (run / name).is_file(), name
+    assert not list(run.rglob("*.tmp")), "temporary files left behind"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+@pytest.fixture(scope="module")
+def basic_sweep(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, subprocess.CompletedProcess]:
+    """Two jobs with the basic launcher; the first fails (AdamW refuses a negative lr)."""
+    tmp_path = tmp_path_factory.mktemp("basic")
+    return tmp_path, multirun(tmp_path, "optim.lr=-1,1e-3")
+
+
+@pytest.mark.slow
+def test_failing_job_does_not_stop_the_sweep(
+    basic_sweep: tuple[Path, subprocess.CompletedProcess],
+) -> None:
+    tmp_path, done = basic_sweep
+    assert done.returncode == 1, done.stderr  # the sweep reports the failure at its end
+    failed, passed = jobs(tmp_path)
+    log = (failed / "train.log").read_text()
+    assert "Invalid learning rate: -1" in log and "Traceback" in log, log
+    assert not (failed / "checkpoints" / "last.ckpt").exists()
+    assert_written_once(passed)
+    assert "Invalid learning rate" not in (passed / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_ddp_in_a_multirun(
+    basic_sweep: tuple[Path, subprocess.CompletedProcess], tmp_path: Path
+) -> None:
+    """2 jobs x 2 gloo processes: each job's rank 1 runs that job, not the sweep again."""
+    done = multirun(tmp_path, "trainer=ddp_cpu", "seed=1,2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "EADDRINUSE" not in done.stderr
+    ddp_jobs = jobs(tmp_path)
+    assert [p.name for p in ddp_jobs] == ["0-resnet18-classification", "1-resnet18-classification"]
+    single = jobs(basic_sweep[0])[1]
+    for run in ddp_jobs:
+        assert_written_once(run)
+        assert (run / "train_ddp_process_1.log").is_file()  # rank 1 ran in this job's directory
+        assert logged_keys(run) == logged_keys(single)  # same metrics as one process
+        config = load_checkpoint(run / "checkpoints" / "last.ckpt")["hyper_parameters"]["config"]
+        assert config["trainer"]["devices"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # no stray run directories
+
+
+@pytest.mark.slow
+def test_optuna_trials_on_submitit_local(tmp_path: Path) -> None:
+    """Two Optuna trials, run in parallel as two submitit_local jobs; best value = a job's score."""
+    done = multirun(
+        tmp_path,
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=2",
+        "hydra/launcher=submitit_local",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = jobs(tmp_path)
+    assert len(trials) == 2
+    scores = []
+    for run in trials:
+        assert_written_once(run)
+        overrides = (run / ".hydra" / "overrides.yaml").read_text()
+        for key in ("optim.lr", "optim.weight_decay", "backbone.drop_path_rate"):
+            assert f"- {key}=" in overrides, overrides  # resnet18 has stochastic depth
+        with (run / "metrics.csv").open() as f:
+            scores += [float(row["val/acc"]) for row in csv.DictReader(f) if row["val/acc"]]
+    optimization = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
+    assert "name: optuna" in optimization
+    best = float(re.search(r"best_value: ([\d.]+)", optimization).group(1))
+    assert best == pytest.approx(max(scores))
+
+
+def hydra_config(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_optuna_search_space_follows_the_backbone() -> None:
+    import optuna
+
+    from training.launch import drop_path_search_space
+
+    for backbone, expected in (("resnet18", True), ("mobilenetv3", False), ("convnext", True)):
+        cfg = hydra_config("hparams_search=optuna", f"backbone={backbone}")
+        assert cfg.hydra.sweeper.direction == "maximize"
+        assert cfg.hydra.sweeper.storage is None  # SQLite fails with optuna 2.10 + SQLAlchemy 2
+        trial = optuna.create_study().ask()
+        drop_path_search_space(cfg, trial)
+        assert ("backbone.drop_path_rate" in trial.params) == expected, backbone
+
+
+def test_slurm_launcher_renders_the_sbatch_script(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The submitit_slurm config through the launcher's own code, up to the `sbatch` call."""
+    from submitit.slurm.slurm import SlurmExecutor
+
+    cfg = hydra_config(
+        "hydra/launcher=submitit_slurm",
+        "hydra.launcher.partition=gpu",
+        "trainer=ddp",
+        "trainer.devices=4",
+        "trainer.num_nodes=2",
+        f"hydra.sweep.dir={tmp_path}",
+        "hydra.job.name=train",
+    )
+    scripts: list[str] = []
+
+    class Submitted(Exception):
+        pass
+
+    def sbatch(self: SlurmExecutor, command: str) -> None:
+        scripts.append(self._make_submission_file_text(command, "uid"))
+        raise Submitted
+
+    monkeypatch.setattr(SlurmExecutor, "_submit_command", sbatch)
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # "srun" found
+    launcher = instantiate(cfg.hydra.launcher)
+    launcher.setup(hydra_context=None, task_function=train_script.main, config=cfg)
+    with pytest.raises(Submitted):
+        launcher.launch([["backbone=resnet50"], ["backbone=convnext_tiny"]], initial_job_idx=0)
+    (script,) = scripts
+    flags = dict(re.findall(r"^#SBATCH --([\w-]+)=?(.*)$", script, flags=re.MULTILINE))
+    assert flags["partition"] == "gpu"
+    assert flags["nodes"] == "2"
+    assert flags["ntasks-per-node"] == "4"  # one task per GPU: SLURM starts the ranks
+    assert flags["gpus-per-node"] == "4"
+    assert flags["signal"] == "USR1@300"  # Lightning's requeue signal, 5 minutes ahead
+    assert flags["array"] == "0-1%2"
+    assert flags["time"] == "1440"
+    assert flags["job-name"] == "train"
+    assert "srun" in script and "submitit.core._submit" in script
+
+
+def test_ddp_children_run_this_job() -> None:
+    """What Lightning relaunches for rank 1: this job's overrides, no sweep options."""
+    hydra = hydra_config().hydra
+    with open_dict(hydra):
+        hydra.overrides.task = ["trainer=ddp_cpu", "seed=2", "optim.lr=0.001"]
+        hydra.overrides.hydra = ["hydra.mode=MULTIRUN", "hydra/launcher=submitit_local"]
+        hydra.overrides.hydra += ["hydra.sweep.dir=/x", "hydra.job_logging.root.level=DEBUG"]
+    argv = ["train.py", "-m", "-cn", "train", "trainer=ddp_cpu", "seed=1,2", "optim.lr=0.001"]
+    assert job_command(argv, hydra) == [
+        "train.py",
+        "-cn",
+        "train",
+        "trainer=ddp_cpu",
+        "seed=2",
+        "optim.lr=0.001",
+        "hydra.job_logging.root.level=DEBUG",
+    ]
+
+
+SLURM_ENV = {
+    "SLURM_NTASKS": "1",
+    "SLURM_JOB_NAME": "train",
+    "SLURM_JOB_ID": "4242",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+}
+
+
+class Preempted(Exception):
+    """Stands for SLURM ending the job after the requeue signal."""
+
+
+class SignalThenKill(L.Callback):
+    """SLURM's warning before the time limit after the first step; the job ends after the next."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        elif trainer.global_step == 2:
+            raise Preempted
+
+
+def tiny_config(tmp_path: Path, *overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY, "data.batch_size=16", *overrides])
+    with open_dict(cfg):
+        cfg.paths.outputs = str(tmp_path / "outputs")
+        cfg.paths.multirun = str(tmp_path / "multirun")
+        cfg.paths.output_dir = str(tmp_path / "outputs" / cfg.run_name / "run")
+    return cfg
+
+
+def test_requeued_slurm_job_resumes_from_the_signal_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in SLURM_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol here: the requeue call just fails
+    callbacks = train_script._callbacks
+    monkeypatch.setattr(
+        train_script, "_callbacks", lambda *args: [*callbacks(*args), SignalThenKill()]
+    )
+    with pytest.raises(Preempted):
+        train_script.train(tiny_config(tmp_path))
+    run = tmp_path / "outputs" / "resnet18-classification" / "run"
+    assert load_checkpoint(run / "hpc_ckpt_1.ckpt")["global_step"] == 1  # saved on the signal
+    assert not (run / "checkpoints" / "last.ckpt").exists()  # the epoch never ended
+
+    # The requeued job: the same Hydra job in the same run directory, SLURM_RESTART_COUNT set.
+    monkeypatch.setattr(train_script, "_callbacks", callbacks)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    train_script.train(tiny_config(tmp_path))
+    last = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (0, 4)  # went on from step 1, not from 0
+
+
+def test_slurm_environment_uses_the_configured_signal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    assert not any(
+        isinstance(p, SLURMEnvironment) for p in train_script._plugins(tiny_config(tmp_path))
+    )
+    for key, value in SLURM_ENV.items():
+        monkeypatch.setenv(key, value)
+    (slurm,) = [
+        p
+        for p in train_script._plugins(tiny_config(tmp_path, "requeue_signal=USR2"))
+        if isinstance(p, SLURMEnvironment)
+    ]
+    assert slurm.auto_requeue and slurm.requeue_signal == signal.SIGUSR2
+    with pytest.raises(ConfigError, match="requeue_signal=TERM2 is not a signal name"):
+        train_script._plugins(tiny_config(tmp_path, "requeue_signal=TERM2"))
+
+
+def fake_checkpoint(path: Path, mtime: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {}, "hyper_parameters": {"config": {"seed": 0}}}, path)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_ckpt_path_finds_run_directories(tmp_path: Path) -> None:
+    """`last`: this run directory's own checkpoint, else the newest run's, multirun jobs too."""
+    cfg = tiny_config(tmp_path, "ckpt_path=last")
+    here = Path(cfg.paths.output_dir)
+    with pytest.raises(CheckpointError, match=r"no earlier run .* or .*multirun/<time>/<n>-"):
+        train_script._resolve_ckpt_path(cfg, here)
+    single = fake_checkpoint(
+        tmp_path / "outputs/resnet18-classification/t0/checkpoints/last.ckpt", 100
+    )
+    job = tmp_path / "multirun/t1/3-resnet18-classification"
+    other = tmp_path / "multirun/t1/3-other-resnet18-classification/checkpoints/last.ckpt"
+    fake_checkpoint(other, 400)  # another run_name
+    assert train_script._resolve_ckpt_path(cfg, here) == str(single)
+    job_last = fake_checkpoint(job / "checkpoints/last.ckpt", 200)
+    assert train_script._resolve_ckpt_path(cfg, here) == str(job_last)  # the newest
+    own = fake_checkpoint(here / "checkpoints/last.ckpt", 0)  # the oldest, but this run's own
+    assert train_script._resolve_ckpt_path(cfg, here) == str(own)
+    hpc = fake_checkpoint(job / "hpc_ckpt_2.ckpt", 300)  # newer than the job's last.ckpt
+    for ckpt_path, expected in ((str(job), hpc), (str(job / "checkpoints/last.ckpt"), job_last)):
+        cfg = tiny_config(tmp_path, f"ckpt_path={ckpt_path}")
+        assert train_script._resolve_ckpt_path(cfg, here) == str(expected)
+    with pytest.raises(CheckpointError, match=r"holds no checkpoints/last\.ckpt"):
+        train_script._resolve_ckpt_path(tiny_config(tmp_path, f"ckpt_path={tmp_path}"), here)
+    # without ckpt_path, only a requeued SLURM job resumes (from its own directory)
+    assert train_script._resolve_ckpt_path(tiny_config(tmp_path), here) is None

@@ -1,0 +1,113 @@
+"""train.py as a Hydra multirun job: DDP ranks, failures that stay in their job, Optuna's space.
+
+Hydra runs the jobs of a multirun (sweeps, Optuna trials) one after the other in this process
+(basic launcher) or each in its own (submitit). Lightning's `ddp` strategy starts the ranks > 0
+of a job by running `sys.argv` again; under `-m` that would be the whole sweep, so
+`multirun_job` hands Lightning this job's own overrides and run directory instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch.distributed
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, read_write
+
+from .report import USER_ERRORS
+from .tasks import get_task
+
+if TYPE_CHECKING:
+    from optuna.trial import Trial
+
+log = logging.getLogger(__name__)
+
+DROP_PATH_RANGE = (0.0, 0.3)  # stochastic depth rates worth trying on small data
+
+# Overrides that configure the sweep itself: a rank > 0 of one job runs without them.
+_SWEEP_OVERRIDES = ("hydra.mode=", "hydra/launcher", "hydra.launcher.", "hydra/sweeper")
+_SWEEP_OVERRIDES += ("hydra.sweeper.", "hydra.sweep.")
+# Command-line options (not overrides) that choose the config: kept for the ranks > 0.
+_CONFIG_OPTIONS = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir")
+
+
+def task_direction(task: str) -> str:
+    """The Optuna direction (`maximize` / `minimize`) of the task's monitored metric."""
+    return {"max": "maximize", "min": "minimize"}[get_task(task).mode]
+
+
+OmegaConf.register_new_resolver("task_direction", task_direction, replace=True)
+
+# configs/hydra/launcher/submitit_*.yaml share their names with the submitit plugin's schemas,
+# so Hydra validates them against those dataclasses (wanted: a mistyped key fails) and warns
+# that this matching is deprecated. Each file is complete on its own should the matching go.
+warnings.filterwarnings("ignore", message=r"(?s).*validated against ConfigStore schema")
+
+
+def drop_path_search_space(cfg: DictConfig, trial: Trial) -> None:
+    """Optuna's `custom_search_space`: add `backbone.drop_path_rate` where the backbone has it."""
+    backbone = cfg.backbone
+    choice = trial.params.get("backbone")
+    if choice is not None:  # the backbone option is searched too: look at the chosen one
+        from hydra import compose
+
+        backbone = compose(cfg.hydra.job.config_name, overrides=[f"backbone={choice}"]).backbone
+    if "drop_path_rate" in backbone:
+        trial.suggest_float("backbone.drop_path_rate", *DROP_PATH_RANGE)
+
+
+def job_command(argv: list[str], hydra: DictConfig) -> list[str]:
+    """`argv` as a single run of this job: its config options and resolved overrides, no `-m`."""
+    kept, options = [argv[0]], iter(argv[1:])
+    for arg in options:
+        name = arg.split("=", 1)[0]
+        if name in _CONFIG_OPTIONS:
+            kept.append(arg)
+            if "=" not in arg:
+                kept.append(next(options, ""))
+    sweep_only = [o for o in hydra.overrides.hydra if o.lstrip("+~").startswith(_SWEEP_OVERRIDES)]
+    return [
+        *kept,
+        *hydra.overrides.task,
+        *(o for o in hydra.overrides.hydra if o not in sweep_only),
+    ]
+
+
+@contextmanager
+def multirun_job() -> Iterator[None]:
+    """Run one job of a multirun so that DDP works in it and a failure stays in it.
+
+    - Lightning starts the ranks > 0 as `python <sys.argv> hydra.run.dir=<HydraConfig run.dir>`:
+      both are pointed at this job (its overrides, its run directory) while it runs.
+    - The job's error goes to its own log (`<run dir>/train.log`), and is raised as an exception
+      (not `sys.exit`) so that Hydra records the job as failed and runs the others.
+    - What DDP leaves in this process (the process group, `MASTER_PORT` and the rank variables
+      Lightning sets in `os.environ`) is undone, so the next job starts clean on a fresh port.
+    """
+    hydra = HydraConfig.get()
+    argv, environ, run_dir = sys.argv, dict(os.environ), hydra.run.dir
+    sys.argv = job_command(argv, hydra)
+    with read_write(hydra.run):
+        hydra.run.dir = hydra.runtime.output_dir
+    try:
+        yield
+    except USER_ERRORS as error:
+        log.error("error: %s", error)
+        raise
+    except Exception:
+        log.exception("the job failed")
+        raise
+    finally:
+        sys.argv = argv
+        with read_write(hydra.run):
+            hydra.run.dir = run_dir
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
