@@ -30,6 +30,7 @@ from training.datasets import (
     OxfordPetDataModule,
     VOCSegmentationDataModule,
 )
+from training.report import user_errors
 from training.shapes import IGNORE_INDEX
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -397,13 +398,17 @@ def test_cifar_batches_and_holdout(module: type[CIFAR10DataModule], tmp_path: Pa
     assert on_test.splits["val"].dataset is on_test.splits["test"].dataset
 
 
-def test_cifar_errors(tmp_path: Path) -> None:
+def test_cifar_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(DatasetError) as info:
         CIFAR10DataModule("classification", tmp_path / "none").prepare_data()
     message = str(info.value)
     assert "no CIFAR-10 at data.root" in message and "cifar-10-batches-py/" in message
     assert "data_batch_1 ... data_batch_5, test_batch, batches.meta" in message
     assert "data.download=true" in message and "Dataset not found" not in message
+    with pytest.raises(SystemExit) as exited, user_errors():  # what train.py's main does
+        CIFAR10DataModule("classification", tmp_path / "none").prepare_data()
+    assert exited.value.code == 1
+    assert "error: no CIFAR-10 at data.root" in capsys.readouterr().err
 
     root = make_cifar(tmp_path / "c10")
     with pytest.raises(DatasetError, match=f"points inside the dataset: try data.root={root}"):
@@ -413,6 +418,8 @@ def test_cifar_errors(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="cannot read the CIFAR-10 batches"):
         CIFAR10DataModule("classification", root).setup()
 
+    with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 1\), got 1.5"):
+        CIFAR10DataModule("classification", root, val_fraction=1.5)
     with pytest.raises(
         ValueError, match="serves the tasks \\['classification'\\], not 'segmentation'"
     ):

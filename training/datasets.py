@@ -204,14 +204,6 @@ class DiskDataModule(TaskDataModule):
     def _dense(self, train: bool) -> Callable:
         return dense_preset(self.task, train, self.image_size, self.mean, self.std)
 
-    def _holdout(self, size: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-        """(train, val) indices: a seeded random `fraction` of `size` samples is held out."""
-        if not 0.0 < fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
-        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
-        held = max(1, round(fraction * size))
-        return sorted(order[held:]), sorted(order[:held])
-
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if not self.splits:
             self.setup()
@@ -295,7 +287,10 @@ class ImageFolderDataModule(DiskDataModule):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
-        super().__init__(task, root, False, image_size, batch_size, num_workers, mean, std)
+        super().__init__(
+            task, root, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
+            mean=mean, std=std,
+        )  # fmt: skip
         self.skip_bad_files = skip_bad_files
         self.crop = {"crop_scale": tuple(crop_scale), "crop_pct": crop_pct}
 
@@ -462,6 +457,8 @@ cifar-10-batches-py/
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__(task, root, download, image_size, batch_size, num_workers, mean, std)
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.val_fraction, self.seed = val_fraction, seed
         self.crop = {"crop_scale": tuple(crop_scale), "crop_pct": crop_pct}
 
@@ -496,33 +493,30 @@ cifar-10-batches-py/
 
     def _build_splits(self) -> dict[str, Dataset]:
         train, test = self._load(train=True), self._load(train=False)
-        return _train_val_test(self, train, test, self.val_fraction, self.seed, self.crop)
+        return _train_val_test(self, train, test)
 
 
 def _train_val_test(
-    module: DiskDataModule,
-    train: Dataset,
-    test: Dataset,
-    val_fraction: float,
-    seed: int,
-    crop: dict[str, Any],
+    module: CIFAR10DataModule | OxfordPetDataModule, train: Dataset, test: Dataset
 ) -> dict[str, Dataset]:
-    """Splits of a dataset that has only train and test: val is held out of train, or is test."""
+    """Splits of a dataset that has only train and test: val is a seeded random
+    `module.val_fraction` of train, or (with 0) the test split."""
     if module.task == "classification":
-        train_tf, eval_tf = (
-            module._classification(True, **crop),
-            module._classification(False, **crop),
-        )
+        train_tf = module._classification(True, **module.crop)
+        eval_tf = module._classification(False, **module.crop)
     else:
         train_tf, eval_tf = module._dense(True), module._dense(False)
-    if val_fraction == 0:
+    if module.val_fraction == 0:
         log.info("%s: val_fraction=0, validating on the test split", module.title)
         return {
             "train": Transformed(train, train_tf),
             "val": Transformed(test, eval_tf),
             "test": Transformed(test, eval_tf),
         }
-    kept, held = module._holdout(len(train), val_fraction, seed)
+    generator = torch.Generator().manual_seed(module.seed)
+    order = torch.randperm(len(train), generator=generator).tolist()
+    count = max(1, round(module.val_fraction * len(train)))
+    kept, held = sorted(order[count:]), sorted(order[:count])
     return {
         "train": Transformed(train, train_tf, kept),
         "val": Transformed(train, eval_tf, held),
@@ -584,6 +578,8 @@ oxford-iiit-pet/
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__(task, root, download, image_size, batch_size, num_workers, mean, std)
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.val_fraction, self.seed = val_fraction, seed
         self.crop = {"crop_scale": tuple(crop_scale), "crop_pct": crop_pct}
 
@@ -625,7 +621,7 @@ oxford-iiit-pet/
         trainval, test = self._load("trainval"), self._load("test")
         if self.task == "segmentation":
             trainval, test = _AsMasks(trainval, PET_TRIMAP), _AsMasks(test, PET_TRIMAP)
-        return _train_val_test(self, trainval, test, self.val_fraction, self.seed, self.crop)
+        return _train_val_test(self, trainval, test)
 
 
 class _AsMasks(Dataset):
