@@ -85,9 +85,10 @@ class DiskDataModule(TaskDataModule):
         mean, std: per-channel normalisation; `build_datamodule` passes the backbone's.
     """
 
-    title = ""
-    layout = ""
-    downloadable = True
+    title = ""  # the dataset's name in messages
+    layout = ""  # the expected tree under root; its first line is the top folder
+    downloadable = True  # torchvision can fetch it
+    get_it = "Set data.root to the folder that holds it."  # the advice when it cannot
 
     def __init__(
         self,
@@ -184,8 +185,6 @@ class DiskDataModule(TaskDataModule):
                 f"{self._hint()}{advice}"
             )
         self._present = True
-
-    get_it = "Set data.root to the folder that holds it."
 
     def _expected(self) -> str:
         tree = "\n".join("  " + line for line in self.layout.strip().splitlines())
