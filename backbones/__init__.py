@@ -10,6 +10,7 @@ from ._base import (
     ClassifierCfg,
     FeatureInfo,
     create,
+    input_normalization,
     list_backbones,
     register_backbone,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "WeightsError",
     "convert",
     "create",
+    "input_normalization",
     "list_backbones",
     "register_backbone",
 ]

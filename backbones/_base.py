@@ -375,23 +375,37 @@ def _keep_norm_stats_on_recompute(
 # ---------------------------------------------------------------------------------- registry
 
 
+# Per-channel RGB statistics of ImageNet, which every family's pretrained weights (torchvision's
+# and the timm ones we convert) were trained on.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 @dataclass(frozen=True)
 class _Entry:
     fn: Callable[..., Backbone]
     sources: dict[str, str] = field(default_factory=dict)  # library -> its model name
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
 
 _REGISTRY: dict[str, _Entry] = {}
 
 
 def register_backbone(
-    *, torchvision: bool = True, timm: str | None = None
+    *,
+    torchvision: bool = True,
+    timm: str | None = None,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
 ) -> Callable[[Callable[..., Backbone]], Callable[..., Backbone]]:
     """Register a constructor under its function name.
 
     Args:
         torchvision: whether torchvision has the same network under the same name.
         timm: timm's name for the same network, if it has one.
+        mean, std: per-channel RGB statistics (of inputs in [0, 1]) that its pretrained
+            weights expect images to be normalised with.
     """
 
     def decorator(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
@@ -400,7 +414,7 @@ def register_backbone(
         sources = {"torchvision": fn.__name__} if torchvision else {}
         if timm is not None:
             sources["timm"] = timm
-        _REGISTRY[fn.__name__] = _Entry(fn=fn, sources=sources)
+        _REGISTRY[fn.__name__] = _Entry(fn=fn, sources=sources, mean=mean, std=std)
         return fn
 
     return decorator
@@ -414,6 +428,12 @@ def list_backbones(pattern: str | None = None) -> list[str]:
 
 def _natural_key(name: str) -> list[int | str]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def input_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per RGB channel, for inputs in [0, 1], that backbone `name`'s weights expect."""
+    entry = get_entry(name)
+    return entry.mean, entry.std
 
 
 def get_entry(name: str) -> _Entry:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from backbones import Backbone
+from backbones import Backbone, input_normalization
 from backbones.weights import atomic_path
 from heads import ClassificationHead, Classifier
 
@@ -33,7 +34,13 @@ def classifier(backbone: Backbone, num_classes: int, **head_options: Any) -> Cla
 def build_datamodule(cfg: DictConfig) -> TaskDataModule:
     task = cfg.head.task
     get_task(task)  # an unknown task fails here, before any data is touched
-    return instantiate(cfg.data, task=task)
+    options: dict[str, Any] = {"task": task}
+    # Real images are normalised with the statistics the backbone's pretrained weights expect;
+    # a data module takes them by having `mean` and `std` arguments (the shapes module does not).
+    parameters = inspect.signature(get_class(cfg.data._target_)).parameters
+    if {"mean", "std"} <= parameters.keys() and "mean" not in cfg.data:
+        options["mean"], options["std"] = input_normalization(cfg.backbone.name)
+    return instantiate(cfg.data, **options)
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
