@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 .PHONY: help install test train lint format clean
@@ -19,8 +20,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## Create .venv (if missing) and install the package with dev extras; a no-op when done
 	@echo "installed in $(VENV) (stamp: $(STAMP))"
 
-test: $(STAMP) ## Run the whole test suite (what CI runs)
-	$(PY) -m pytest -q
+test: $(STAMP) ## Run the whole test suite (what CI runs) in TEST_WORKERS (2) pytest-xdist processes
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 train: $(STAMP) ## Train resnet18 + classification on the synthetic shapes (python train.py ARGS="...")
 	$(PY) train.py $(ARGS)

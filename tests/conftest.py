@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
 
 from backbones import list_backbones
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest-xdist worker per core: one intra-op thread each (and in the
+    # subprocesses they start), so that the workers do not fight over the cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 # Parameter names of per-channel layer scales: torchvision's and ours, timm's.
 LAYER_SCALES = ("layer_scale", "gamma")
