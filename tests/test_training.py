@@ -176,6 +176,25 @@ def test_two_epochs_improve_the_metric_over_the_untrained_model(tmp_path: Path) 
     assert trained["val/pixel_acc"] > untrained["val/pixel_acc"] + 0.2, (untrained, trained)
 
 
+def test_early_stopping_ends_a_run_whose_metric_stalls(tmp_path: Path) -> None:
+    """lr 0: val/acc never improves after epoch 0, so patience 1 stops the run after epoch 1."""
+    cfg = config(
+        tmp_path,
+        *TINY,
+        "callbacks=early_stopping",
+        "callbacks.early_stopping.patience=1",
+        "callbacks.progress_bar=null",
+        "optim.lr=0",
+        "scheduler=none",
+        "trainer.max_epochs=5",
+    )
+    result = train_script.train(cfg)
+    last = load_checkpoint(Path(result["output_dir"]) / "checkpoints/last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (1, 2 * 128 // 32)  # 2 of 5 epochs ran
+    stopper = [k for k in last["callbacks"] if k.startswith("EarlyStopping")]
+    assert stopper and last["callbacks"][stopper[0]]["stopped_epoch"] == 1
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
