@@ -5,6 +5,7 @@ backbone. The builders size the anchors from the pyramid's strides and name the 
 pooler's levels, so a pyramid of any depth works: torchvision's defaults assume five
 levels (a three-level pyramid fails with "Anchors should be Tuple[Tuple[int]]", and
 FasterRCNN's default RoI pooler silently pools from levels that do not exist).
+`Detector` is what training uses: one of those detectors, speaking the data's labels.
 """
 
 from __future__ import annotations
@@ -167,7 +168,8 @@ ARCHITECTURES = {
 class Detector(nn.Module):
     """A torchvision detector on backbone + FPN that speaks the data's labels, 0..num_classes-1.
 
-    Faster R-CNN reserves label 0 for the background and FCOS / RetinaNet do not; the shift
+    FCOS (Tian et al. 2019), RetinaNet (Lin et al. 2017) or Faster R-CNN (Ren et al. 2015)
+    with FPN (Lin et al. 2017), built by `fcos` / `retinanet` / `faster_rcnn`. Faster R-CNN reserves label 0 for the background and FCOS / RetinaNet do not; the shift
     happens here, once, on the targets going in and the detections coming out. Like
     `Classifier` and `Segmenter` it takes normalised images: the detector's own transform only
     resizes and batches them (its mean and std are 0 and 1), so no image is normalised twice.
@@ -181,9 +183,9 @@ class Detector(nn.Module):
         architecture: "fcos", "retinanet" or "faster_rcnn".
         fpn_channels: width of every pyramid level and of the detection head (256 in the
             papers).
-        min_size: the detector resizes each image so its shorter side is `min_size` (a
-            sequence: one drawn per batch in training) ...
-        max_size: ... unless that makes the longer side exceed `max_size`.
+        min_size: the shorter side each image is resized to (a sequence: one drawn per
+            training batch), unless that takes the longer side past `max_size`.
+        max_size: the longest the longer side may become.
         **options: other arguments of torchvision's constructor (`score_thresh`,
             `detections_per_img`, `box_batch_size_per_image`, ...).
     """
@@ -226,8 +228,10 @@ class Detector(nn.Module):
         return self.detector.backbone.body
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
-        """`torch.compile` the backbone and FPN in place; the detection heads, anchors and NMS
-        stay eager: their shapes depend on how many boxes each image has."""
+        """`torch.compile` the backbone and FPN in place, not the heads, anchors and NMS.
+
+        Their shapes depend on how many boxes each image has, so they stay eager.
+        """
         self.detector.backbone.compile(*args, **kwargs)
 
     def forward(

@@ -131,11 +131,13 @@ class TaskModule(L.LightningModule):
         if self.task.logged is None:
             return
         metrics = self.val_metrics if stage == "val" else self.test_metrics
-        values = metrics.compute()  # synchronised across processes by torchmetrics
+        values = metrics.compute()  # over every process's detections (torchmetrics syncs)
         metrics.reset()
         for name in self.task.logged:
             key = f"{stage}/{name}"
-            self.log(key, values[key], prog_bar=key == self.task.monitor)
+            # sync_dist averages values that are already equal on every rank; it keeps
+            # Lightning from warning about unsynchronised epoch-level logs under DDP
+            self.log(key, values[key], prog_bar=key == self.task.monitor, sync_dist=True)
 
     def validation_step(self, batch: tuple[Any, Any], batch_idx: int) -> None:
         self._evaluate(batch, "val")
