@@ -5,12 +5,15 @@ backbone. The builders size the anchors from the pyramid's strides and name the 
 pooler's levels, so a pyramid of any depth works: torchvision's defaults assume five
 levels (a three-level pyramid fails with "Anchors should be Tuple[Tuple[int]]", and
 FasterRCNN's default RoI pooler silently pools from levels that do not exist).
+`Detector` is what training uses: one of those detectors, speaking the data's labels.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -143,3 +146,105 @@ def mask_rcnn(backbone: Backbone | BackboneWithFPN, num_classes: int, **kwargs) 
     kwargs.setdefault("box_roi_pool", _roi_pooler(body.fpn, 7))
     kwargs.setdefault("mask_roi_pool", _roi_pooler(body.fpn, 14))
     return MaskRCNN(body, num_classes, **kwargs)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How `Detector` builds one of torchvision's detectors."""
+
+    build: Callable[..., nn.Module]
+    extra_blocks: str  # the pyramid's extra coarse levels, as in the paper
+    reserved_classes: int = 0  # class ids the detector keeps for itself (the R-CNN background)
+
+
+ARCHITECTURES = {
+    "fcos": Architecture(fcos, extra_blocks="p6p7"),  # Tian et al. 2019: P3..P7
+    "retinanet": Architecture(retinanet, extra_blocks="p6p7"),  # Lin et al. 2017: P3..P7
+    # Ren et al. 2015 with FPN (Lin et al. 2017): P2..P6; label 0 is the background
+    "faster_rcnn": Architecture(faster_rcnn, extra_blocks="maxpool", reserved_classes=1),
+}
+
+
+class Detector(nn.Module):
+    """A torchvision detector on backbone + FPN that speaks the data's labels, 0..num_classes-1.
+
+    FCOS (Tian et al. 2019), RetinaNet (Lin et al. 2017) or Faster R-CNN (Ren et al. 2015)
+    with FPN (Lin et al. 2017), built by `fcos` / `retinanet` / `faster_rcnn`. Faster R-CNN reserves label 0 for the background and FCOS / RetinaNet do not; the shift
+    happens here, once, on the targets going in and the detections coming out. Like
+    `Classifier` and `Segmenter` it takes normalised images: the detector's own transform only
+    resizes and batches them (its mean and std are 0 and 1), so no image is normalised twice.
+    In training mode `forward(images, targets)` returns torchvision's dict of losses; in eval
+    mode `forward(images)` returns one dict of `boxes` (xyxy, input pixels), `scores` and
+    `labels` per image.
+
+    Args:
+        backbone: any registered backbone; its `out_features` are the FPN's inputs.
+        num_classes: object classes, without a background class.
+        architecture: "fcos", "retinanet" or "faster_rcnn".
+        fpn_channels: width of every pyramid level and of the detection head (256 in the
+            papers).
+        min_size: the shorter side each image is resized to (a sequence: one drawn per
+            training batch), unless that takes the longer side past `max_size`.
+        max_size: the longest the longer side may become.
+        **options: other arguments of torchvision's constructor (`score_thresh`,
+            `detections_per_img`, `box_batch_size_per_image`, ...).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        architecture: str = "fcos",
+        fpn_channels: int = 256,
+        min_size: int | Sequence[int] = 800,
+        max_size: int = 1333,
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        if architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"unknown detector architecture {architecture!r}; choose from {list(ARCHITECTURES)}"
+            )
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        arch = ARCHITECTURES[architecture]
+        self.architecture = architecture
+        self.num_classes = num_classes
+        self.label_offset = arch.reserved_classes
+        body = BackboneWithFPN(backbone, fpn_channels, extra_blocks=arch.extra_blocks)
+        self.detector = arch.build(
+            body,
+            num_classes + arch.reserved_classes,
+            min_size=tuple(min_size) if isinstance(min_size, Sequence) else min_size,
+            max_size=max_size,
+            image_mean=(0.0, 0.0, 0.0),
+            image_std=(1.0, 1.0, 1.0),
+            **options,
+        )
+
+    @property
+    def backbone(self) -> Backbone:
+        """Our backbone inside the detector (`detector.backbone.body`)."""
+        return self.detector.backbone.body
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """`torch.compile` the backbone and FPN in place, not the heads, anchors and NMS.
+
+        Their shapes depend on how many boxes each image has, so they stay eager.
+        """
+        self.detector.backbone.compile(*args, **kwargs)
+
+    def forward(
+        self,
+        images: list[torch.Tensor] | torch.Tensor,
+        targets: list[dict[str, torch.Tensor]] | None = None,
+    ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+        # images: (3, H, W) each, sizes may differ; targets: {"boxes": (N, 4) xyxy, "labels": (N,)}
+        if targets is not None and self.label_offset:
+            targets = [{**t, "labels": t["labels"] + self.label_offset} for t in targets]
+        output = self.detector(list(images), targets)
+        if self.training:
+            return output  # {loss name: scalar}
+        if self.label_offset:
+            output = [{**d, "labels": d["labels"] - self.label_offset} for d in output]
+        return output

@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import eval as eval_script
 import train as train_script
@@ -69,7 +69,15 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
-@pytest.mark.parametrize("head", options("head"))
+def heads(*tasks: str) -> list[str]:
+    """The head configs of these tasks."""
+    return [
+        h for h in options("head") if OmegaConf.load(CONFIGS / "head" / f"{h}.yaml").task in tasks
+    ]
+
+
+# Detection heads are built and run in test_detection_training.py.
+@pytest.mark.parametrize("head", heads("classification", "segmentation"))
 @pytest.mark.parametrize("backbone", options("backbone"))
 def test_every_backbone_and_head_config_builds(backbone: str, head: str, tmp_path: Path) -> None:
     cfg = config(tmp_path, f"backbone={backbone}", f"head={head}")

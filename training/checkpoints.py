@@ -104,12 +104,22 @@ def find_last(
     return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
+# Where `TaskModule` checkpoints hold the backbone: classifiers and segmenters as
+# `model.backbone`, a `heads.detection.Detector` inside torchvision's `BackboneWithFPN`.
+BACKBONE_PREFIXES = ("model.backbone.", "model.detector.backbone.body.")
+
+
 def export_backbone(
     state_dict: dict[str, torch.Tensor], path: str | os.PathLike, backbone_name: str
 ) -> Path:
-    """Write the `model.backbone.*` weights in the backbones' own keys (for `create(pretrained=)`)."""
-    prefix = "model.backbone."
-    weights = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
-    if not weights:
-        raise CheckpointError("the checkpoint holds no model.backbone.* weights to export")
+    """Write the backbone's weights in the backbones' own keys (for `create(pretrained=)`)."""
+    for prefix in BACKBONE_PREFIXES:
+        weights = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+        if weights:
+            break
+    else:
+        raise CheckpointError(
+            f"the checkpoint holds no backbone weights to export (no key starts with any of "
+            f"{list(BACKBONE_PREFIXES)})"
+        )
     return save_safetensors(weights, path, metadata={"backbone": backbone_name, "source": "ours"})

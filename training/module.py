@@ -43,7 +43,7 @@ class TaskModule(L.LightningModule):
 
     Args:
         model: an `nn.Module` with a `.backbone` attribute, images in, task outputs out.
-        task: "classification" or "segmentation" (the head config's task).
+        task: "classification", "segmentation" or "detection" (the head config's task).
         num_classes: from the data module.
         optimizer: a partial optimiser (`params` missing), e.g. `partial(AdamW, lr=1e-3)`.
         scheduler: `{"name": "cosine", "warmup_epochs": 1, "final_ratio": 0.01}` or
@@ -92,39 +92,64 @@ class TaskModule(L.LightningModule):
             self.model.compile()
             self._compiled = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
+    def forward(self, x: Any, target: Any = None) -> Any:
+        # Detection batches are lists of (3, H, W) images, which the detector batches itself.
+        if self.channels_last and isinstance(x, torch.Tensor):
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x)
+        return self.model(x) if target is None else self.model(x, target)
 
-    def training_step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
-    ) -> torch.Tensor:
+    def training_step(self, batch: tuple[Any, Any], batch_idx: int) -> torch.Tensor:
         x, target = batch
-        loss = self.task.loss(self(x), target)
+        losses = self.task.training_losses(self, x, target)
+        loss = sum(losses.values())
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"the training loss became {loss.item()} at step {self.global_step} "
                 f"(epoch {self.current_epoch}, batch {batch_idx}); lower optim.lr, set "
                 "trainer.gradient_clip_val, or use precision=32-true"
             )
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        # len(x): a detection batch is a list, from which Lightning would infer a wrong size
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(x))
+        if len(losses) > 1:  # the detectors' parts: classification, box regression, ...
+            for name, value in losses.items():
+                self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(x))
         return loss
 
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+    def _evaluate(self, batch: tuple[Any, Any], stage: str) -> None:
         x, target = batch
-        output = self(x)
+        output, loss = self.task.evaluate(self, x, target)
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         metrics.update(output, target)
-        self.log(f"{stage}/loss", self.task.loss(output, target), sync_dist=True)  # DDP: all ranks
-        for name, metric in metrics.items():  # names carry the stage prefix
-            self.log(name, metric, prog_bar=name == self.task.monitor)
+        if loss is not None:
+            self.log(f"{stage}/loss", loss, batch_size=len(x), sync_dist=True)  # DDP: all ranks
+        if self.task.logged is None:
+            for name, metric in metrics.items():  # names carry the stage prefix
+                self.log(name, metric, prog_bar=name == self.task.monitor, batch_size=len(x))
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def _log_epoch_metrics(self, stage: str) -> None:
+        """Metrics that return several values (mean average precision): log the chosen ones."""
+        if self.task.logged is None:
+            return
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        values = metrics.compute()  # over every process's detections (torchmetrics syncs)
+        metrics.reset()
+        for name in self.task.logged:
+            key = f"{stage}/{name}"
+            # sync_dist averages values that are already equal on every rank; it keeps
+            # Lightning from warning about unsynchronised epoch-level logs under DDP
+            self.log(key, values[key], prog_bar=key == self.task.monitor, sync_dist=True)
+
+    def validation_step(self, batch: tuple[Any, Any], batch_idx: int) -> None:
         self._evaluate(batch, "val")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def test_step(self, batch: tuple[Any, Any], batch_idx: int) -> None:
         self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Backbone / head x decay / no decay (norms and biases get no weight decay)."""

@@ -1,0 +1,238 @@
+"""Detection training on torchvision's detectors: configs, labels, fast_dev_run, a run that learns."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, open_dict
+from torch import nn
+
+import eval as eval_script
+import train as train_script
+from backbones import create
+from heads.detection import Detector
+from training.build import build_datamodule, build_model, build_module
+from training.checkpoints import load_checkpoint
+from training.data import TaskDataModule
+from training.module import NonFiniteLossError, TaskModule
+from training.report import quiet_lightning
+
+from .test_training import TINY, config, heads, options
+
+DETECTION_HEADS = heads("detection")
+# TINY's trainer settings; detection needs more pixels than 32 (P3 of a 32 px image is 4x4).
+SMALL = [
+    *(o for o in TINY if not o.startswith("data.")),
+    "data.image_size=64",
+    "data.num_train=16",
+    "data.num_val=8",
+    "data.num_test=8",
+    "data.batch_size=8",
+    "head.model.fpn_channels=64",
+]
+# torchvision's proposal counts are sized for 800 px images; a 64 px image has ~1,000 anchors.
+CHEAP = {
+    "fcos": [],
+    "retinanet": [],
+    "faster_rcnn": [
+        "head.model.rpn_pre_nms_top_n_train=200",
+        "head.model.rpn_post_nms_top_n_train=100",
+        "head.model.rpn_pre_nms_top_n_test=200",
+        "head.model.rpn_post_nms_top_n_test=100",
+        "head.model.box_batch_size_per_image=64",
+    ],
+}
+LOSSES = {
+    "fcos": {"loss_classification", "loss_bbox_regression", "loss_bbox_ctrness"},
+    "retinanet": {"loss_classification", "loss_bbox_regression"},
+    "faster_rcnn": {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"},
+}
+MAP = {"map", "map_50", "map_75", "mar_100"}
+
+
+def test_detection_heads_are_configured() -> None:
+    assert sorted(DETECTION_HEADS) == sorted(LOSSES)
+
+
+@pytest.mark.parametrize("head", DETECTION_HEADS)
+@pytest.mark.parametrize("backbone", options("backbone"))
+def test_every_backbone_and_detection_head_config_builds(
+    backbone: str, head: str, tmp_path: Path
+) -> None:
+    cfg = config(tmp_path, f"backbone={backbone}", f"head={head}")
+    datamodule = build_datamodule(cfg)
+    with torch.device("meta"):  # wiring only: no weight init cost
+        model = build_model(cfg, datamodule.num_classes)
+    assert isinstance(model, Detector) and model.architecture == head
+    assert list(model.backbone.channels) == list(cfg.head.out_features)
+    pyramid = model.detector.backbone
+    assert pyramid.fpn.in_channels == model.backbone.channels
+    # Shapes images stay at their size and arrive normalised: the transform only batches.
+    transform = model.detector.transform
+    assert transform.min_size == (cfg.data.image_size,)
+    assert transform.max_size == cfg.data.image_size
+    assert (list(transform.image_mean), list(transform.image_std)) == ([0.0] * 3, [1.0] * 3)
+    classes = datamodule.num_classes
+    if head == "faster_rcnn":  # + the background torchvision reserves as label 0
+        assert model.detector.roi_heads.box_predictor.cls_score.out_features == classes + 1
+        assert list(pyramid.strides) == ["P2", "P3", "P4", "P5", "P6"]
+    else:
+        assert model.detector.head.classification_head.num_classes == classes
+        assert list(pyramid.strides) == ["P3", "P4", "P5", "P6", "P7"]
+
+
+class Recorder(nn.Module):
+    """Stands in for a torchvision detector: records the targets, returns fixed detections."""
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
+        self.targets = targets
+        if self.training:
+            return {"loss_objectness": torch.zeros(())}
+        return [
+            {"boxes": torch.zeros(2, 4), "scores": torch.ones(2), "labels": torch.tensor([1, 3])}
+        ]
+
+
+@pytest.mark.parametrize(("architecture", "offset"), [("faster_rcnn", 1), ("fcos", 0)])
+def test_labels_are_shifted_once_where_the_detector_reserves_the_background(
+    architecture: str, offset: int
+) -> None:
+    model = Detector(create("resnet18"), 3, architecture, fpn_channels=32, min_size=64, max_size=64)
+    model.detector = Recorder()
+    image, targets = (
+        torch.zeros(3, 64, 64),
+        [{"boxes": torch.ones(2, 4), "labels": torch.tensor([0, 2])}],
+    )
+    model.train()([image], targets)
+    assert model.detector.targets[0]["labels"].tolist() == [0 + offset, 2 + offset]
+    assert targets[0]["labels"].tolist() == [0, 2]  # the batch itself is left alone
+    detections = model.eval()([image])
+    assert detections[0]["labels"].tolist() == [1 - offset, 3 - offset]
+
+
+@pytest.mark.parametrize("head", DETECTION_HEADS)
+def test_fast_dev_run(head: str, tmp_path: Path) -> None:
+    """channels_last is on (the default): the detectors run with NHWC weights."""
+    cfg = config(tmp_path, *SMALL, f"head={head}", *CHEAP[head], "trainer.fast_dev_run=true")
+    assert cfg.channels_last
+    metrics = train_script.train(cfg)["metrics"]
+    assert {f"val/{name}" for name in MAP} <= set(metrics)
+    assert {f"train/{name}" for name in LOSSES[head]} <= set(metrics)
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+
+
+class ClassificationOnly(TaskDataModule):
+    tasks = ("classification",)
+
+
+def test_a_data_module_without_detection_is_refused(tmp_path: Path) -> None:
+    cfg = config(tmp_path, "head=fcos")
+    with open_dict(cfg):
+        cfg.data = {"_target_": f"{__name__}.ClassificationOnly"}
+    # Data without an image_size: the detector resizes as torchvision does on COCO.
+    assert (cfg.head.model.min_size, cfg.head.model.max_size) == (800, 1333)
+    with pytest.raises(
+        InstantiationException,
+        match=r"serves the tasks \['classification'\], not 'detection': pick a head",
+    ):
+        build_datamodule(cfg)
+
+
+def test_non_finite_loss_is_caught_for_detection(tmp_path: Path) -> None:
+    cfg = config(tmp_path, *SMALL, "head=retinanet")
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule)
+    with torch.no_grad():  # a diverged classification branch
+        module.model.detector.head.classification_head.cls_logits.weight.fill_(float("nan"))
+    batch = next(iter(datamodule.train_dataloader()))
+    with pytest.raises(NonFiniteLossError, match=r"became nan at step 0 \(epoch 0, batch 3\)"):
+        module.train().training_step(batch, batch_idx=3)
+
+
+@pytest.fixture(scope="module")
+def module(tmp_path_factory: pytest.TempPathFactory) -> TaskModule:
+    overrides = ("head=fcos", "backbone_lr_mult=0.1", "compile=true")
+    cfg = config(tmp_path_factory.mktemp("module"), *SMALL, *overrides)
+    return build_module(cfg, build_datamodule(cfg))
+
+
+def test_backbone_lr_mult_applies_to_our_backbone_only(module: TaskModule) -> None:
+    backbone = {id(p) for p in module.model.backbone.parameters()}
+    slow = {id(p) for g in module.parameter_groups() if g["lr_mult"] == 0.1 for p in g["params"]}
+    assert slow == backbone  # the FPN and the detection head are new: full learning rate
+    assert {id(p) for p in module.model.detector.backbone.fpn.parameters()}.isdisjoint(slow)
+
+
+def test_compile_covers_the_backbone_and_fpn(module: TaskModule) -> None:
+    """Heads, anchors and NMS stay eager (box counts vary); a compiled run is in the notes."""
+    module.configure_model()  # nn.Module.compile: compiled on the first call, free until then
+    detector = module.model.detector
+    assert detector.backbone._compiled_call_impl is not None
+    assert detector._compiled_call_impl is None and detector.head._compiled_call_impl is None
+
+
+# Two classes, one shape per image, 8 steps per epoch: FCOS's mAP moves within three tiny
+# epochs (measured: untrained 0.0, no box scores above 0.05; after 3 epochs map 0.076, map_50 0.26).
+LEARNABLE = [
+    *(o for o in SMALL if not o.startswith("data.num_")),
+    "data.num_train=128",
+    "data.num_val=64",
+    "data.num_test=64",
+    "data.batch_size=16",
+    "data.classes=[circle,cross]",
+    "data.max_shapes=1",
+    "head=fcos",
+    "trainer.max_epochs=3",
+    "test_after_fit=true",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[DictConfig, dict, dict]:
+    """Three tiny epochs of resnet18 + FCOS on shapes, and the untrained model's scores."""
+    cfg = config(tmp_path_factory.mktemp("detection"), *LEARNABLE)
+    quiet_lightning()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(cfg)
+    untrained = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    ).validate(build_module(cfg, datamodule), datamodule=datamodule, verbose=False)[0]
+    return cfg, untrained, train_script.train(cfg)
+
+
+@pytest.mark.slow
+def test_a_short_run_beats_the_untrained_model(trained: tuple[DictConfig, dict, dict]) -> None:
+    _, untrained, result = trained
+    metrics = result["metrics"]
+    assert set(untrained) == {f"val/{name}" for name in MAP}
+    assert metrics["val/map"] > untrained["val/map"] + 0.03, (untrained, metrics)
+    assert metrics["val/map_50"] > untrained["val/map_50"] + 0.1, (untrained, metrics)
+    assert result["monitor"] == "val/map"
+    assert result["best_score"] >= metrics["val/map"]  # the best epoch's, not the last one's
+    assert {f"test/{name}" for name in MAP} <= set(metrics)  # the best checkpoint, tested
+
+
+@pytest.mark.slow
+def test_eval_reproduces_the_checkpoints_map(
+    trained: tuple[DictConfig, dict, dict], tmp_path: Path
+) -> None:
+    _, _, result = trained
+    eval_cfg = config(
+        tmp_path, f"ckpt_path={result['best_model_path']}", "trainer.accelerator=cpu", name="eval"
+    )
+    scores = eval_script.evaluate(eval_cfg)["metrics"]
+    assert scores["val/map"] == pytest.approx(result["best_score"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_exported_backbone_is_the_detectors_body(trained: tuple[DictConfig, dict, dict]) -> None:
+    _, _, result = trained
+    backbone = create("resnet18", pretrained=result["backbone_weights"])
+    state = load_checkpoint(result["best_model_path"])["state_dict"]
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(value, state[f"model.detector.backbone.body.{key}"]), key
