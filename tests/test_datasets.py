@@ -366,6 +366,30 @@ def test_fast_dev_run_on_imagefolder(tmp_path: Path) -> None:
     assert all(math.isfinite(v) for v in result["metrics"].values())
 
 
+@pytest.mark.slow
+def test_fast_dev_run_of_fcos_on_coco(tmp_path: Path) -> None:
+    """The detection head on the COCO data module (gapped ids, a crowd box, an empty image)."""
+    root = make_coco(tmp_path / "data")
+    cfg = config(
+        tmp_path,
+        "head=fcos",
+        "head.model.fpn_channels=32",
+        "data=coco",
+        f"data.root={root}",
+        "data.image_size=32",
+        "data.batch_size=3",
+        "data.num_workers=0",
+        "callbacks=none",
+        "trainer.accelerator=cpu",
+        "trainer.fast_dev_run=true",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+    )
+    result = train_script.train(cfg)
+    assert {"train/loss_step", "val/map", "val/map_50"} <= set(result["metrics"])
+    assert all(math.isfinite(v) for v in result["metrics"].values())
+
+
 # ---------------------------------------------------------------------------------- CIFAR
 
 
