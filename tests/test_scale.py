@@ -98,12 +98,16 @@ def test_failing_job_does_not_stop_the_sweep(
 def test_ddp_in_a_multirun(
     basic_sweep: tuple[Path, subprocess.CompletedProcess], tmp_path: Path
 ) -> None:
-    """2 jobs x 2 gloo processes: each job's rank 1 runs that job, not the sweep again."""
-    done = multirun(tmp_path, "trainer=ddp_cpu", "seed=1,2")
-    assert done.returncode == 0, done.stderr[-3000:]
+    """3 jobs x 2 gloo processes: each job's rank 1 runs that job, not the sweep again; the
+    failing middle job does not end the sweep (Lightning's rank watcher would SIGKILL it)."""
+    done = multirun(tmp_path, "trainer=ddp_cpu", "optim.lr=1e-3,-1,2e-3")
+    assert done.returncode == 1, done.stderr[-3000:]  # not -9: the sweep ran to its end
     assert "EADDRINUSE" not in done.stderr
     ddp_jobs = jobs(tmp_path)
-    assert [p.name for p in ddp_jobs] == ["0-resnet18-classification", "1-resnet18-classification"]
+    assert [p.name for p in ddp_jobs] == [f"{i}-resnet18-classification" for i in range(3)]
+    failed = ddp_jobs.pop(1)
+    assert "Invalid learning rate: -1" in (failed / "train.log").read_text()
+    assert not (failed / "checkpoints" / "last.ckpt").exists()
     single = jobs(basic_sweep[0])[1]
     for run in ddp_jobs:
         assert_written_once(run)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,7 +90,8 @@ def multirun_job() -> Iterator[None]:
     - The job's error goes to its own log (`<run dir>/train.log`), and is raised as an exception
       (not `sys.exit`) so that Hydra records the job as failed and runs the others.
     - What DDP leaves in this process (the process group, `MASTER_PORT` and the rank variables
-      Lightning sets in `os.environ`) is undone, so the next job starts clean on a fresh port.
+      Lightning sets in `os.environ`, the watcher of the ranks it started) is undone, so the
+      next job starts clean on a fresh port.
     """
     hydra = HydraConfig.get()
     argv, environ, run_dir = sys.argv, dict(os.environ), hydra.run.dir
@@ -107,7 +110,30 @@ def multirun_job() -> Iterator[None]:
         sys.argv = argv
         with read_write(hydra.run):
             hydra.run.dir = run_dir
+        _retire_rank_watchers()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         os.environ.clear()
         os.environ.update(environ)
+
+
+def _retire_rank_watchers(timeout: float = 60.0) -> None:
+    """Reap the ranks > 0 of the job that just ended and stop Lightning's watcher of them.
+
+    Lightning's DDP launcher starts a thread that SIGKILLs this process as soon as one of the
+    ranks it started exits non-zero (so that a rank hanging in a collective cannot outlive a
+    crash). When a job fails, Lightning kills those ranks itself, and the watcher then kills
+    the sweep, whose next jobs never run. The job is over here, so the watcher's work is done:
+    the ranks are waited for (killed after `timeout`) and the watcher is disarmed.
+    """
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+    for thread in threading.enumerate():
+        if isinstance(thread, _ChildProcessObserver):
+            thread._run = lambda: True  # its loop ends at the next poll, killing nothing
+            for process in thread._child_processes:
+                try:
+                    process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
