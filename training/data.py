@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from .shapes import SHAPES, ShapesDataset
 
@@ -16,11 +16,12 @@ def detection_collate(batch: list) -> tuple[list[torch.Tensor], list[dict]]:
 
 
 class TaskDataModule(L.LightningDataModule):
-    """Data for one task, chosen by the head; subclasses give `num_classes`, the one source of truth."""
+    """Data for one task, chosen by the head; subclasses give `num_classes`, the one source of
+    truth, and fill `splits` ("train", "val", "test"), in `__init__` or `setup`."""
 
     tasks: tuple[str, ...] = ()
 
-    def __init__(self, task: str) -> None:
+    def __init__(self, task: str, batch_size: int = 32, num_workers: int = 0) -> None:
         super().__init__()
         if task not in self.tasks:
             raise ValueError(
@@ -28,6 +29,31 @@ class TaskDataModule(L.LightningDataModule):
                 f"not {task!r}: pick a head for one of those tasks or another data config"
             )
         self.task = task
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.splits: dict[str, Dataset] = {}
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if not self.splits:
+            self.setup()
+        dataset = self.splits[split]
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=detection_collate if self.task == "detection" else None,
+            drop_last=shuffle and len(dataset) > self.batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
 
 
 class ShapesDataModule(TaskDataModule):
@@ -66,8 +92,7 @@ class ShapesDataModule(TaskDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
     ) -> None:
-        super().__init__(task)
-        self.batch_size, self.num_workers = batch_size, num_workers
+        super().__init__(task, batch_size, num_workers)
         common = dict(
             task=task,
             image_size=image_size,
@@ -92,23 +117,3 @@ class ShapesDataModule(TaskDataModule):
     @property
     def class_names(self) -> list[str]:
         return (["background"] if self.task == "segmentation" else []) + list(self.classes)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=detection_collate if self.task == "detection" else None,
-            drop_last=shuffle and len(self.splits[split]) > self.batch_size,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

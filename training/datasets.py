@@ -22,14 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import datasets, tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from backbones._base import IMAGENET_MEAN, IMAGENET_STD
 
 from .build import ConfigError
-from .data import TaskDataModule, detection_collate
+from .data import TaskDataModule
 from .shapes import IGNORE_INDEX
 from .transforms import classification_preset, dense_preset
 
@@ -101,15 +101,13 @@ class DiskDataModule(TaskDataModule):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
-        super().__init__(task)
+        super().__init__(task, batch_size, num_workers)
         if image_size < 16:
             raise ValueError(f"image_size must be at least 16, got {image_size}")
         self.root = Path(root).expanduser()
         self.download = download
         self.image_size = image_size
-        self.batch_size, self.num_workers = batch_size, num_workers
         self.mean, self.std = tuple(mean), tuple(std)
-        self.splits: dict[str, Dataset] = {}
         self.test_split = "test"  # the split that `test_dataloader` reads (some datasets: val)
         self._present = False
         self._classes: list[str] | None = None
@@ -202,29 +200,6 @@ class DiskDataModule(TaskDataModule):
 
     def _dense(self, train: bool) -> Callable:
         return dense_preset(self.task, train, self.image_size, self.mean, self.std)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if not self.splits:
-            self.setup()
-        dataset = self.splits[split]
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=detection_collate if self.task == "detection" else None,
-            drop_last=shuffle and len(dataset) > self.batch_size,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
 
 
 def _local_rank() -> int:
