@@ -345,6 +345,16 @@ def test_imagefolder_bad_files(tmp_path: Path, caplog: pytest.LogCaptureFixture)
         ImageFolderDataModule("classification", root, skip_bad_files=True).setup()
 
 
+FAST_DEV_RUN = [
+    "data.num_workers=0",
+    "callbacks=none",
+    "trainer.accelerator=cpu",
+    "trainer.fast_dev_run=true",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+
+
 @pytest.mark.slow
 def test_fast_dev_run_on_imagefolder(tmp_path: Path) -> None:
     root = make_imagefolder(tmp_path / "data")
@@ -354,12 +364,7 @@ def test_fast_dev_run_on_imagefolder(tmp_path: Path) -> None:
         f"data.root={root}",
         "data.image_size=32",
         "data.batch_size=4",
-        "data.num_workers=0",
-        "callbacks=none",
-        "trainer.accelerator=cpu",
-        "trainer.fast_dev_run=true",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
+        *FAST_DEV_RUN,
     )
     result = train_script.train(cfg)
     assert {"train/loss_step", "val/acc", "val/f1"} <= set(result["metrics"])
@@ -378,12 +383,7 @@ def test_fast_dev_run_of_fcos_on_coco(tmp_path: Path) -> None:
         f"data.root={root}",
         "data.image_size=32",
         "data.batch_size=3",
-        "data.num_workers=0",
-        "callbacks=none",
-        "trainer.accelerator=cpu",
-        "trainer.fast_dev_run=true",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
+        *FAST_DEV_RUN,
     )
     result = train_script.train(cfg)
     assert {"train/loss_step", "val/map", "val/map_50"} <= set(result["metrics"])
