@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from hydra.errors import InstantiationException
@@ -20,9 +19,8 @@ from training.build import build_datamodule, build_model, build_module
 from training.checkpoints import load_checkpoint
 from training.data import TaskDataModule
 from training.module import NonFiniteLossError, TaskModule
-from training.report import quiet_lightning
 
-from .test_training import TINY, config, heads, options
+from .test_training import TINY, config, heads, options, untrained_scores
 
 DETECTION_HEADS = heads("detection")
 # TINY's trainer settings; detection needs more pixels than 32 (P3 of a 32 px image is 4x4).
@@ -196,12 +194,7 @@ LEARNABLE = [
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[DictConfig, dict, dict]:
     """Three tiny epochs of resnet18 + FCOS on shapes, and the untrained model's scores."""
     cfg = config(tmp_path_factory.mktemp("detection"), *LEARNABLE)
-    quiet_lightning()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(cfg)
-    untrained = L.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
-    ).validate(build_module(cfg, datamodule), datamodule=datamodule, verbose=False)[0]
+    untrained = untrained_scores(cfg)
     return cfg, untrained, train_script.train(cfg)
 
 

@@ -26,8 +26,8 @@ from training.build import ConfigError
 from training.checkpoints import CheckpointError, load_checkpoint
 from training.launch import job_command
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+from .test_training import CONFIGS, ROOT
+
 TINY = [
     "data.image_size=32",
     "data.num_train=64",

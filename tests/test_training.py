@@ -65,6 +65,16 @@ def config(tmp_path: Path, *overrides: str, name: str = "train", run: str = "run
     return cfg
 
 
+def untrained_scores(cfg: DictConfig) -> dict[str, float]:
+    """Validation metrics of the model `train(cfg)` starts from (same seed, same data)."""
+    quiet_lightning()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(cfg)
+    return L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    ).validate(build_module(cfg, datamodule), datamodule=datamodule, verbose=False)[0]
+
+
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml") if not p.stem.startswith("_"))
 
@@ -173,12 +183,7 @@ def test_resume_matches_an_uninterrupted_run(
 def test_two_epochs_improve_the_metric_over_the_untrained_model(tmp_path: Path) -> None:
     """Segmentation: per-pixel labels move val/miou within 32 tiny steps (val/acc needs more)."""
     cfg = config(tmp_path, *TINY, *LEARNABLE, "head=fpn", "trainer.max_epochs=2")
-    quiet_lightning()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(cfg)
-    untrained = L.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
-    ).validate(build_module(cfg, datamodule), datamodule=datamodule, verbose=False)[0]
+    untrained = untrained_scores(cfg)
     trained = train_script.train(cfg)["metrics"]
     assert trained["val/miou"] > untrained["val/miou"] + 0.1, (untrained, trained)
     assert trained["val/pixel_acc"] > untrained["val/pixel_acc"] + 0.2, (untrained, trained)

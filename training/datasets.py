@@ -195,6 +195,12 @@ class DiskDataModule(TaskDataModule):
             return f"data.root points inside the dataset: try data.root={self.root.parents[top.count('/')]}. "
         return ""
 
+    def _set_hold_out(self, val_fraction: float, seed: int) -> None:
+        """For datasets without a validation split: the seeded part of train that validates."""
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.val_fraction, self.seed = val_fraction, seed
+
     def _classification(self, train: bool, **options: Any) -> Callable:
         return classification_preset(train, self.image_size, self.mean, self.std, **options)
 
@@ -431,9 +437,7 @@ cifar-10-batches-py/
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__(task, root, download, image_size, batch_size, num_workers, mean, std)
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        self.val_fraction, self.seed = val_fraction, seed
+        self._set_hold_out(val_fraction, seed)
         self.crop = {"crop_scale": tuple(crop_scale), "crop_pct": crop_pct}
 
     def _files(self) -> list[Path]:
@@ -552,9 +556,7 @@ oxford-iiit-pet/
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__(task, root, download, image_size, batch_size, num_workers, mean, std)
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        self.val_fraction, self.seed = val_fraction, seed
+        self._set_hold_out(val_fraction, seed)
         self.crop = {"crop_scale": tuple(crop_scale), "crop_pct": crop_pct}
 
     def _layout_problem(self) -> str | None:
