@@ -15,12 +15,20 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-from ._fusion import ONEDNN_ACTIVATIONS, FusedConv2d, onednn_usable
-from .layers import LayerFn
+from ._fusion import (
+    ONEDNN_ACTIVATIONS,
+    RESIDUAL_ACTIVATIONS,
+    ClampInput,
+    FusedConv2d,
+    FusedResidual,
+    onednn_usable,
+)
+from .layers import LayerFn, Residual
 
 if TYPE_CHECKING:
     from .weights import Pretrained
@@ -201,19 +209,24 @@ class Backbone(nn.Module):
         return features
 
     @torch.no_grad()
-    def fuse(self) -> Backbone:
+    def fuse(self, winograd: bool = True) -> Backbone:
         """Fold every BatchNorm that directly follows a conv into it, switch to channels_last.
 
         For inference only (eval mode): the running statistics become the conv's weight and
         bias, which saves one pass over each conv output. Which norm follows which conv is
         found by running the model once on a small input, so it works for any family; a
-        BatchNorm is folded only where it is the sole consumer of the conv's output (DenseNet's
-        norm-ReLU-conv layers keep their first norm: a ReLU stands between it and any conv).
+        BatchNorm is folded only where it is the sole consumer of the conv's output. A norm ->
+        ReLU -> conv chain with no padding (DenseNet's pre-activation layers) is folded too:
+        the norm's scale and shift move into the conv and a per-channel clamp
+        (`ClampInput`) replaces the two passes of norm and ReLU.
         Where PyTorch has oneDNN, the convs become `FusedConv2d`s that also take in the
-        activation that is the sole consumer of their output, run as one oneDNN call on CPU
-        (plain conv2d + activation on CUDA, with autograd on, and when traced; see
-        `backbones._fusion`). Returns `self`, in channels_last; outputs equal the unfused
-        model's up to rounding.
+        activation that is the sole consumer of their output, and a `layers.Residual` sum (+
+        ReLU) that directly follows one, run as one oneDNN call on CPU (plain conv2d +
+        activation on CUDA, with autograd on, and when traced; see `backbones._fusion`); with
+        `winograd`, wide 3x3 convs use Winograd F(2x2, 3x3) there. An average pool that is
+        the sole consumer of a 1x1 conv runs before it (they commute; the conv then sees a
+        quarter of the positions in DenseNet's transitions). Returns `self`, in
+        channels_last; outputs equal the unfused model's up to rounding.
         """
         if self.training:
             raise RuntimeError(
@@ -221,18 +234,38 @@ class Backbone(nn.Module):
                 "valid for inference: call .eval() first, e.g. create(name).eval().fuse()"
             )
         for parent, key, conv, norm in _sole_consumers(self, (nn.BatchNorm2d,)):
-            _fold_norm_into_conv(conv, norm)
-            setattr(parent, key, nn.Identity())
+            if conv.out_channels == norm.num_features and norm.running_mean is not None:
+                _fold_norm_into_conv(conv, norm)
+                setattr(parent, key, nn.Identity())
+        _fold_pre_activations(self)
         if onednn_usable():
             activations = _sole_consumers(self, tuple(ONEDNN_ACTIVATIONS))
             follows = {conv: act for _, _, conv, act in activations}
             for parent, key, _, _ in activations:
                 setattr(parent, key, nn.Identity())
+            residuals = {
+                conv: (parent, key, residual)
+                for parent, key, conv, residual in _sole_consumers(self, (Residual,))
+                if conv not in follows and type(residual.act) in RESIDUAL_ACTIVATIONS
+            }
+            pools = {
+                conv: (parent, key, pool)
+                for parent, key, conv, pool in _sole_consumers(self, (nn.AvgPool2d,))
+            }
             parents = dict(self.named_modules())
             for name, conv in list(self.named_modules()):
                 if FusedConv2d.supports(conv):
                     parent_name, _, key = name.rpartition(".")
-                    setattr(parents[parent_name], key, FusedConv2d(conv, follows.get(conv)))
+                    if conv in residuals:
+                        parent, residual_key, residual = residuals[conv]
+                        fused = FusedConv2d(conv, residual.act, winograd=winograd)
+                        setattr(parent, residual_key, FusedResidual(fused))
+                    else:
+                        fused = FusedConv2d(conv, follows.get(conv), winograd=winograd)
+                    if conv in pools and fused.pool_commutes(pools[conv][2]):
+                        parent, pool_key, fused.pool_first = pools[conv]
+                        setattr(parent, pool_key, nn.Identity())
+                    setattr(parents[parent_name], key, fused)
         self._fused = True
         return self.to(memory_format=torch.channels_last)
 
@@ -278,12 +311,15 @@ def _tensors(obj: object) -> Iterator[torch.Tensor]:
 
 
 def _sole_consumers(
-    model: Backbone, kinds: tuple[type[nn.Module], ...]
-) -> list[tuple[nn.Module, str, nn.Conv2d, nn.Module]]:
-    """(parent of the consumer, its attribute name, conv, consumer) for each module of exactly
-    one of `kinds` whose input is the output of a Conv2d that nothing else uses (an in-place
-    sum with a shortcut is a use), found by running `model` once."""
-    convs = {m: n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    model: Backbone,
+    kinds: tuple[type[nn.Module], ...],
+    producers: tuple[type[nn.Module], ...] = (nn.Conv2d,),
+) -> list[tuple[nn.Module, str, nn.Module, nn.Module]]:
+    """(parent of the consumer, its attribute name, producer, consumer) for each module of
+    exactly one of `kinds` whose input is the output of a module of one of `producers` (a
+    Conv2d by default) that nothing else uses (an in-place sum with a shortcut is a use),
+    found by running `model` once; both modules run once."""
+    convs = {m: n for n, m in model.named_modules() if isinstance(m, producers)}
     consumers = {m: n for n, m in model.named_modules() if type(m) in kinds}
     calls: dict[nn.Module, int] = {}
     produced_by: dict[int, nn.Conv2d] = {}  # id of a conv output -> the conv
@@ -330,10 +366,6 @@ def _sole_consumers(
         conv = produced_by.get(source)
         if conv is None or calls[conv] != 1 or calls[consumer] != 1 or uses[source]:
             continue  # not after a conv, a shared module, or the conv output is used elsewhere
-        if isinstance(consumer, _BatchNorm) and (
-            conv.out_channels != consumer.num_features or consumer.running_mean is None
-        ):
-            continue
         parent_name, _, key = consumers[consumer].rpartition(".")
         pairs.append((parents[parent_name], key, conv, consumer))
     return pairs
@@ -341,14 +373,67 @@ def _sole_consumers(
 
 def _fold_norm_into_conv(conv: nn.Conv2d, norm: _BatchNorm) -> None:
     # norm(conv(x)) = scale * (w * x + b - mean) + beta, with scale = gamma / sqrt(var + eps)
-    scale = torch.rsqrt(norm.running_var + norm.eps)
-    shift = -norm.running_mean * scale
-    if norm.affine:
-        scale = scale * norm.weight
-        shift = shift * norm.weight + norm.bias
+    scale, shift = _norm_scale_shift(norm)
     bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
     conv.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
     conv.bias = nn.Parameter(bias * scale + shift, requires_grad=conv.weight.requires_grad)
+
+
+def _norm_scale_shift(norm: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) with norm(x) = a * x + b per channel in eval mode."""
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    shift = -norm.running_mean * scale
+    if norm.affine:
+        scale, shift = scale * norm.weight, shift * norm.weight + norm.bias
+    return scale, shift
+
+
+def _fold_pre_activations(model: Backbone) -> None:
+    """Fold each BatchNorm -> ReLU -> unpadded conv chain (every output sole-used) into the
+    conv, leaving a `ClampInput` in the norm's place and an Identity in the ReLU's."""
+    after_norm = {
+        relu: norm
+        for _, _, norm, relu in _sole_consumers(model, (nn.ReLU,), producers=(_BatchNorm,))
+        if norm.running_mean is not None
+    }
+    names = {m: n for n, m in model.named_modules()}
+    parents = dict(model.named_modules())
+    for _, _, relu, conv in _sole_consumers(model, (nn.Conv2d,), producers=(nn.ReLU,)):
+        norm = after_norm.get(relu)
+        if norm is None or any(conv.padding) or norm.num_features != conv.in_channels:
+            continue
+        if not FusedConv2d.supports(conv):
+            continue
+        low, high = _fold_norm_relu_into_conv(norm, conv)
+        for module, replacement in ((norm, ClampInput(low, high)), (relu, nn.Identity())):
+            parent_name, _, key = names[module].rpartition(".")
+            setattr(parents[parent_name], key, replacement)
+
+
+def _fold_norm_relu_into_conv(norm: _BatchNorm, conv: nn.Conv2d) -> tuple[Tensor, Tensor]:
+    # relu(a x + b) = a * clamp(x, -b/a) + b, clamped from below for a > 0 and from above for
+    # a < 0 (for a = 0 it is the constant relu(b)). The conv is linear and unpadded, so
+    # conv(a * c + b) = conv_{w * a}(c) + conv_w(b): a scales the weight's input channels, and
+    # the constant b becomes bias (the conv of a constant map, one output position).
+    scale, shift = (t.double() for t in _norm_scale_shift(norm))
+    limit = -shift / torch.where(scale == 0, 1.0, scale)
+    inf = torch.full_like(limit, math.inf)
+    low = torch.where(scale > 0, limit, torch.where(scale < 0, -inf, 0.0))
+    high = torch.where(scale < 0, limit, torch.where(scale > 0, inf, 0.0))
+    constant = torch.where(scale == 0, shift.clamp(min=0), shift)
+    weight = conv.weight.double()
+    span = [(k - 1) * d + 1 for k, d in zip(conv.kernel_size, conv.dilation, strict=True)]
+    constant_map = constant.reshape(1, -1, 1, 1).expand(1, -1, *span)  # one output position
+    bias = F.conv2d(constant_map, weight, dilation=conv.dilation, groups=conv.groups)
+    bias = bias.reshape(-1)  # conv_w(b)
+    if conv.bias is not None:
+        bias = bias + conv.bias.double()
+    per_input = scale.reshape(conv.groups, 1, -1, 1, 1)  # input channel c = group * in/g + i
+    weight = (weight.reshape(conv.groups, -1, *weight.shape[1:]) * per_input).reshape_as(weight)
+    conv.weight.copy_(weight)
+    conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
+    dtype = conv.weight.dtype
+    return low.to(dtype), high.to(dtype)
 
 
 @contextmanager

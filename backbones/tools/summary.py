@@ -82,10 +82,17 @@ class ReceptiveFieldMode(TorchDispatchMode):
     def field(self, tensor: torch.Tensor) -> Field:
         return self.fields[id(tensor)]
 
+    def _known(self, tensor: torch.Tensor) -> Field | None:
+        # a view of a tracked tensor (e.g. a slice of a buffer written in place) sees its base
+        for candidate in (tensor, tensor._base):
+            if candidate is not None and id(candidate) in self.fields:
+                return self.fields[id(candidate)]
+        return None
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        known = [self.fields[id(t)] for t in _tensors((args, kwargs)) if id(t) in self.fields]
+        known = [f for t in _tensors((args, kwargs)) if (f := self._known(t)) is not None]
         if not known:
             return out  # weights, constants
         field = known[0]
@@ -105,7 +112,26 @@ class ReceptiveFieldMode(TorchDispatchMode):
         for tensor in _tensors(out):
             self.fields[id(tensor)] = field
             self._alive.append(tensor)
+        for written in _written(func, args, kwargs):
+            # an in-place write into a view (a DenseNet block's shared buffer): the base holds
+            # pixels of every field written into it so far, as a concatenation would
+            base = written._base
+            if base is not None:
+                old = self.fields.get(id(base))
+                self.fields[id(base)] = field if old is None else old.merge(field)
+                self._alive.append(base)
         return out
+
+
+def _written(func: object, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors an op writes in place (its schema's mutable arguments)."""
+    written = []
+    for index, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            value = args[index] if index < len(args) else kwargs.get(argument.name)
+            if isinstance(value, torch.Tensor):
+                written.append(value)
+    return written
 
 
 def _reduces_space(op: object, args: tuple) -> bool:
