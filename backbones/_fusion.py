@@ -71,6 +71,8 @@ RESIDUAL_ACTIVATIONS = (nn.Identity, nn.ReLU)
 # 14x14), 0.8-0.9x below either (64 channels at 56x56; batch 1 at 28x28)
 WINOGRAD_MIN_CHANNELS = 128
 WINOGRAD_MIN_WORK = 2**25  # batch * height * width * in_channels * out_channels
+# transformed tiles per chunk of the batch: bounds the extra memory (4x the input and output)
+WINOGRAD_CHUNK_BYTES = 64 * 2**20
 # F(2x2, 3x3) weight transform G (Lavin & Gray 2016, section 4.1)
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
@@ -93,8 +95,23 @@ def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None
     `u` is `winograd_weight(weight)`. Each 2x2 output tile is A^T [(G g G^T) * (B^T d B)] A for
     the 4x4 input tile d around it: the input and output transforms are sums and differences
     of strided slices, and the 16 elementwise products over channels are one batched matrix
-    product. Returns (B, out, H, W) in channels_last.
+    product. The batch goes in chunks that keep the transformed tiles near
+    `WINOGRAD_CHUNK_BYTES`. Returns (B, out, H, W) in channels_last.
     """
+    batch, channels, height, width = x.shape
+    out = x.new_empty(batch, height, width, u.shape[2])
+    tiles = ((height + 1) // 2) * ((width + 1) // 2)
+    per_image = 16 * tiles * max(channels, u.shape[2]) * x.element_size()
+    chunk = max(1, WINOGRAD_CHUNK_BYTES // per_image)
+    for start in range(0, batch, chunk):
+        _winograd_tiles(x[start : start + chunk], u, bias, out[start : start + chunk])
+    return out.permute(0, 3, 1, 2)  # (B, out, H, W)
+
+
+def _winograd_tiles(
+    x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
+) -> None:
+    # x (B, C, H, W) -> out (B, H, W, out)
     batch, channels, height, width = x.shape
     out_channels = u.shape[2]
     tiles_h, tiles_w = (height + 1) // 2, (width + 1) // 2
@@ -110,19 +127,20 @@ def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None
         border.zero_()
     # B^T d B: tile row i is padded row 2t + i; B^T's rows are d0-d2, d1+d2, d2-d1, d1-d3
     d = [padded[:, i : i + 2 * tiles_h : 2] for i in range(4)]  # (B, tiles_h, W', C) each
-    rows = (d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3])
     v = x.new_empty(16, batch, tiles_h, tiles_w, channels)
-    for a, row in enumerate(rows):
+    for a, (p, q, sign) in enumerate(((0, 2, -1), (1, 2, 1), (2, 1, -1), (1, 3, -1))):
+        row = torch.add(d[p], d[q], alpha=sign)  # one row of B^T d at a time: less memory
         c = [row[:, :, j : j + 2 * tiles_w : 2] for j in range(4)]  # (B, tiles_h, tiles_w, C)
         torch.sub(c[0], c[2], out=v[4 * a])
         torch.add(c[1], c[2], out=v[4 * a + 1])
         torch.sub(c[2], c[1], out=v[4 * a + 2])
         torch.sub(c[1], c[3], out=v[4 * a + 3])
+    del padded, d, row, c
     m = torch.bmm(v.view(16, -1, channels), u)  # (16, B * tiles, out)
+    del v
     if bias is not None:
         m[5] += bias  # tile position (1, 1) reaches all four outputs with weight 1
     m = m.view(4, 4, batch, tiles_h, tiles_w, out_channels)
-    out = x.new_empty(batch, height, width, out_channels)
     # A^T's rows are m0+m1+m2 and m1-m2-m3: output row 2t + a, column 2t + b
     for a in range(2):
         s = [
@@ -135,7 +153,6 @@ def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None
                 torch.add(t[0] + t[1], t[2], out=out[:, a::2, b::2])
             else:
                 torch.sub(t[1] - t[2], t[3], out=out[:, a::2, b::2])
-    return out.permute(0, 3, 1, 2)  # (B, out, H, W)
 
 
 class FusedConv2d(nn.Conv2d):

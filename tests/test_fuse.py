@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from backbones import Backbone, create
+from backbones import _fusion as fusion
 from backbones._fusion import (
     ONEDNN_ACTIVATIONS,
     WINOGRAD_MIN_WORK,
@@ -176,6 +177,16 @@ def test_winograd_equals_conv2d(size: tuple[int, int], channels_last: bool, bias
     assert actual.shape == expected.shape
     assert actual.is_contiguous(memory_format=torch.channels_last)
     assert max_rel_error(actual, expected) <= 1e-5
+
+
+def test_winograd_in_batch_chunks_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    x, u = torch.randn(5, 16, 7, 7), winograd_weight(conv.weight)
+    whole = winograd_conv3x3(x, u, conv.bias)
+    # 16 positions x 16 tiles x 16 channels x 4 bytes = 16 KiB per image: chunks of 2, 2, 1
+    monkeypatch.setattr(fusion, "WINOGRAD_CHUNK_BYTES", 2 * 16 * 16 * 16 * 4)
+    torch.testing.assert_close(winograd_conv3x3(x, u, conv.bias), whole, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not onednn_usable(), reason="this PyTorch has no oneDNN")
