@@ -182,11 +182,11 @@ def test_winograd_equals_conv2d(size: tuple[int, int], channels_last: bool, bias
 def test_winograd_in_batch_chunks_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 16, 3, padding=1)
-    x, u = torch.randn(5, 16, 7, 7), winograd_weight(conv.weight)
-    whole = winograd_conv3x3(x, u, conv.bias)
+    x, u, bias = torch.randn(5, 16, 7, 7), winograd_weight(conv.weight), conv.bias.detach()
+    whole = winograd_conv3x3(x, u, bias)
     # 16 positions x 16 tiles x 16 channels x 4 bytes = 16 KiB per image: chunks of 2, 2, 1
     monkeypatch.setattr(fusion, "WINOGRAD_CHUNK_BYTES", 2 * 16 * 16 * 16 * 4)
-    torch.testing.assert_close(winograd_conv3x3(x, u, conv.bias), whole, rtol=0, atol=0)
+    torch.testing.assert_close(winograd_conv3x3(x, u, bias), whole, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not onednn_usable(), reason="this PyTorch has no oneDNN")
