@@ -65,12 +65,12 @@ _IN_PLACE: dict[type[nn.Module], Callable[[torch.Tensor], torch.Tensor]] = {
 # activations oneDNN's binary (residual sum) post-op can apply after the sum
 RESIDUAL_ACTIVATIONS = (nn.Identity, nn.ReLU)
 
-# Winograd pays where the matrix products outweigh the transforms' memory passes and the ~50
-# small ops it launches: measured on 2 AVX2 cores, 1.1-1.9x faster than oneDNN's direct conv
-# from 128 channels and 2^25 multiply-adds per kernel tap (e.g. batch 8 of 256 channels at
-# 14x14), 0.8-0.9x below either (64 channels at 56x56; batch 1 at 28x28)
+# Winograd pays where the matrix products outweigh the transforms' memory passes and the ~30
+# small ops it launches: measured on 2 AVX2 cores, 1.05-1.6x faster than oneDNN's direct conv
+# from 128 channels and 2^24 multiply-adds per kernel tap (batch 8 of 128 channels at 14x14,
+# batch 1 of 512 at 14x14), 0.7-1.0x below either (64 channels at 56x56; batch 1 at 7x7)
 WINOGRAD_MIN_CHANNELS = 128
-WINOGRAD_MIN_WORK = 2**25  # batch * height * width * in_channels * out_channels
+WINOGRAD_MIN_WORK = 2**24  # batch * height * width * in_channels * out_channels
 # transformed tiles per chunk of the batch: bounds the extra memory (4x the input and output)
 WINOGRAD_CHUNK_BYTES = 64 * 2**20
 # F(2x2, 3x3) weight transform G (Lavin & Gray 2016, section 4.1)
@@ -111,7 +111,7 @@ def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None
 def _winograd_tiles(
     x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
 ) -> None:
-    # x (B, C, H, W) -> out (B, H, W, out)
+    # x (B, C, H, W) -> out (B, H, W, out); each transform step is a few ops over all tiles
     batch, channels, height, width = x.shape
     out_channels = u.shape[2]
     tiles_h, tiles_w = (height + 1) // 2, (width + 1) // 2
@@ -125,34 +125,42 @@ def _winograd_tiles(
         padded[:, :, width + 1 :],
     ):
         border.zero_()
-    # B^T d B: tile row i is padded row 2t + i; B^T's rows are d0-d2, d1+d2, d2-d1, d1-d3
+    # B^T d B, rows then columns; B^T's rows are d0-d2, d1+d2, d2-d1, d1-d3, where tile row
+    # (column) i is padded row (column) 2t + i
     d = [padded[:, i : i + 2 * tiles_h : 2] for i in range(4)]  # (B, tiles_h, W', C) each
-    v = x.new_empty(16, batch, tiles_h, tiles_w, channels)
-    for a, (p, q, sign) in enumerate(((0, 2, -1), (1, 2, 1), (2, 1, -1), (1, 3, -1))):
-        row = torch.add(d[p], d[q], alpha=sign)  # one row of B^T d at a time: less memory
-        c = [row[:, :, j : j + 2 * tiles_w : 2] for j in range(4)]  # (B, tiles_h, tiles_w, C)
-        torch.sub(c[0], c[2], out=v[4 * a])
-        torch.add(c[1], c[2], out=v[4 * a + 1])
-        torch.sub(c[2], c[1], out=v[4 * a + 2])
-        torch.sub(c[1], c[3], out=v[4 * a + 3])
-    del padded, d, row, c
+    rows = x.new_empty(4, batch, tiles_h, 2 * tiles_w + 2, channels)
+    _input_transform(d, rows)
+    del padded, d
+    v = x.new_empty(4, 4, batch, tiles_h, tiles_w, channels)
+    columns = [rows[..., j : j + 2 * tiles_w : 2, :] for j in range(4)]  # (4, B, th, tw, C)
+    _input_transform(columns, v.transpose(0, 1))
+    del rows, columns
     m = torch.bmm(v.view(16, -1, channels), u)  # (16, B * tiles, out)
     del v
     if bias is not None:
         m[5] += bias  # tile position (1, 1) reaches all four outputs with weight 1
     m = m.view(4, 4, batch, tiles_h, tiles_w, out_channels)
     # A^T's rows are m0+m1+m2 and m1-m2-m3: output row 2t + a, column 2t + b
-    for a in range(2):
-        s = [
-            m[0, j] + m[1, j] + m[2, j] if a == 0 else m[1, j] - m[2, j] - m[3, j] for j in range(4)
-        ]
-        s = [t[:, : (height - a + 1) // 2] for t in s]  # an odd height has no last odd row
-        for b in range(2):
-            t = [t[:, :, : (width - b + 1) // 2] for t in s]
-            if b == 0:
-                torch.add(t[0] + t[1], t[2], out=out[:, a::2, b::2])
-            else:
-                torch.sub(t[1] - t[2], t[3], out=out[:, a::2, b::2])
+    s = x.new_empty(2, 4, batch, tiles_h, tiles_w, out_channels)  # A^T m, (a, j, ...)
+    torch.add(m[0], m[1], out=s[0]).add_(m[2])
+    torch.sub(m[1], m[2], out=s[1]).sub_(m[3])
+    del m
+    even = height % 2 == 0 and width % 2 == 0
+    full = out if even else x.new_empty(batch, 2 * tiles_h, 2 * tiles_w, out_channels)
+    grid = full.view(batch, tiles_h, 2, tiles_w, 2, out_channels)
+    # grid[:, :, a, :, b] as (a, B, tiles_h, tiles_w, out)
+    torch.add(s[:, 0] + s[:, 1], s[:, 2], out=grid[:, :, :, :, 0].permute(2, 0, 1, 3, 4))
+    torch.sub(s[:, 1] - s[:, 2], s[:, 3], out=grid[:, :, :, :, 1].permute(2, 0, 1, 3, 4))
+    if not even:
+        out.copy_(full[:, :height, :width])  # an odd size has no last odd row/column
+
+
+def _input_transform(d: list[torch.Tensor], out: torch.Tensor) -> None:
+    # out[k] = (B^T d)[k] for B^T's rows d0-d2, d1+d2, d2-d1, d1-d3
+    torch.sub(d[0], d[2], out=out[0])
+    torch.add(d[1], d[2], out=out[1])
+    torch.sub(d[2], d[1], out=out[2])
+    torch.sub(d[1], d[3], out=out[3])
 
 
 class FusedConv2d(nn.Conv2d):
