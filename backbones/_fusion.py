@@ -15,11 +15,11 @@ and takes a weight packed once per input shape. It is used only where it is exac
 
 Three more rewrites run inside the same module, all exact up to float rounding:
 
-- Winograd F(2x2, 3x3) (Lavin & Gray 2016) for 3x3 stride-1 convs with at least
-  `WINOGRAD_MIN_CHANNELS` input and output channels, on inputs big enough
-  (`WINOGRAD_MIN_WORK`): 16 matrix products on transformed 4x4 tiles do the work of 36
-  multiplies per 2x2 output block, 2.25x fewer. The transforms are memory passes, so it pays
-  only where the channels make the products dominate.
+- Winograd (Lavin & Gray 2016) for 3x3 stride-1 convs with at least `WINOGRAD_MIN_CHANNELS`
+  input and output channels, on inputs big enough (`WINOGRAD_MIN_WORK`): F(2x2, 3x3) does
+  the multiplies of a 2x2 output block as 16 products instead of 36, F(4x4, 3x3) (from
+  `WINOGRAD_F4_MIN_WORK`) a 4x4 block as 36 instead of 144. The transforms are memory
+  passes, so it pays only where the channels make the products dominate.
 - A residual sum after the conv (`layers.Residual`), with its activation, as oneDNN's binary
   post-op (`FusedResidual`): the conv output never makes a separate pass to meet the shortcut.
 - An average pool after a 1x1 conv runs before it (`pool_commutes`): DenseNet's transitions
@@ -33,6 +33,7 @@ parameters and state-dict keys stay those of `nn.Conv2d`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -65,16 +66,57 @@ _IN_PLACE: dict[type[nn.Module], Callable[[torch.Tensor], torch.Tensor]] = {
 # activations oneDNN's binary (residual sum) post-op can apply after the sum
 RESIDUAL_ACTIVATIONS = (nn.Identity, nn.ReLU)
 
-# Winograd pays where the matrix products outweigh the transforms' memory passes and the ~30
-# small ops it launches: measured on 2 AVX2 cores, 1.05-1.6x faster than oneDNN's direct conv
-# from 128 channels and 2^24 multiply-adds per kernel tap (batch 8 of 128 channels at 14x14,
-# batch 1 of 512 at 14x14), 0.7-1.0x below either (64 channels at 56x56; batch 1 at 7x7)
+# Winograd pays where the matrix products outweigh the transforms' memory passes and the
+# small ops it launches. Measured on 2 AVX2 cores against oneDNN's direct conv (batch x H x W x
+# C_in x C_out = "work"): F(2x2, 3x3) 1.05-1.4x faster from 128 channels and 2^24 work (batch
+# 8 of 128 channels at 14x14, batch 1 of 512 at 14x14), 0.7-1.0x below either (64 channels
+# at 56x56; batch 1 at 7x7); F(4x4, 3x3) 1.4-2.9x from 2^26 work, slower than F(2x2) below.
 WINOGRAD_MIN_CHANNELS = 128
-WINOGRAD_MIN_WORK = 2**24  # batch * height * width * in_channels * out_channels
-# transformed tiles per chunk of the batch: bounds the extra memory (4x the input and output)
+WINOGRAD_MIN_WORK = 2**24
+WINOGRAD_F4_MIN_WORK = 2**26
+# transformed tiles per chunk of the batch: bounds the extra memory (~2-4x input and output)
 WINOGRAD_CHUNK_BYTES = 64 * 2**20
-# F(2x2, 3x3) weight transform G (Lavin & Gray 2016, section 4.1)
-_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class Winograd:
+    """F(m x m, 3x3) (Lavin & Gray 2016): an m x m output tile is A^T [(G g G^T) * (B^T d B)] A
+    for the (m + 2) x (m + 2) input tile d around it."""
+
+    output: int  # m
+    bt: tuple[tuple[float, ...], ...]  # B^T, (m + 2) x (m + 2)
+    g: tuple[tuple[float, ...], ...]  # G, (m + 2) x 3
+    at: tuple[tuple[float, ...], ...]  # A^T, m x (m + 2)
+
+
+# points 0, 1, -1 (and infinity): 16 products per 2x2 outputs instead of 36, ~1e-6 relative error
+WINOGRAD_F2 = Winograd(
+    output=2,
+    bt=((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+    g=((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1)),
+    at=((1, 1, 1, 0), (0, 1, -1, -1)),
+)
+# points 0, 1, -1, 2, -2 (and infinity): 36 products per 4x4 outputs instead of 144, ~1e-5
+WINOGRAD_F4 = Winograd(
+    output=4,
+    bt=(
+        (4, 0, -5, 0, 1, 0),
+        (0, -4, -4, 1, 1, 0),
+        (0, 4, -4, -1, 1, 0),
+        (0, -2, -1, 2, 1, 0),
+        (0, 2, -1, -2, 1, 0),
+        (0, 4, 0, -5, 0, 1),
+    ),
+    g=(
+        (1 / 4, 0, 0),
+        (-1 / 6, -1 / 6, -1 / 6),
+        (-1 / 6, 1 / 6, -1 / 6),
+        (1 / 24, 1 / 12, 1 / 6),
+        (1 / 24, -1 / 12, 1 / 6),
+        (0, 0, 1),
+    ),
+    at=((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)),
+)
 
 
 def onednn_usable() -> bool:
@@ -82,41 +124,52 @@ def onednn_usable() -> bool:
     return torch.backends.mkldnn.is_available()
 
 
-def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A (out, in, 3, 3) conv weight as F(2x2, 3x3) needs it: G g G^T, (16, in, out)."""
-    g = torch.tensor(_WINOGRAD_G, dtype=torch.float64, device=weight.device)
-    u = torch.einsum("ai,ocij,bj->abco", g, weight.detach().double(), g)  # (4, 4, in, out)
-    return u.reshape(16, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
+def winograd_weight(weight: torch.Tensor, algorithm: Winograd = WINOGRAD_F2) -> torch.Tensor:
+    """A (out, in, 3, 3) conv weight as `algorithm` needs it: G g G^T, ((m + 2)^2, in, out)."""
+    g = torch.tensor(algorithm.g, dtype=torch.float64, device=weight.device)
+    u = torch.einsum("ai,ocij,bj->abco", g, weight.detach().double(), g)  # (n, n, in, out)
+    return u.reshape(len(g) ** 2, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
 
 
-def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A 3x3, stride 1, padding 1 convolution of `x` by Winograd F(2x2, 3x3).
+def winograd_conv3x3(
+    x: torch.Tensor,
+    u: torch.Tensor,
+    bias: torch.Tensor | None,
+    algorithm: Winograd = WINOGRAD_F2,
+) -> torch.Tensor:
+    """A 3x3, stride 1, padding 1 convolution of `x` by Winograd F(m x m, 3x3).
 
-    `u` is `winograd_weight(weight)`. Each 2x2 output tile is A^T [(G g G^T) * (B^T d B)] A for
-    the 4x4 input tile d around it: the input and output transforms are sums and differences
-    of strided slices, and the 16 elementwise products over channels are one batched matrix
-    product. The batch goes in chunks that keep the transformed tiles near
-    `WINOGRAD_CHUNK_BYTES`. Returns (B, out, H, W) in channels_last.
+    `u` is `winograd_weight(weight, algorithm)`. The input and output transforms are weighted
+    sums of strided slices, rows then columns, each a few ops over all tiles; the (m + 2)^2
+    elementwise products over channels are one batched matrix product. The batch goes in
+    chunks that keep the transformed tiles near `WINOGRAD_CHUNK_BYTES`. Returns
+    (B, out, H, W) in channels_last.
     """
     batch, channels, height, width = x.shape
     out = x.new_empty(batch, height, width, u.shape[2])
-    tiles = ((height + 1) // 2) * ((width + 1) // 2)
-    per_image = 16 * tiles * max(channels, u.shape[2]) * x.element_size()
+    m = algorithm.output
+    tiles = -(-height // m) * -(-width // m)
+    per_image = u.shape[0] * tiles * max(channels, u.shape[2]) * x.element_size()
     chunk = max(1, WINOGRAD_CHUNK_BYTES // per_image)
     for start in range(0, batch, chunk):
-        _winograd_tiles(x[start : start + chunk], u, bias, out[start : start + chunk])
+        _winograd_tiles(x[start : start + chunk], u, bias, algorithm, out[start : start + chunk])
     return out.permute(0, 3, 1, 2)  # (B, out, H, W)
 
 
 def _winograd_tiles(
-    x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
+    x: torch.Tensor,
+    u: torch.Tensor,
+    bias: torch.Tensor | None,
+    algorithm: Winograd,
+    out: torch.Tensor,
 ) -> None:
-    # x (B, C, H, W) -> out (B, H, W, out); each transform step is a few ops over all tiles
+    # x (B, C, H, W) -> out (B, H, W, out)
     batch, channels, height, width = x.shape
     out_channels = u.shape[2]
-    tiles_h, tiles_w = (height + 1) // 2, (width + 1) // 2
+    m, n = algorithm.output, algorithm.output + 2
+    tiles_h, tiles_w = -(-height // m), -(-width // m)
     # 1 pixel of the conv's zero padding, and more at the bottom/right to fill the last tiles
-    padded = x.new_empty(batch, 2 * tiles_h + 2, 2 * tiles_w + 2, channels)
+    padded = x.new_empty(batch, m * tiles_h + 2, m * tiles_w + 2, channels)
     padded[:, 1 : height + 1, 1 : width + 1] = x.permute(0, 2, 3, 1)  # (B, H, W, C)
     for border in (
         padded[:, :1],
@@ -125,42 +178,48 @@ def _winograd_tiles(
         padded[:, :, width + 1 :],
     ):
         border.zero_()
-    # B^T d B, rows then columns; B^T's rows are d0-d2, d1+d2, d2-d1, d1-d3, where tile row
-    # (column) i is padded row (column) 2t + i
-    d = [padded[:, i : i + 2 * tiles_h : 2] for i in range(4)]  # (B, tiles_h, W', C) each
-    rows = x.new_empty(4, batch, tiles_h, 2 * tiles_w + 2, channels)
-    _input_transform(d, rows)
+    # B^T d B, rows then columns: tile row (column) i is padded row (column) m * t + i
+    d = [padded[:, i : i + m * tiles_h : m] for i in range(n)]  # (B, tiles_h, W', C) each
+    rows = x.new_empty(n, batch, tiles_h, m * tiles_w + 2, channels)
+    _combine(algorithm.bt, d, rows)
     del padded, d
-    v = x.new_empty(4, 4, batch, tiles_h, tiles_w, channels)
-    columns = [rows[..., j : j + 2 * tiles_w : 2, :] for j in range(4)]  # (4, B, th, tw, C)
-    _input_transform(columns, v.transpose(0, 1))
+    v = x.new_empty(n, n, batch, tiles_h, tiles_w, channels)
+    columns = [rows[..., j : j + m * tiles_w : m, :] for j in range(n)]  # (n, B, th, tw, C)
+    _combine(algorithm.bt, columns, v.transpose(0, 1))
     del rows, columns
-    m = torch.bmm(v.view(16, -1, channels), u)  # (16, B * tiles, out)
+    products = torch.bmm(v.view(n * n, -1, channels), u)  # (n * n, B * tiles, out)
     del v
     if bias is not None:
-        m[5] += bias  # tile position (1, 1) reaches all four outputs with weight 1
-    m = m.view(4, 4, batch, tiles_h, tiles_w, out_channels)
-    # A^T's rows are m0+m1+m2 and m1-m2-m3: output row 2t + a, column 2t + b
-    s = x.new_empty(2, 4, batch, tiles_h, tiles_w, out_channels)  # A^T m, (a, j, ...)
-    torch.add(m[0], m[1], out=s[0]).add_(m[2])
-    torch.sub(m[1], m[2], out=s[1]).sub_(m[3])
-    del m
-    even = height % 2 == 0 and width % 2 == 0
-    full = out if even else x.new_empty(batch, 2 * tiles_h, 2 * tiles_w, out_channels)
-    grid = full.view(batch, tiles_h, 2, tiles_w, 2, out_channels)
-    # grid[:, :, a, :, b] as (a, B, tiles_h, tiles_w, out)
-    torch.add(s[:, 0] + s[:, 1], s[:, 2], out=grid[:, :, :, :, 0].permute(2, 0, 1, 3, 4))
-    torch.sub(s[:, 1] - s[:, 2], s[:, 3], out=grid[:, :, :, :, 1].permute(2, 0, 1, 3, 4))
-    if not even:
-        out.copy_(full[:, :height, :width])  # an odd size has no last odd row/column
+        products[n + 1] += bias  # A^T's column 1 is all ones: (1, 1) reaches every output
+    products = products.view(n, n, batch, tiles_h, tiles_w, out_channels)
+    # A^T products A: output row m * t + a, column m * t + b
+    half = x.new_empty(m, n, batch, tiles_h, tiles_w, out_channels)  # (a, j, ...)
+    _combine(algorithm.at, list(products), half)
+    del products
+    exact = height % m == 0 and width % m == 0
+    full = out if exact else x.new_empty(batch, m * tiles_h, m * tiles_w, out_channels)
+    grid = full.view(batch, tiles_h, m, tiles_w, m, out_channels)
+    # grid[:, :, a, :, b] as (a, B, tiles_h, tiles_w, out), one b at a time
+    outputs = [grid[:, :, :, :, b].permute(2, 0, 1, 3, 4) for b in range(m)]
+    _combine(algorithm.at, [half[:, j] for j in range(n)], outputs)
+    if not exact:
+        out.copy_(full[:, :height, :width])  # the last tiles stick out of the map
 
 
-def _input_transform(d: list[torch.Tensor], out: torch.Tensor) -> None:
-    # out[k] = (B^T d)[k] for B^T's rows d0-d2, d1+d2, d2-d1, d1-d3
-    torch.sub(d[0], d[2], out=out[0])
-    torch.add(d[1], d[2], out=out[1])
-    torch.sub(d[2], d[1], out=out[2])
-    torch.sub(d[1], d[3], out=out[3])
+def _combine(
+    matrix: tuple[tuple[float, ...], ...],
+    inputs: list[torch.Tensor],
+    out: torch.Tensor | list[torch.Tensor],
+) -> None:
+    # out[r] = sum_i matrix[r][i] * inputs[i], one pass per term after the first two (every
+    # row of these matrices has a coefficient 1 to start from)
+    for r, row in enumerate(matrix):
+        terms = [(c, inputs[i]) for i, c in enumerate(row) if c != 0]
+        terms.sort(key=lambda term: term[0] != 1)
+        (_, first), (c, second) = terms[0], terms[1]
+        torch.add(first, second, alpha=c, out=out[r])
+        for c, term in terms[2:]:
+            out[r].add_(term, alpha=c)
 
 
 class FusedConv2d(nn.Conv2d):
@@ -194,7 +253,8 @@ class FusedConv2d(nn.Conv2d):
         self.deferred = False
         # an average pool that followed this 1x1 conv, run before it (`pool_commutes`)
         self.pool_first: nn.AvgPool2d | None = None
-        self._packed: tuple[tuple[Any, ...], torch.Tensor] | None = None  # (weight key, packed)
+        # weight caches: "onednn", "F2", "F4" -> (weight key, transformed weight)
+        self._packed: dict[str, tuple[tuple[Any, ...], torch.Tensor]] | None = None
 
     @staticmethod
     def supports(conv: nn.Module) -> bool:
@@ -250,13 +310,15 @@ class FusedConv2d(nn.Conv2d):
         batch, _, height, width = x.shape
         work = batch * height * width * self.in_channels * self.out_channels
         if self.winograd and work >= WINOGRAD_MIN_WORK:
-            out = winograd_conv3x3(x, self._cached(x.shape, winograd=True), self.bias)
+            algorithm = WINOGRAD_F4 if work >= WINOGRAD_F4_MIN_WORK else WINOGRAD_F2
+            u = self._cached(x.shape, winograd=algorithm)
+            out = winograd_conv3x3(x, u, self.bias, algorithm)
             if shortcut is not None:
                 out += shortcut
             return _IN_PLACE[type(self.act)](out)
         attr, scalars = self._post_op
         geometry = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
-        weight = self._cached(x.shape, winograd=False)
+        weight = self._cached(x.shape, winograd=None)
         if shortcut is None:
             return torch.ops.mkldnn._convolution_pointwise(
                 x, weight, self.bias, *geometry, attr, scalars, ""
@@ -275,17 +337,20 @@ class FusedConv2d(nn.Conv2d):
             "",
         )
 
-    def _cached(self, input_shape: torch.Size, winograd: bool) -> torch.Tensor:
+    def _cached(self, input_shape: torch.Size, winograd: Winograd | None) -> torch.Tensor:
         # oneDNN picks the weight layout for the input shape (packed without it, the layout
-        # can be a slow one); another shape repacks, costing about what an unpacked call does.
-        # The Winograd weight does not depend on the input shape.
+        # can be a slow one): one packing is kept, for the last shape, and another shape
+        # repacks, costing about what an unpacked call does. A Winograd weight does not depend
+        # on the input shape: one is kept per tile size.
         weight = self.weight
+        slot = f"F{winograd.output}" if winograd is not None else "onednn"
         key = (weight.data_ptr(), weight._version, tuple(weight.shape))
-        if not winograd:
+        if winograd is None:
             key += (tuple(input_shape),)
-        if self._packed is None or self._packed[0] != key:
-            if winograd:
-                packed = winograd_weight(weight)
+        self._packed = self._packed or {}
+        if slot not in self._packed or self._packed[slot][0] != key:
+            if winograd is not None:
+                packed = winograd_weight(weight, winograd)
             else:
                 packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
                     weight.detach().to_mkldnn(),
@@ -295,8 +360,8 @@ class FusedConv2d(nn.Conv2d):
                     self.groups,
                     list(input_shape),
                 )
-            self._packed = (key, packed)
-        return self._packed[1]
+            self._packed[slot] = (key, packed)
+        return self._packed[slot][1]
 
     def __getstate__(self) -> dict[str, Any]:
         # copy.deepcopy and pickle: the packed weight is an opaque oneDNN tensor and a cache
