@@ -406,6 +406,7 @@ class ClampInput(nn.Module):
         self.lower_only = bool(torch.isinf(high).all() and (high > 0).all())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = self.low.to(x.dtype)  # under autocast x may be bf16: keep it so
         if self.lower_only:
-            return torch.maximum(x, self.low)
-        return torch.clamp(x, self.low, self.high)
+            return torch.maximum(x, low)
+        return torch.clamp(x, low, self.high.to(x.dtype))
