@@ -273,7 +273,7 @@ def test_residual_sum_runs_inside_the_conv(name: str) -> None:
     torch.manual_seed(0)
     model = randomize_norms(create(name, out_features=("C2",))).eval()
     block = next(m for m in model.modules() if hasattr(m, "residual") and _has_identity(m))
-    x = torch.randn(2, block_in_channels(block), 16, 16)
+    x = torch.randn(2, _block_in_channels(block), 16, 16)
     with torch.no_grad():
         expected = block(x.clone())
         model.fuse()
@@ -292,7 +292,7 @@ def _has_identity(block: nn.Module) -> bool:
     )
 
 
-def block_in_channels(block: nn.Module) -> int:
+def _block_in_channels(block: nn.Module) -> int:
     return next(m for m in block.modules() if isinstance(m, nn.Conv2d)).in_channels
 
 
