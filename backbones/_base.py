@@ -223,9 +223,9 @@ class Backbone(nn.Module):
         activation that is the sole consumer of their output, and a `layers.Residual` sum (+
         ReLU) that directly follows one, run as one oneDNN call on CPU (plain conv2d +
         activation on CUDA, with autograd on, and when traced; see `backbones._fusion`); with
-        `winograd`, wide 3x3 convs use Winograd F(2x2, 3x3) there. An average pool that is
-        the sole consumer of a 1x1 conv runs before it (they commute; the conv then sees a
-        quarter of the positions in DenseNet's transitions). Returns `self`, in
+        `winograd`, wide 3x3 convs use Winograd F(2x2, 3x3) or F(4x4, 3x3) there. An average
+        pool that is the sole consumer of a 1x1 conv runs before it (they commute; the conv
+        then sees a quarter of the positions in DenseNet's transitions). Returns `self`, in
         channels_last; outputs equal the unfused model's up to rounding.
         """
         if self.training:
@@ -233,39 +233,33 @@ class Backbone(nn.Module):
                 "fuse() folds BatchNorm running statistics into the convolutions, which is only "
                 "valid for inference: call .eval() first, e.g. create(name).eval().fuse()"
             )
-        for parent, key, conv, norm in _sole_consumers(self, (nn.BatchNorm2d,)):
+        names = {module: name for name, module in self.named_modules()}  # paths stay valid
+        for conv, norm in _sole_consumers(self, (nn.BatchNorm2d,)):
             if conv.out_channels == norm.num_features and norm.running_mean is not None:
                 _fold_norm_into_conv(conv, norm)
-                setattr(parent, key, nn.Identity())
-        _fold_pre_activations(self)
+                self.set_submodule(names[norm], nn.Identity())
+        _fold_pre_activations(self, names)
         if onednn_usable():
-            activations = _sole_consumers(self, tuple(ONEDNN_ACTIVATIONS))
-            follows = {conv: act for _, _, conv, act in activations}
-            for parent, key, _, _ in activations:
-                setattr(parent, key, nn.Identity())
+            follows = dict(_sole_consumers(self, tuple(ONEDNN_ACTIVATIONS)))
+            for act in follows.values():
+                self.set_submodule(names[act], nn.Identity())
             residuals = {
-                conv: (parent, key, residual)
-                for parent, key, conv, residual in _sole_consumers(self, (Residual,))
+                conv: residual
+                for conv, residual in _sole_consumers(self, (Residual,))
                 if conv not in follows and type(residual.act) in RESIDUAL_ACTIVATIONS
             }
-            pools = {
-                conv: (parent, key, pool)
-                for parent, key, conv, pool in _sole_consumers(self, (nn.AvgPool2d,))
-            }
-            parents = dict(self.named_modules())
-            for name, conv in list(self.named_modules()):
-                if FusedConv2d.supports(conv):
-                    parent_name, _, key = name.rpartition(".")
-                    if conv in residuals:
-                        parent, residual_key, residual = residuals[conv]
-                        fused = FusedConv2d(conv, residual.act, winograd=winograd)
-                        setattr(parent, residual_key, FusedResidual(fused))
-                    else:
-                        fused = FusedConv2d(conv, follows.get(conv), winograd=winograd)
-                    if conv in pools and fused.pool_commutes(pools[conv][2]):
-                        parent, pool_key, fused.pool_first = pools[conv]
-                        setattr(parent, pool_key, nn.Identity())
-                    setattr(parents[parent_name], key, fused)
+            pools = dict(_sole_consumers(self, (nn.AvgPool2d,)))
+            convs = [(n, m) for n, m in self.named_modules() if FusedConv2d.supports(m)]
+            for name, conv in convs:
+                if conv in residuals:
+                    fused = FusedConv2d(conv, residuals[conv].act, winograd=winograd)
+                    self.set_submodule(names[residuals[conv]], FusedResidual(fused))
+                else:
+                    fused = FusedConv2d(conv, follows.get(conv), winograd=winograd)
+                if conv in pools and fused.pool_commutes(pools[conv]):
+                    fused.pool_first = pools[conv]
+                    self.set_submodule(names[pools[conv]], nn.Identity())
+                self.set_submodule(name, fused)
         self._fused = True
         return self.to(memory_format=torch.channels_last)
 
@@ -314,23 +308,23 @@ def _sole_consumers(
     model: Backbone,
     kinds: tuple[type[nn.Module], ...],
     producers: tuple[type[nn.Module], ...] = (nn.Conv2d,),
-) -> list[tuple[nn.Module, str, nn.Module, nn.Module]]:
-    """(parent of the consumer, its attribute name, producer, consumer) for each module of
-    exactly one of `kinds` whose input is the output of a module of one of `producers` (a
-    Conv2d by default) that nothing else uses (an in-place sum with a shortcut is a use),
-    found by running `model` once; both modules run once."""
-    convs = {m: n for n, m in model.named_modules() if isinstance(m, producers)}
-    consumers = {m: n for n, m in model.named_modules() if type(m) in kinds}
+) -> list[tuple[nn.Module, nn.Module]]:
+    """(producer, consumer) for each module of exactly one of `kinds` whose input is the output
+    of a module of one of `producers` (a Conv2d by default) that nothing else uses (an
+    in-place sum with a shortcut is a use), found by running
+    `model` once; both modules run once."""
+    producing = [m for m in model.modules() if isinstance(m, producers)]
+    consumers = [m for m in model.modules() if type(m) in kinds]
     calls: dict[nn.Module, int] = {}
-    produced_by: dict[int, nn.Conv2d] = {}  # id of a conv output -> the conv
+    produced_by: dict[int, nn.Module] = {}  # id of a producer's output -> the producer
     keep: list[torch.Tensor] = []  # keeps ids unique while the model runs
     fed: dict[nn.Module, int] = {}  # consumer -> id of its input
-    settled: dict[int, int] = {}  # uses of conv outputs that an in-place consumer overwrote
+    settled: dict[int, int] = {}  # uses of outputs that an in-place consumer overwrote
     mode = _TensorUses()
 
-    def after_conv(conv: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        calls[conv] = calls.get(conv, 0) + 1
-        produced_by[id(output)] = conv
+    def after_producer(producer: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        calls[producer] = calls.get(producer, 0) + 1
+        produced_by[id(output)] = producer
         mode.uses[id(output)] = 0
         keep.append(output)
 
@@ -344,10 +338,10 @@ def _sole_consumers(
         mode.paused = False
         if output is args[0] and id(output) in mode.uses:
             # in place (ReLU(inplace=True)): later uses of this tensor see the consumer's
-            # output, not the conv's
+            # output, not the producer's
             settled[id(output)] = mode.uses.pop(id(output))
 
-    handles = [m.register_forward_hook(after_conv) for m in convs]
+    handles = [m.register_forward_hook(after_producer) for m in producing]
     handles += [m.register_forward_pre_hook(before_consumer) for m in consumers]
     handles += [m.register_forward_hook(after_consumer) for m in consumers]
     param = next(model.parameters())
@@ -360,14 +354,14 @@ def _sole_consumers(
             handle.remove()
 
     uses = mode.uses | settled
-    parents = dict(model.named_modules())
     pairs = []
     for consumer, source in fed.items():
-        conv = produced_by.get(source)
-        if conv is None or calls[conv] != 1 or calls[consumer] != 1 or uses[source]:
-            continue  # not after a conv, a shared module, or the conv output is used elsewhere
-        parent_name, _, key = consumers[consumer].rpartition(".")
-        pairs.append((parents[parent_name], key, conv, consumer))
+        producer = produced_by.get(source)
+        if producer is None or calls[producer] != 1 or calls[consumer] != 1:
+            continue  # not after a producer, or a module that runs twice
+        if uses[source]:
+            continue  # the output is used elsewhere too
+        pairs.append((producer, consumer))
     return pairs
 
 
@@ -388,26 +382,26 @@ def _norm_scale_shift(norm: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
-def _fold_pre_activations(model: Backbone) -> None:
+def _fold_pre_activations(model: Backbone, names: dict[nn.Module, str]) -> None:
     """Fold each BatchNorm -> ReLU -> unpadded conv chain (every output sole-used) into the
     conv, leaving a `ClampInput` in the norm's place and an Identity in the ReLU's."""
     after_norm = {
         relu: norm
-        for _, _, norm, relu in _sole_consumers(model, (nn.ReLU,), producers=(_BatchNorm,))
+        for norm, relu in _sole_consumers(model, (nn.ReLU,), producers=(_BatchNorm,))
         if norm.running_mean is not None
     }
-    names = {m: n for n, m in model.named_modules()}
-    parents = dict(model.named_modules())
-    for _, _, relu, conv in _sole_consumers(model, (nn.Conv2d,), producers=(nn.ReLU,)):
+    for relu, conv in _sole_consumers(model, (nn.Conv2d,), producers=(nn.ReLU,)):
         norm = after_norm.get(relu)
-        if norm is None or any(conv.padding) or norm.num_features != conv.in_channels:
-            continue
-        if not FusedConv2d.supports(conv):
+        if (
+            norm is None
+            or any(conv.padding)
+            or norm.num_features != conv.in_channels
+            or not FusedConv2d.supports(conv)
+        ):
             continue
         low, high = _fold_norm_relu_into_conv(norm, conv)
-        for module, replacement in ((norm, ClampInput(low, high)), (relu, nn.Identity())):
-            parent_name, _, key = names[module].rpartition(".")
-            setattr(parents[parent_name], key, replacement)
+        model.set_submodule(names[norm], ClampInput(low, high))
+        model.set_submodule(names[relu], nn.Identity())
 
 
 def _fold_norm_relu_into_conv(norm: _BatchNorm, conv: nn.Conv2d) -> tuple[Tensor, Tensor]:
