@@ -8,6 +8,7 @@ import inspect
 import math
 import re
 import typing
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -311,7 +312,7 @@ def _sole_consumers(
 ) -> list[tuple[nn.Module, nn.Module]]:
     """(producer, consumer) for each module of exactly one of `kinds` whose input is the output
     of a module of one of `producers` (a Conv2d by default) that nothing else uses (an
-    in-place sum with a shortcut is a use), found by running
+    in-place sum with a shortcut is a use, and so is another consumer), found by running
     `model` once; both modules run once."""
     producing = [m for m in model.modules() if isinstance(m, producers)]
     consumers = [m for m in model.modules() if type(m) in kinds]
@@ -354,12 +355,13 @@ def _sole_consumers(
             handle.remove()
 
     uses = mode.uses | settled
+    consumers_of = Counter(fed.values())
     pairs = []
     for consumer, source in fed.items():
         producer = produced_by.get(source)
         if producer is None or calls[producer] != 1 or calls[consumer] != 1:
             continue  # not after a producer, or a module that runs twice
-        if uses[source]:
+        if uses[source] or consumers_of[source] > 1:
             continue  # the output is used elsewhere too
         pairs.append((producer, consumer))
     return pairs

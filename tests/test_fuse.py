@@ -108,6 +108,31 @@ def test_only_sole_consumers_are_folded() -> None:
     assert max_rel_error(actual, expected) <= 1e-5
 
 
+class _TwoActivations(nn.Module):
+    """One conv output read by two activation modules: neither is its sole consumer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.hardswish = nn.Hardswish()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.relu(y) + self.hardswish(y)
+
+
+def test_an_output_read_by_two_consumers_is_not_fused() -> None:
+    model = _Tiny(_TwoActivations(), in_chans=8).eval()
+    x = torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        expected = model.stem(x)
+        model.fuse()
+        actual = model.stem(x)
+    assert isinstance(model.stem.relu, nn.ReLU) and isinstance(model.stem.hardswish, nn.Hardswish)
+    assert max_rel_error(actual, expected) <= 1e-5
+
+
 def _ops(run: Callable[[], object]) -> set[str]:
     """The ATen/oneDNN ops `run` calls: packets ("aten.add_") and overloads ("aten.add_.Tensor")."""
 
