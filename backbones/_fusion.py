@@ -226,8 +226,9 @@ class FusedConv2d(nn.Conv2d):
     """A Conv2d and the activation after it, as one oneDNN call on CPU (see the module doc).
 
     Holds the original conv's weight and bias (same parameters, same state-dict keys); `act`
-    is the activation module taken out of the model, or None (or an Identity) for a conv alone. With
-    `winograd`, a conv that qualifies (`winograd_applies`) runs `winograd_conv3x3` instead.
+    is the activation module taken out of the model, or None (or an Identity) for a conv
+    alone. With `winograd`, a conv that qualifies (`winograd_applies`) runs
+    `winograd_conv3x3` instead.
     """
 
     def __init__(self, conv: nn.Conv2d, act: nn.Module | None, *, winograd: bool = True) -> None:
@@ -254,7 +255,7 @@ class FusedConv2d(nn.Conv2d):
         # an average pool that followed this 1x1 conv, run before it (`pool_commutes`)
         self.pool_first: nn.AvgPool2d | None = None
         # weight caches: "onednn", "F2", "F4" -> (weight key, transformed weight)
-        self._packed: dict[str, tuple[tuple[Any, ...], torch.Tensor]] | None = None
+        self._packed: dict[str, tuple[tuple[Any, ...], torch.Tensor]] = {}
 
     @staticmethod
     def supports(conv: nn.Module) -> bool:
@@ -287,7 +288,7 @@ class FusedConv2d(nn.Conv2d):
             and self.kernel_size == (1, 1)
             and self.stride == (1, 1)
             and self.padding == (0, 0)
-            and self.deferred is False
+            and not self.deferred
             and type(self.act) is nn.Identity
         )
 
@@ -347,7 +348,6 @@ class FusedConv2d(nn.Conv2d):
         key = (weight.data_ptr(), weight._version, tuple(weight.shape))
         if winograd is None:
             key += (tuple(input_shape),)
-        self._packed = self._packed or {}
         if slot not in self._packed or self._packed[slot][0] != key:
             if winograd is not None:
                 packed = winograd_weight(weight, winograd)
@@ -366,7 +366,7 @@ class FusedConv2d(nn.Conv2d):
     def __getstate__(self) -> dict[str, Any]:
         # copy.deepcopy and pickle: the packed weight is an opaque oneDNN tensor and a cache
         state = super().__getstate__()
-        return {**state, "_packed": None}
+        return {**state, "_packed": {}}
 
     def extra_repr(self) -> str:
         post_op = f"add+{self._post_op[0]}" if self.deferred else self._post_op[0]

@@ -98,11 +98,12 @@ class DenseBlock(nn.Module):
         # writes would change a buffer that earlier layers saved for their backward pass.)
         batch, channels, height, width = x.shape
         growth = self.layers[0].conv2.out_channels
+        memory_format = memory_format_of(x)
         out = torch.empty(
             (batch, channels + len(self.layers) * growth, height, width),
             dtype=x.dtype,
             device=x.device,
-            memory_format=memory_format_of(x),
+            memory_format=memory_format,
         )
         out[:, :channels] = x
         for layer in self.layers:
@@ -110,7 +111,7 @@ class DenseBlock(nn.Module):
             if isinstance(layer.norm1, _BatchNorm):
                 # BatchNorm's CPU kernel is several times slower on a strided view than a copy
                 # and itself; fuse() replaces it by a clamp, which reads the view directly
-                features = features.contiguous(memory_format=memory_format_of(x))
+                features = features.contiguous(memory_format=memory_format)
             out[:, channels : channels + growth] = layer([features])
             channels += growth
         return out  # (B, C + num_layers * growth_rate, H, W)

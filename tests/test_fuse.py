@@ -276,9 +276,9 @@ def test_fused_network_with_winograd_everywhere_matches(
         ops = _ops(lambda: model(x))
         actual = model(x)
     assert "aten.bmm" in ops
-    assert {
-        key for m in model.modules() if isinstance(m, FusedConv2d) for key in m._packed or {}
-    } >= {f"F{tile}"}
+    assert {key for m in model.modules() if isinstance(m, FusedConv2d) for key in m._packed} >= {
+        f"F{tile}"
+    }
     for level, feature in expected.items():
         assert max_rel_error(actual[level], feature) <= 1e-4, level
 
