@@ -16,9 +16,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import eval as eval_script
 import train as train_script
 from backbones import create
-from training.build import ConfigError, build_datamodule, build_model, build_module
-from training.checkpoints import CheckpointError, load_checkpoint
-from training.module import NonFiniteLossError
+from training.build import build_datamodule, build_model, build_module
+from training.checkpoints import load_checkpoint
+from training.errors import CheckpointError, ConfigError, NonFiniteLossError
 from training.report import quiet_lightning
 from training.tasks import Classification
 

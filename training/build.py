@@ -14,14 +14,11 @@ from backbones import Backbone, input_normalization
 from backbones.weights import atomic_path
 from heads import ClassificationHead, Classifier
 
-from .data import TaskDataModule
+from .data.base import TaskDataModule
+from .errors import ConfigError
 from .module import TaskModule
 from .small_convs import use_tiny_map_weight_grads
 from .tasks import get_task
-
-
-class ConfigError(ValueError):
-    """The config asks for something that cannot run; the message says what to change."""
 
 
 def classifier(backbone: Backbone, num_classes: int, **head_options: Any) -> Classifier:

@@ -14,9 +14,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from backbones.weights import atomic_path, save_safetensors
 
-
-class CheckpointError(ValueError):
-    """A checkpoint path is missing or the file is not a readable checkpoint of this project."""
+from .errors import CheckpointError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -15,9 +15,7 @@ from rich.table import Table
 
 from backbones import WeightsError
 
-from .build import ConfigError
-from .checkpoints import CheckpointError
-from .module import NonFiniteLossError
+from .errors import CheckpointError, ConfigError, NonFiniteLossError
 
 USER_ERRORS = (
     ConfigError,
