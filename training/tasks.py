@@ -17,6 +17,8 @@ from torchmetrics.classification import (
 )
 from torchmetrics.detection import MeanAveragePrecision
 
+from .errors import ConfigError
+
 IGNORE_INDEX = 255  # segmentation pixels that no loss or metric counts
 
 
@@ -140,5 +142,5 @@ TASKS: dict[str, Task] = {
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; this version trains {list(TASKS)}")
+        raise ConfigError(f"unknown task {name!r}; this version trains {list(TASKS)}")
     return TASKS[name]

@@ -25,7 +25,7 @@ from torchvision.transforms.v2 import functional as F
 
 from backbones import IMAGENET_MEAN, IMAGENET_STD
 
-from ..errors import DatasetError
+from ..errors import ConfigError, DatasetError
 from ..tasks import IGNORE_INDEX
 from .transforms import classification_preset, dense_preset
 
@@ -47,7 +47,7 @@ class TaskDataModule(L.LightningDataModule):
     def __init__(self, task: str, batch_size: int = 32, num_workers: int = 0) -> None:
         super().__init__()
         if task not in self.tasks:
-            raise ValueError(
+            raise ConfigError(
                 f"data module {type(self).__name__} serves the tasks {list(self.tasks)}, "
                 f"not {task!r}: pick a head for one of those tasks or another data config"
             )
