@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
+import train as train_script
 from backbones import IMAGENET_MEAN, IMAGENET_STD
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -77,11 +79,18 @@ def is_red(image: torch.Tensor) -> torch.Tensor:
     return (rgb[0] > 0.6) & (rgb[2] < 0.4)
 
 
-FAST_DEV_RUN = [
-    "data.num_workers=0",
-    "callbacks=none",
-    "trainer.accelerator=cpu",
-    "trainer.fast_dev_run=true",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-]
+def fast_dev_run(tmp_path: Path, *overrides: str) -> dict[str, float]:
+    """`train(cfg)` for one batch of each split (Lightning's fast_dev_run); its finite metrics."""
+    cfg = config(
+        tmp_path,
+        *overrides,
+        "data.num_workers=0",
+        "callbacks=none",
+        "trainer.accelerator=cpu",
+        "trainer.fast_dev_run=true",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+    )
+    metrics = train_script.train(cfg)["metrics"]
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    return metrics

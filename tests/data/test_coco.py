@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
 
-import train as train_script
 from training.data.coco import COCODetectionDataModule
 from training.errors import DatasetError
 
-from .helpers import FAST_DEV_RUN, RED, config, dilate, interior, is_red, save_image
+from .helpers import RED, dilate, fast_dev_run, interior, is_red, save_image
 
 COCO_CATEGORIES = [  # ids with gaps, as in COCO, listed out of order
     {"id": 90, "name": "toothbrush", "supercategory": "indoor"},
@@ -106,7 +104,7 @@ def test_coco_errors(tmp_path: Path) -> None:
 def test_fast_dev_run_of_fcos_on_coco(tmp_path: Path) -> None:
     """The detection head on the COCO data module (gapped ids, a crowd box, an empty image)."""
     root = make_coco(tmp_path / "data")
-    cfg = config(
+    metrics = fast_dev_run(
         tmp_path,
         "head=fcos",
         "head.model.fpn_channels=32",
@@ -114,8 +112,5 @@ def test_fast_dev_run_of_fcos_on_coco(tmp_path: Path) -> None:
         f"data.root={root}",
         "data.image_size=32",
         "data.batch_size=3",
-        *FAST_DEV_RUN,
     )
-    result = train_script.train(cfg)
-    assert {"train/loss_step", "val/map", "val/map_50"} <= set(result["metrics"])
-    assert all(math.isfinite(v) for v in result["metrics"].values())
+    assert {"train/loss_step", "val/map", "val/map_50"} <= set(metrics)
