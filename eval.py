@@ -13,8 +13,9 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from training.build import ConfigError, build_datamodule, build_module
+from training.build import build_datamodule, build_module
 from training.checkpoints import load_checkpoint
+from training.errors import ConfigError
 from training.report import print_summary, quiet_lightning, user_errors
 
 

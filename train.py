@@ -21,18 +21,17 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from training.build import ConfigError, build_datamodule, build_module, write_config
+from training.build import build_datamodule, build_module, write_config
 from training.callbacks import MetricsPlot
 from training.checkpoints import (
     AtomicCheckpointIO,
-    CheckpointError,
     export_backbone,
     find_last,
     find_resume,
     load_checkpoint,
 )
+from training.errors import CheckpointError, ConfigError, NonFiniteLossError
 from training.launch import multirun_job
-from training.module import NonFiniteLossError
 from training.report import print_summary, quiet_lightning, user_errors
 
 

@@ -6,6 +6,8 @@ model = create("resnet50")                # returns {"C3": ..., "C4": ..., "C5":
 
 from . import convnext, densenet, efficientnet, mobilenet, resnet, vgg  # noqa: F401  (register the families)
 from ._base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     Backbone,
     ClassifierCfg,
     FeatureInfo,
@@ -17,6 +19,8 @@ from ._base import (
 from .weights import WeightsError, convert
 
 __all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "Backbone",
     "ClassifierCfg",
     "FeatureInfo",

@@ -1,4 +1,4 @@
-"""Classification on one level or several pooled together; `build_classifier` = backbone + reference head."""
+"""Classification on one level or several pooled together; `build_classifier` puts it on a backbone."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -179,17 +180,50 @@ class Classifier(nn.Module):
 
 
 def build_classifier(
-    name: str,
+    backbone: str | Backbone,
     num_classes: int = 1000,
     pretrained: Pretrained | None = None,
     strict: bool = True,
-    **backbone_kwargs,
+    **options: Any,
 ) -> Classifier:
-    """Backbone + the family's reference head: with torchvision's weights, torchvision's model.
+    """A backbone and a classification head: the reference model by name, or a head you choose
+    on a backbone you built.
 
-    With `pretrained` and a `num_classes` other than the checkpoint's, the final `fc` starts
-    from scratch; everything else is loaded.
+    By name, the backbone is created with `pretrained`, `strict` and `options` (the arguments
+    of `create`; `out_features` defaults to ("C5",)) and gets its family's reference head
+    (`Backbone.classifier_cfg`) on its coarsest level: with torchvision's weights, the result
+    is torchvision's classifier, logit for logit. With `pretrained` and a `num_classes` other
+    than the checkpoint's, the final `fc` starts from scratch; everything else is loaded.
+
+    A built `Backbone` gets a `ClassificationHead` with `options` (its arguments: `pool`,
+    `hidden_channels`, `dropout`, ...) on the one level the backbone returns, or on all of
+    them, pooled and concatenated, when it returns several (multi-scale). `head=classification`
+    in the training configs builds its model this way.
     """
+    if isinstance(backbone, str):
+        return _reference_classifier(backbone, num_classes, pretrained, strict, **options)
+    if not isinstance(backbone, Backbone):
+        raise TypeError(
+            f"backbone must be a registered name or a Backbone, got {type(backbone).__name__}"
+        )
+    if pretrained is not None:
+        raise ValueError(
+            "pretrained= loads weights into a backbone built by name; a built backbone has its "
+            "weights already (create(name, pretrained=...))"
+        )
+    channels = backbone.channels
+    in_channels = channels if len(channels) > 1 else next(iter(channels.values()))
+    return Classifier(backbone, ClassificationHead(in_channels, num_classes, **options))
+
+
+def _reference_classifier(
+    name: str,
+    num_classes: int,
+    pretrained: Pretrained | None,
+    strict: bool,
+    **backbone_kwargs: Any,
+) -> Classifier:
+    """`build_classifier` by name: the family's reference head, loaded from `pretrained`."""
     backbone_kwargs.setdefault("out_features", ("C5",))
     weights = resolve(name, pretrained) if pretrained is not None else None  # read once
     backbone = create(name, pretrained=weights, strict=strict, **backbone_kwargs)
@@ -205,7 +239,7 @@ def build_classifier(
             warnings.warn(
                 f"the pretrained {name} weights have no classifier; the head starts from "
                 "random weights",
-                stacklevel=2,
+                stacklevel=3,  # the caller of build_classifier
             )
         else:
             if fc is not None and fc.shape[0] != num_classes:  # a new task: a new last layer

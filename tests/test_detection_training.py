@@ -17,8 +17,9 @@ from backbones import create
 from heads.detection import Detector
 from training.build import build_datamodule, build_model, build_module
 from training.checkpoints import load_checkpoint
-from training.data import TaskDataModule
-from training.module import NonFiniteLossError, TaskModule
+from training.data.base import TaskDataModule
+from training.errors import NonFiniteLossError
+from training.module import TaskModule
 
 from .test_training import TINY, config, heads, options, untrained_scores
 

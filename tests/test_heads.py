@@ -1,4 +1,4 @@
-"""Classification head: options and the reference classifiers it rebuilds."""
+"""Classification head: options, the reference classifiers it rebuilds, `build_classifier`."""
 
 from __future__ import annotations
 
@@ -63,6 +63,30 @@ def test_build_classifier() -> None:
     assert model.backbone.out_features == ("C5",)
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
     assert num_params(model) == num_params(torchvision.models.resnet18(num_classes=7))
+
+
+def test_build_classifier_on_a_built_backbone() -> None:
+    """The head `options` describe, not the family's reference: on the one level, or on all."""
+    single = build_classifier(create("vgg11_bn", out_features=("C5",)), num_classes=5, dropout=0.1)
+    # VGG's reference head would pool to 7x7 and have a 4096-4096 MLP
+    assert single.head.fc.in_features == 512 and len(single.head.hidden) == 0
+    assert single.head.levels is None and single.head.drop.p == 0.1
+
+    backbone = create("resnet18", out_features=("C4", "C5"))
+    multi = build_classifier(backbone, num_classes=5, pool="catavgmax")
+    assert multi.backbone is backbone and multi.head.levels == ("C4", "C5")
+    assert multi.head.fc.in_features == 2 * (256 + 512)
+    by_hand = Classifier(backbone, ClassificationHead(backbone.channels, 5, pool="catavgmax"))
+    by_hand.load_state_dict(multi.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(multi.eval()(x), by_hand.eval()(x))
+
+    with pytest.raises(
+        ValueError, match=r"pretrained= loads weights into a backbone built by name"
+    ):
+        build_classifier(backbone, num_classes=5, pretrained="torchvision")
+    with pytest.raises(TypeError, match="a registered name or a Backbone, got Linear"):
+        build_classifier(nn.Linear(2, 2), num_classes=5)
 
 
 @pytest.mark.parametrize("pool_size", [1, 2])

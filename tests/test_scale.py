@@ -22,8 +22,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 import train as train_script
-from training.build import ConfigError
-from training.checkpoints import CheckpointError, load_checkpoint
+from training.checkpoints import load_checkpoint
+from training.errors import CheckpointError, ConfigError
 from training.launch import job_command
 
 from .test_training import CONFIGS, ROOT

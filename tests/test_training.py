@@ -11,14 +11,15 @@ import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import eval as eval_script
 import train as train_script
 from backbones import create
-from training.build import ConfigError, build_datamodule, build_model, build_module
-from training.checkpoints import CheckpointError, load_checkpoint
-from training.module import NonFiniteLossError
+from training.build import build_datamodule, build_model, build_module
+from training.checkpoints import MOVED_TARGETS, load_checkpoint
+from training.errors import CheckpointError, ConfigError, NonFiniteLossError
 from training.report import quiet_lightning
 from training.tasks import Classification
 
@@ -156,6 +157,50 @@ def test_checkpoint_loads_safely_and_eval_reproduces_it(
     )
     scores = eval_script.evaluate(eval_cfg)["metrics"]
     assert scores["val/acc"] == pytest.approx(result["best_score"], abs=1e-6)
+
+
+def test_checkpoint_of_an_older_version_evaluates(
+    trained: tuple[DictConfig, dict], tmp_path: Path
+) -> None:
+    """A checkpoint whose stored config names the `_target_`s from before they moved."""
+    _, result = trained
+    checkpoint = torch.load(result["best_model_path"], map_location="cpu", weights_only=True)
+    stored = checkpoint["hyper_parameters"]["config"]
+    assert stored["data"]["_target_"] == "training.data.shapes.ShapesDataModule"
+    stored["data"]["_target_"] = "training.data.ShapesDataModule"
+    stored["head"]["model"]["_target_"] = "training.build.classifier"
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    eval_cfg = config(tmp_path, f"ckpt_path={old}", "trainer.accelerator=cpu", name="eval")
+    scores = eval_script.evaluate(eval_cfg)["metrics"]
+    assert scores["val/acc"] == pytest.approx(result["best_score"], abs=1e-6)
+
+
+@pytest.mark.parametrize("old, new", MOVED_TARGETS.items(), ids=list(MOVED_TARGETS))
+def test_moved_targets_name_what_exists_now(old: str, new: str) -> None:
+    assert callable(get_object(new))
+    with pytest.raises(ImportError):
+        get_object(old)
+
+
+def test_load_checkpoint_updates_moved_targets_anywhere_in_the_config(tmp_path: Path) -> None:
+    stored = {
+        "data": {"_target_": "training.datasets.VOCSegmentationDataModule", "root": "voc"},
+        "head": {"model": {"_target_": "training.build.classifier", "_partial_": True}},
+        "optim": {"_target_": "torch.optim.AdamW", "lr": 0.001},
+        "extra": [{"_target_": "training.data.ShapesDataModule"}, "training.build.classifier"],
+    }
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"config": stored}}, path)
+    assert load_checkpoint(path)["hyper_parameters"]["config"] == {
+        "data": {"_target_": "training.data.voc.VOCSegmentationDataModule", "root": "voc"},
+        "head": {"model": {"_target_": "heads.build_classifier", "_partial_": True}},
+        "optim": {"_target_": "torch.optim.AdamW", "lr": 0.001},
+        "extra": [
+            {"_target_": "training.data.shapes.ShapesDataModule"},
+            "training.build.classifier",
+        ],
+    }
 
 
 def test_exported_backbone_loads_with_create(trained: tuple[DictConfig, dict]) -> None:

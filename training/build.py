@@ -10,25 +10,14 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from backbones import Backbone, input_normalization
+from backbones import input_normalization
 from backbones.weights import atomic_path
-from heads import ClassificationHead, Classifier
 
-from .data import TaskDataModule
+from .data.base import TaskDataModule
+from .errors import ConfigError
 from .module import TaskModule
 from .small_convs import use_tiny_map_weight_grads
 from .tasks import get_task
-
-
-class ConfigError(ValueError):
-    """The config asks for something that cannot run; the message says what to change."""
-
-
-def classifier(backbone: Backbone, num_classes: int, **head_options: Any) -> Classifier:
-    """`ClassificationHead` on the backbone's one returned level, or multi-scale on several."""
-    channels = backbone.channels
-    in_channels = channels if len(channels) > 1 else next(iter(channels.values()))
-    return Classifier(backbone, ClassificationHead(in_channels, num_classes, **head_options))
 
 
 def build_datamodule(cfg: DictConfig) -> TaskDataModule:

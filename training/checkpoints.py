@@ -14,9 +14,22 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from backbones.weights import atomic_path, save_safetensors
 
+from .errors import CheckpointError
 
-class CheckpointError(ValueError):
-    """A checkpoint path is missing or the file is not a readable checkpoint of this project."""
+# The `_target_`s that moved since older checkpoints stored their run config, and where each
+# lives now. `load_checkpoint` applies this table to the stored config, the one place a config
+# comes back from a file (`eval.py` rebuilds model and data from it); exact paths only.
+MOVED_TARGETS: dict[str, str] = {
+    # issue 17: training/data/ became a package, one classifier builder in heads/
+    "training.build.classifier": "heads.build_classifier",
+    "training.data.ShapesDataModule": "training.data.shapes.ShapesDataModule",
+    "training.datasets.ImageFolderDataModule": "training.data.imagefolder.ImageFolderDataModule",
+    "training.datasets.CIFAR10DataModule": "training.data.cifar.CIFAR10DataModule",
+    "training.datasets.CIFAR100DataModule": "training.data.cifar.CIFAR100DataModule",
+    "training.datasets.OxfordPetDataModule": "training.data.pet.OxfordPetDataModule",
+    "training.datasets.VOCSegmentationDataModule": "training.data.voc.VOCSegmentationDataModule",
+    "training.datasets.COCODetectionDataModule": "training.data.coco.COCODetectionDataModule",
+}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -30,7 +43,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a Lightning checkpoint written by `train.py`, safely (no code execution)."""
+    """Read a Lightning checkpoint written by `train.py`, safely (no code execution).
+
+    The stored run config (`hyper_parameters.config`) comes back with the `_target_`s of
+    `MOVED_TARGETS` updated, so checkpoints of older versions still rebuild.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
@@ -60,7 +77,22 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} has no stored run config (hyper_parameters.config): it was not written "
             "by train.py"
         )
+    checkpoint["hyper_parameters"]["config"] = _current_targets(config)
     return checkpoint
+
+
+def _current_targets(node: Any) -> Any:
+    """The stored config `node` with every moved `_target_` replaced by where it lives now."""
+    if isinstance(node, dict):
+        return {
+            key: MOVED_TARGETS.get(value, value)
+            if key == "_target_" and isinstance(value, str)
+            else _current_targets(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_current_targets(item) for item in node]
+    return node
 
 
 def find_resume(run_dir: str | os.PathLike) -> Path | None:

@@ -11,11 +11,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from .errors import NonFiniteLossError
 from .tasks import get_task
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the message names the step."""
 
 
 @dataclass

@@ -15,17 +15,11 @@ from rich.table import Table
 
 from backbones import WeightsError
 
-from .build import ConfigError
-from .checkpoints import CheckpointError
-from .module import NonFiniteLossError
+from .errors import UserError
 
-USER_ERRORS = (
-    ConfigError,
-    CheckpointError,
-    WeightsError,
-    NonFiniteLossError,
-    InstantiationException,
-)
+# Printed as one line by `user_errors`: ours, a bad weights file, and a config target that
+# failed to build (Hydra wraps whatever the constructor raised).
+USER_ERRORS = (UserError, WeightsError, InstantiationException)
 
 
 def quiet_lightning() -> None:
@@ -42,7 +36,7 @@ def quiet_lightning() -> None:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a config, checkpoint or weights mistake into one message and exit status 1."""
+    """Turn a config, data, checkpoint or weights mistake into one message and exit status 1."""
     try:
         yield
     except USER_ERRORS as error:

@@ -17,7 +17,9 @@ from torchmetrics.classification import (
 )
 from torchmetrics.detection import MeanAveragePrecision
 
-from .shapes import IGNORE_INDEX
+from .errors import ConfigError
+
+IGNORE_INDEX = 255  # segmentation pixels that no loss or metric counts
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ class Segmentation(LogitsTask):
 
 @dataclass(frozen=True)
 class Detection(Task):
-    """Boxes and labels per image, batched as lists (see `training.data.detection_collate`).
+    """Boxes and labels per image, batched as lists (see `training.data.base.detection_collate`).
 
     torchvision's detectors compute their losses themselves, from the targets, and return
     detections in eval mode; mean average precision (COCO's, through pycocotools) scores them.
@@ -140,5 +142,5 @@ TASKS: dict[str, Task] = {
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; this version trains {list(TASKS)}")
+        raise ConfigError(f"unknown task {name!r}; this version trains {list(TASKS)}")
     return TASKS[name]

@@ -4,7 +4,8 @@ Every sample is a pure function of `(seed, split, index)`: no disk, no download,
 image in every epoch and in every DataLoader worker. One scene serves all three tasks: the
 class of the largest shape (classification), a per-pixel class map (segmentation, 0 is the
 background) and a box per visible shape (detection). Colours are drawn independently of the
-class, so only the geometry tells shapes apart.
+class, so only the geometry tells shapes apart. `ShapesDataset` draws the scenes;
+`ShapesDataModule` serves them to a run (`data=shapes`, the default).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .base import TaskDataModule
+
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
 SPLITS = {"train": 0, "val": 1, "test": 2}
-IGNORE_INDEX = 255  # segmentation pixels that no loss or metric counts
 
 
 def _regular_polygon(n: int, phase: float) -> np.ndarray:
@@ -266,3 +268,66 @@ def _contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarr
         if np.linalg.norm(colour - under) >= 0.35:
             return colour
     return (1.0 - under).astype(np.float32)  # unreachable in practice; still a contrast
+
+
+class ShapesDataModule(TaskDataModule):
+    """The synthetic shapes scenes (see `ShapesDataset`): no download, no disk.
+
+    Args:
+        task: "classification", "segmentation" or "detection" (set from the head config).
+        image_size: side of the square images.
+        num_train, num_val, num_test: scenes per split.
+        classes: shape names to draw, a subset of `SHAPES`.
+        min_shapes, max_shapes: shapes per scene.
+        seed: the dataset seed (independent of the training seed).
+        augment: random rotations by 90 degrees and mirror images of the training scenes
+            (labels follow; validation and test are never augmented).
+        cache: keep generated scenes in memory after their first use (about 52 KB per
+            64 px scene, in every process that draws them); the same samples, ~10% faster
+            training from the second epoch on.
+        batch_size, num_workers: DataLoader settings.
+    """
+
+    tasks = ("classification", "segmentation", "detection")
+
+    def __init__(
+        self,
+        task: str = "classification",
+        image_size: int = 64,
+        num_train: int = 4000,
+        num_val: int = 500,
+        num_test: int = 500,
+        classes: tuple[str, ...] | list[str] = SHAPES,
+        min_shapes: int = 1,
+        max_shapes: int = 4,
+        seed: int = 0,
+        augment: bool = True,
+        cache: bool = True,
+        batch_size: int = 64,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(task, batch_size, num_workers)
+        common = dict(
+            task=task,
+            image_size=image_size,
+            classes=tuple(classes),
+            min_shapes=min_shapes,
+            max_shapes=max_shapes,
+            seed=seed,
+            cache=cache,
+        )
+        self.splits = {
+            "train": ShapesDataset("train", num_train, augment=augment, **common),
+            "val": ShapesDataset("val", num_val, **common),
+            "test": ShapesDataset("test", num_test, **common),
+        }
+        self.classes = tuple(classes)
+
+    @property
+    def num_classes(self) -> int:
+        # Segmentation predicts the background as class 0.
+        return len(self.classes) + (self.task == "segmentation")
+
+    @property
+    def class_names(self) -> list[str]:
+        return (["background"] if self.task == "segmentation" else []) + list(self.classes)

@@ -17,7 +17,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from .shapes import IGNORE_INDEX
+from ..tasks import IGNORE_INDEX
 
 Stats = Sequence[float]
 

@@ -1,0 +1,304 @@
+"""What every data module shares: the task check, the loaders, the base of the disk datasets.
+
+`TaskDataModule` serves one task (chosen by the head) and owns the DataLoaders; subclasses
+fill `splits` and give `num_classes`. `DiskDataModule` adds what every real dataset needs:
+a `root` checked (and, where torchvision can, downloaded) before the model is built, with one
+message that shows the expected layout; the transform presets of `training.data.transforms`,
+normalised with the backbone's statistics; and a seeded hold-out for datasets that have no
+validation split.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+from backbones import IMAGENET_MEAN, IMAGENET_STD
+
+from ..errors import ConfigError, DatasetError
+from ..tasks import IGNORE_INDEX
+from .transforms import classification_preset, dense_preset
+
+log = logging.getLogger(__name__)
+
+
+def detection_collate(batch: list) -> tuple[list[torch.Tensor], list[dict]]:
+    """Detection images may differ in size and box count: keep them as lists."""
+    images, targets = zip(*batch, strict=True)
+    return list(images), list(targets)
+
+
+class TaskDataModule(L.LightningDataModule):
+    """Data for one task, chosen by the head; subclasses give `num_classes`, the one source of
+    truth, and fill `splits` ("train", "val", "test"), in `__init__` or `setup`."""
+
+    tasks: tuple[str, ...] = ()
+
+    def __init__(self, task: str, batch_size: int = 32, num_workers: int = 0) -> None:
+        super().__init__()
+        if task not in self.tasks:
+            raise ConfigError(
+                f"data module {type(self).__name__} serves the tasks {list(self.tasks)}, "
+                f"not {task!r}: pick a head for one of those tasks or another data config"
+            )
+        self.task = task
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.splits: dict[str, Dataset] = {}
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if not self.splits:
+            self.setup()
+        dataset = self.splits[split]
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=detection_collate if self.task == "detection" else None,
+            drop_last=shuffle and len(dataset) > self.batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+class DiskDataModule(TaskDataModule):
+    """Base of the data modules that read a dataset from `root`.
+
+    Subclasses set `title`, `layout` (the expected tree under root) and implement
+    `_layout_problem` (what is missing, or None), `_read_classes` and `_build_splits`
+    (the raw train/val/test datasets and their transforms); `_download` where torchvision
+    can fetch the dataset. A dataset without a validation split calls `_set_hold_out` in
+    `__init__` and builds its splits with `_hold_out_splits` (classification ones set `crop`,
+    the options of the classification preset).
+
+    Args:
+        task: set from the head config; one of the subclass's `tasks`.
+        root: the dataset folder (see each subclass's layout).
+        download: fetch the dataset with torchvision when it is not under root.
+        image_size: side of the square training crops (and of the eval images).
+        batch_size, num_workers: DataLoader settings.
+        mean, std: per-channel normalisation; `build_datamodule` passes the backbone's.
+    """
+
+    title = ""  # the dataset's name in messages
+    layout = ""  # the expected tree under root; its first line is the top folder
+    downloadable = True  # torchvision can fetch it
+    get_it = "Set data.root to the folder that holds it."  # the advice when it cannot
+
+    def __init__(
+        self,
+        task: str,
+        root: str | Path,
+        download: bool = False,
+        image_size: int = 224,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__(task, batch_size, num_workers)
+        if image_size < 16:
+            raise ValueError(f"image_size must be at least 16, got {image_size}")
+        self.root = Path(root).expanduser()
+        self.download = download
+        self.image_size = image_size
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.test_split = "test"  # the split that `test_dataloader` reads (some datasets: val)
+        self._present = False
+        self._classes: list[str] | None = None
+
+    # ------------------------------------------------------------------ what subclasses give
+
+    def _layout_problem(self) -> str | None:
+        raise NotImplementedError
+
+    def _read_classes(self) -> list[str]:
+        raise NotImplementedError
+
+    def _build_splits(self) -> dict[str, Dataset]:
+        raise NotImplementedError
+
+    def _download(self) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared
+
+    @property
+    def class_names(self) -> list[str]:
+        if self._classes is None:
+            self._ensure_present()
+            self._classes = self._read_classes()
+        return list(self._classes)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def prepare_data(self) -> None:
+        self._ensure_present()
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.splits:
+            self._ensure_present()
+            _ = self.class_names  # class checks (ImageFolder's folders) before reading files
+            self.splits = self._build_splits()
+            if self.test_split != "test":
+                log.info(
+                    "%s has no labelled test split: the test split is %s",
+                    self.title,
+                    self.test_split,
+                )
+
+    def _ensure_present(self) -> None:
+        if self._present:
+            return
+        problem = self._layout_problem()
+        if problem is not None and self.download:
+            if not self.downloadable:
+                raise DatasetError(
+                    f"{self.title}: torchvision cannot download it ({problem}).\n"
+                    f"{self._expected()}\n{self.get_it}"
+                )
+            if _local_rank() != 0:
+                raise DatasetError(
+                    f"{self.title} is not under {self.root} yet and only local rank 0 "
+                    "downloads; run once with data.download=true in a single process first"
+                )
+            self._download()
+            problem = self._layout_problem()
+        if problem is not None:
+            advice = (
+                "Set data.root to the folder that holds it, or data.download=true to fetch it "
+                "with torchvision."
+                if self.downloadable
+                else self.get_it
+            )
+            raise DatasetError(
+                f"no {self.title} at data.root: {problem}.\n{self._expected()}\n"
+                f"{self._hint()}{advice}"
+            )
+        self._present = True
+
+    def _expected(self) -> str:
+        tree = "\n".join("  " + line for line in self.layout.strip().splitlines())
+        return f"Expected under data.root={self.root}:\n{tree}"
+
+    def _hint(self) -> str:
+        """A root that points inside the dataset (a common slip) gets the right one named."""
+        top = self.layout.strip().splitlines()[0].split()[0].rstrip("/")  # e.g. VOCdevkit/VOC2012
+        if self.root.parts[-len(top.split("/")) :] == tuple(top.split("/")):
+            return f"data.root points inside the dataset: try data.root={self.root.parents[top.count('/')]}. "
+        return ""
+
+    def _set_hold_out(self, val_fraction: float, seed: int) -> None:
+        """For datasets without a validation split: the seeded part of train that validates."""
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.val_fraction, self.seed = val_fraction, seed
+
+    def _classification(self, train: bool, **options: Any) -> Callable:
+        return classification_preset(train, self.image_size, self.mean, self.std, **options)
+
+    def _dense(self, train: bool) -> Callable:
+        return dense_preset(self.task, train, self.image_size, self.mean, self.std)
+
+    def _hold_out_splits(self, train: Dataset, test: Dataset) -> dict[str, Dataset]:
+        """Splits of a dataset that has only train and test: val is a seeded random
+        `val_fraction` of train (see `_set_hold_out`), or (with 0) the test split."""
+        if self.task == "classification":
+            train_tf = self._classification(True, **self.crop)
+            eval_tf = self._classification(False, **self.crop)
+        else:
+            train_tf, eval_tf = self._dense(True), self._dense(False)
+        if self.val_fraction == 0:
+            log.info("%s: val_fraction=0, validating on the test split", self.title)
+            return {
+                "train": Transformed(train, train_tf),
+                "val": Transformed(test, eval_tf),
+                "test": Transformed(test, eval_tf),
+            }
+        generator = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(len(train), generator=generator).tolist()
+        count = max(1, round(self.val_fraction * len(train)))
+        kept, held = sorted(order[count:]), sorted(order[:count])
+        return {
+            "train": Transformed(train, train_tf, kept),
+            "val": Transformed(train, eval_tf, held),
+            "test": Transformed(test, eval_tf),
+        }
+
+
+def _local_rank() -> int:
+    """This process's rank on its node, from the launcher's environment (0 when alone)."""
+    for key in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+def missing_files(paths: Sequence[Path], listed_in: Path) -> str | None:
+    """None when every path exists, else how many are missing and the first few."""
+    missing = [p for p in paths if not p.is_file()]
+    if not missing:
+        return None
+    shown = ", ".join(str(p) for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
+    return f"{len(missing)} of the {len(paths)} files listed in {listed_in} are missing: {shown}"
+
+
+class Transformed(Dataset):
+    """Samples `indices` (all when None) of `dataset` through `transforms(image, target)`."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        transforms: Callable[[Any, Any], tuple[Any, Any]],
+        indices: Sequence[int] | None = None,
+    ) -> None:
+        self.dataset, self.transforms = dataset, transforms
+        self.indices = list(range(len(dataset))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        return self.transforms(*self.dataset[self.indices[index]])
+
+
+class AsMasks(Dataset):
+    """(PIL image, PIL class map) samples as (tv Image, tv Mask), values mapped by `lookup`."""
+
+    def __init__(self, dataset: Dataset, lookup: dict[int, int] | None = None) -> None:
+        self.dataset = dataset
+        self.table = None
+        if lookup is not None:
+            self.table = torch.full((256,), IGNORE_INDEX, dtype=torch.uint8)
+            for value, label in lookup.items():
+                self.table[value] = label
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+        image, mask = self.dataset[index]
+        mask = torch.from_numpy(np.array(mask, dtype=np.uint8))  # (H, W); palette indices
+        if self.table is not None:
+            mask = self.table[mask.long()]
+        return F.to_image(image), tv_tensors.Mask(mask)

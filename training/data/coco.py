@@ -1,0 +1,114 @@
+"""COCO 2017 object detection (Lin et al. 2014), read by torchvision's CocoDetection."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+from torchvision import datasets, tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+from ..errors import DatasetError
+from .base import DiskDataModule, Transformed, missing_files
+
+
+class COCODetectionDataModule(DiskDataModule):
+    """COCO 2017 object detection (Lin et al. 2014): 80 classes as contiguous labels 0-79.
+
+    Targets are `{"boxes": float (N, 4) xyxy, "labels": int64 (N,)}`, as the shapes
+    detection data gives; crowd annotations are dropped (they mark groups, not objects) and
+    images without boxes stay, with empty targets. The test annotations are not public, so
+    the test split is val2017 (and says so). torchvision has no COCO download.
+
+    Args: see `DiskDataModule`.
+    """
+
+    tasks = ("detection",)
+    title = "COCO 2017"
+    downloadable = False
+    get_it = (
+        "Download train2017.zip, val2017.zip and annotations_trainval2017.zip from "
+        "https://cocodataset.org/#download, unzip them into one folder and set data.root to it."
+    )
+    layout = """
+train2017/<image>.jpg
+val2017/<image>.jpg
+annotations/instances_train2017.json, instances_val2017.json
+"""
+
+    def _annotations(self, split: str) -> Path:
+        return self.root / "annotations" / f"instances_{split}2017.json"
+
+    def _layout_problem(self) -> str | None:
+        for split in ("train", "val"):
+            if not (self.root / f"{split}2017").is_dir():
+                return f"{self.root / f'{split}2017'} is missing"
+            if not self._annotations(split).is_file():
+                return f"{self._annotations(split)} is missing"
+        return None
+
+    def _read_classes(self) -> list[str]:
+        # val's annotation file is small and lists the same categories as train's
+        categories = self._categories(json.loads(self._annotations("val").read_text()))
+        return [c["name"] for c in categories]
+
+    def _categories(self, annotations: dict[str, Any]) -> list[dict[str, Any]]:
+        return sorted(annotations["categories"], key=lambda c: c["id"])
+
+    def _load(self, split: str) -> Dataset:
+        dataset = datasets.CocoDetection(self.root / f"{split}2017", str(self._annotations(split)))
+        categories = self._categories(dataset.coco.dataset)
+        if [c["name"] for c in categories] != self.class_names:
+            raise DatasetError(
+                f"{self._annotations(split)} lists other categories than "
+                f"{self._annotations('val')}; both must have the same"
+            )
+        images = [Path(dataset.root) / image["file_name"] for image in dataset.coco.imgs.values()]
+        problem = missing_files(images, self._annotations(split))
+        if problem:
+            raise DatasetError(f"{self.title}: {problem}.\n{self._expected()}")
+        wrapped = datasets.wrap_dataset_for_transforms_v2(
+            dataset, target_keys=("boxes", "labels", "iscrowd")
+        )
+        return _ContiguousLabels(wrapped, {c["id"]: i for i, c in enumerate(categories)})
+
+    def _build_splits(self) -> dict[str, Dataset]:
+        train, val = self._load("train"), self._load("val")
+        self.test_split = "val"
+        return {
+            "train": Transformed(train, self._dense(True)),
+            "val": Transformed(val, self._dense(False)),
+            "test": Transformed(val, self._dense(False)),
+        }
+
+
+class _ContiguousLabels(Dataset):
+    """COCO samples with labels 0..K-1 (category ids have gaps), no crowd boxes, and empty
+    (0, 4) boxes for images without annotations."""
+
+    def __init__(self, dataset: Dataset, label_of: dict[int, int]) -> None:
+        self.dataset, self.label_of = dataset, label_of
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, torch.Tensor]]:
+        image, target = self.dataset[index]
+        image = F.to_image(image)
+        height, width = image.shape[-2:]
+        if "boxes" not in target:  # no annotation at all
+            boxes = torch.zeros(0, 4)
+            labels = torch.zeros(0, dtype=torch.int64)
+        else:
+            keep = torch.tensor([not crowd for crowd in target["iscrowd"]], dtype=torch.bool)
+            boxes = target["boxes"][keep]
+            labels = torch.tensor(
+                [self.label_of[int(c)] for c in target["labels"][keep]], dtype=torch.int64
+            )
+        boxes = tv_tensors.BoundingBoxes(
+            boxes.float(), format="XYXY", canvas_size=(height, width)
+        )  # COCO files may hold integer boxes
+        return image, {"boxes": boxes, "labels": labels}

@@ -1,0 +1,28 @@
+"""The errors of a run that the user can fix; each message says what to change.
+
+They share the base `UserError`, which `training.report.user_errors` turns into one line on
+stderr and exit status 1 (no traceback). Each also keeps the builtin base it had before it
+moved here (`ValueError`, `RuntimeError`), so `except ValueError` in user code still works.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in the config, the data or a file, that the user fixes; not a bug."""
+
+
+class ConfigError(UserError, ValueError):
+    """The config asks for something that cannot run; the message says what to change."""
+
+
+class DatasetError(UserError, ValueError):
+    """A dataset root is missing, laid out wrongly or holds unreadable files; says what to do."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint path is missing or the file is not a readable checkpoint of this project."""
+
+
+class NonFiniteLossError(UserError, RuntimeError):
+    """The training loss became NaN or infinite; the message names the step."""
