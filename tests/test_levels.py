@@ -96,6 +96,9 @@ def test_levels_are_the_reference_networks(name: str) -> None:
     ours.load_state_dict(backbone, assign=True)  # strict: every key of ours, real tensors
     with torch.no_grad():
         got = ours.eval()(x)
+    # what code written for timm reads (`heads.FeatureList` returns the maps as a list)
+    assert ours.feature_info.channels() == [t.shape[1] for t in got.values()]
+    assert ours.feature_info.reduction() == [SIZE // t.shape[-1] for t in got.values()]
     for level, want in expected.items():
         assert got[level].shape == want.shape, level
         assert max_rel_error(got[level], want) <= TOLERANCE, level
