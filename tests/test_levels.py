@@ -1,4 +1,4 @@
-"""Every backbone's levels are its reference network's: Ck = the output of the last module at stride 2**k.
+"""Each backbone's Ck is its reference network's: the last module's output at stride 2**k.
 
 The reference levels come from walking torchvision's network itself (not from our module
 list), on random weights and norm statistics converted with `backbones.convert`, eval mode.
