@@ -49,6 +49,58 @@ class FeatureInfo:
     stride: int
 
 
+class FeatureInfoList(list[FeatureInfo]):
+    """`Backbone.feature_info`: every level the backbone has, answering timm's questions too.
+
+    It is a list of `FeatureInfo`, fine to coarse. Like timm's `FeatureInfo` of a
+    `features_only` model, `channels()`, `reduction()` (the stride) and `get_dicts()` describe
+    the levels the backbone returns (`out_features`), in the order `forward` returns them,
+    or, given `idx`, the levels at those list positions. So code written for timm's feature
+    extractors reads ours unchanged; `heads.FeatureList` returns the maps as a list.
+    """
+
+    def __init__(self, out_features: Sequence[str]) -> None:
+        super().__init__()
+        self.out_features = tuple(out_features)
+
+    def get(self, key: str, idx: int | Sequence[int] | None = None) -> object:
+        """timm's accessor: `key` of the returned levels, of level `idx`, or of each of `idx`."""
+        if isinstance(idx, int):
+            return self.get_dicts(idx=idx)[key]
+        return [info[key] for info in self.get_dicts(idx=idx)]
+
+    def get_dicts(
+        self, keys: Sequence[str] | None = None, idx: int | Sequence[int] | None = None
+    ) -> list[dict[str, object]] | dict[str, object]:
+        """timm's dicts (`num_chs`, `reduction`, plus our level `name`) of the returned levels,
+        of level `idx` (one dict) or of each of `idx`, with only `keys` if given."""
+        if isinstance(idx, int):
+            return self._as_dict(idx, keys)
+        indices = self._returned() if idx is None else idx
+        return [self._as_dict(i, keys) for i in indices]
+
+    def channels(self, idx: int | Sequence[int] | None = None) -> list[int] | int:
+        """Channels of the returned levels, fine to coarse (or of level `idx`)."""
+        return self.get("num_chs", idx)
+
+    def reduction(self, idx: int | Sequence[int] | None = None) -> list[int] | int:
+        """Strides of the returned levels, fine to coarse (or of level `idx`)."""
+        return self.get("reduction", idx)
+
+    def _returned(self) -> list[int]:
+        return [i for i, info in enumerate(self) if info.name in self.out_features]
+
+    def _as_dict(self, index: int, keys: Sequence[str] | None) -> dict[str, object]:
+        info = self[index]
+        full = {"num_chs": info.channels, "reduction": info.stride, "name": info.name}
+        if keys is None:
+            return full
+        unknown = [k for k in keys if k not in full]
+        if unknown:
+            raise KeyError(f"feature_info has no {unknown}; its keys are {list(full)}")
+        return {k: full[k] for k in keys}
+
+
 @dataclass(frozen=True)
 class ClassifierCfg:
     """The reference classifier of a family, as data for `heads.ClassificationHead`.
@@ -104,7 +156,7 @@ class Backbone(nn.Module):
         self.in_chans = in_chans
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
-        self.feature_info: list[FeatureInfo] = []
+        self.feature_info = FeatureInfoList(self.out_features)
         self._level_module: dict[str, int] = {}  # level name -> index in (stem, *stages)
         self._grad_checkpointing = False
         self._fused = False
@@ -121,7 +173,7 @@ class Backbone(nn.Module):
         name = f"C{k}"
         built = len(self.stages) if hasattr(self, "stages") else 0
         if name in self._level_module:
-            self.feature_info = [f for f in self.feature_info if f.name != name]
+            self.feature_info[:] = [f for f in self.feature_info if f.name != name]
         self.feature_info.append(FeatureInfo(name=name, channels=channels, stride=stride))
         self._level_module[name] = built
 

@@ -1,6 +1,11 @@
 """VGG (Simonyan & Zisserman 2014), plain and with BatchNorm after each conv (the `_bn` variants).
 
-Five blocks of 3x3 convs, each closed by a 2x2 max-pool: the block outputs are C1..C5.
+Five blocks of 3x3 convs with a 2x2 max-pool after each. As ResNet's stages open with their
+stride-2 block, ours open with the pool: the first block (stride 1) is the stem, and stage k is
+pool k + block k+1, so each level is the last conv (+ norm) + ReLU at its stride, the map just
+before the next pool (vgg16: C1 = conv2_2, C2 = conv3_3, C3 = conv4_3, the stride-8 map of
+SSD, C4 = conv5_3); C5 is pool5 alone, what torchvision's classifier reads, as in timm's
+`features_only` VGG.
 """
 
 from __future__ import annotations
@@ -26,13 +31,14 @@ class VGGCfg:
 
 
 class VGG(Backbone):
-    """VGG (Simonyan & Zisserman 2014): the first block is the stem (C1), the other four are stages.
+    """VGG (Simonyan & Zisserman 2014): a stride-1 stem, pool + block for C1..C4, pool5 for C5.
 
     Args:
         cfg: the variant (convs per block, and whether each is followed by a norm).
         out_features: levels to return, any of C1..C5.
         in_chans: input channels.
-        frozen_stages: -1 nothing, 0 the stem, k the stem and the first k stages.
+        frozen_stages: -1 nothing, 0 the stem (conv1_x), k the stem and the first k stages
+            (the convs up to the level Ck).
         norm_eval: keep every BatchNorm in eval mode while training.
         norm_layer: the norm after each conv, called with a channel count; None keeps the
             variant's (BatchNorm2d for the `_bn` variants, no norm for the others).
@@ -62,23 +68,23 @@ class VGG(Backbone):
         in_channels = in_chans
         for depth, width in zip(cfg.depths, WIDTHS, strict=True):
             layers: OrderedDict[str, nn.Module] = OrderedDict()
+            if blocks:  # every block but the first runs on the previous block's pooled output
+                layers["pool"] = _max_pool()
             for i in range(depth):
                 # The reference keeps the conv bias even before BatchNorm; so do we, for its weights.
                 layers[str(i)] = ConvNormAct(
                     in_channels, width, 3, bias=True, norm_layer=norm_layer, act_layer=ReLU
                 )
                 in_channels = width
-            # ceil_mode: an odd size keeps its last row/column, so Ck is ceil(H / 2**k) as in
-            # every family; on even sizes it is torchvision's floor-mode pool exactly.
-            layers["pool"] = nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)
             blocks.append(nn.Sequential(layers))
 
-        self.stem = blocks[0]
-        self.add_level(WIDTHS[0], stride=2)
+        self.stem = blocks[0]  # stride 1: no level
         self.stages = nn.ModuleList()
-        for k, block in enumerate(blocks[1:], start=2):
+        for k, block in enumerate(blocks[1:], start=1):
             self.stages.append(block)
-            self.add_level(WIDTHS[k - 1], stride=2**k)
+            self.add_level(WIDTHS[k], stride=2**k)
+        self.stages.append(nn.Sequential(OrderedDict(pool=_max_pool())))  # pool5
+        self.add_level(WIDTHS[-1], stride=32)
 
         self.weight_rules = {"torchvision": _torchvision_rules(cfg.depths, norm_layer is not None)}
         self._init_weights()
@@ -93,6 +99,12 @@ class VGG(Backbone):
             elif isinstance(module, nn.BatchNorm2d | nn.GroupNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+
+
+def _max_pool() -> nn.MaxPool2d:
+    # ceil_mode: an odd size keeps its last row/column, so Ck is ceil(H / 2**k) as in every
+    # family; on even sizes it is torchvision's floor-mode pool exactly.
+    return nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)
 
 
 def _torchvision_rules(depths: Sequence[int], has_norm: bool) -> Rules:

@@ -4,6 +4,7 @@ Detection (`heads.detection`) wraps torchvision's detectors and is imported on i
 """
 
 from .classification import ClassificationHead, Classifier, build_classifier
+from .feature_list import FeatureList
 from .fpn import FPN
 from .segmentation import Segmenter, SemanticFPNHead
 
@@ -11,6 +12,7 @@ __all__ = [
     "FPN",
     "ClassificationHead",
     "Classifier",
+    "FeatureList",
     "Segmenter",
     "SemanticFPNHead",
     "build_classifier",

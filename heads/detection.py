@@ -1,10 +1,11 @@
 """Detection with torchvision's detectors on any backbone + FPN; the anchors, losses and NMS are theirs.
 
 `BackboneWithFPN` is what torchvision's FasterRCNN / MaskRCNN / RetinaNet / FCOS take as a
-backbone. The builders size the anchors from the pyramid's strides and name the RoI
-pooler's levels, so a pyramid of any depth works: torchvision's defaults assume five
-levels (a three-level pyramid fails with "Anchors should be Tuple[Tuple[int]]", and
-FasterRCNN's default RoI pooler silently pools from levels that do not exist).
+backbone, keyed as torchvision's own, so their constructors work on it as they stand when
+the pyramid has the five levels their default anchors are sized for. The builders size the
+anchors from the pyramid's strides and name the RoI pooler's levels, so a pyramid of any
+depth works: torchvision's default anchors fail on another depth at the first forward with
+"Anchors should be Tuple[Tuple[int]]".
 `Detector` is what training uses: one of those detectors, speaking the data's labels.
 """
 
@@ -26,9 +27,19 @@ from backbones.layers import LayerFn
 
 from .fpn import FPN
 
+# torchvision's names for the extra levels of its FPN (`LastLevelMaxPool`, `LastLevelP6P7`)
+EXTRA_KEYS = {None: (), "maxpool": ("pool",), "p6p7": ("p6", "p7")}
+
 
 class BackboneWithFPN(nn.Module):
-    """A backbone and an `FPN`, returning an `OrderedDict` of levels with one `out_channels`.
+    """A backbone and an `FPN`, returning an `OrderedDict` of maps with one `out_channels`.
+
+    The maps are keyed as by torchvision's own `BackboneWithFPN`: "0", "1", ... for the FPN
+    outputs of the backbone's levels, fine to coarse, then "pool" ("maxpool") or "p6", "p7"
+    ("p6p7"). torchvision's R-CNNs pool RoIs from the maps named "0".."3" by default, so
+    `FasterRCNN(BackboneWithFPN(create("resnet50", out_features=("C2", "C3", "C4", "C5"))),
+    num_classes)` is torchvision's `fasterrcnn_resnet50_fpn` layout. `levels` names each key's
+    pyramid level (`{"0": "P2", ..., "pool": "P6"}`), `strides` gives its stride.
 
     Args:
         backbone: any registered backbone; its `out_features` are the FPN's inputs.
@@ -51,14 +62,17 @@ class BackboneWithFPN(nn.Module):
         self.body = backbone
         self.fpn = FPN(backbone.channels, out_channels, extra_blocks, p6p7_from, norm_layer)
         self.out_channels = out_channels
+        keys = [str(i) for i in range(len(self.fpn.levels))] + list(EXTRA_KEYS[extra_blocks])
+        self.levels = dict(zip(keys, self.fpn.channels, strict=True))  # key -> "P<k>"
 
     @property
     def strides(self) -> dict[str, int]:
-        """Stride of each returned level, fine to coarse."""
-        return self.fpn.strides
+        """Stride of each returned map, by its key, fine to coarse."""
+        return {key: self.fpn.strides[level] for key, level in self.levels.items()}
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        return OrderedDict(self.fpn(self.body(x)))  # {"P<k>": (B, out_channels, H/2^k, W/2^k)}
+        pyramid = self.fpn(self.body(x))  # {"P<k>": (B, out_channels, H/2^k, W/2^k)}
+        return OrderedDict((key, pyramid[level]) for key, level in self.levels.items())
 
 
 def anchor_generator(
@@ -94,10 +108,11 @@ def _with_fpn(backbone: Backbone | BackboneWithFPN, extra_blocks: str) -> Backbo
     )
 
 
-def _roi_pooler(fpn: FPN, output_size: int) -> MultiScaleRoIAlign:
+def _roi_pooler(body: BackboneWithFPN, output_size: int) -> MultiScaleRoIAlign:
     # RoIs pool from the levels of the backbone's features, not the extra coarse ones, as
-    # torchvision's R-CNNs (P2..P5 without "pool").
-    return MultiScaleRoIAlign(list(fpn.levels), output_size=output_size, sampling_ratio=2)
+    # torchvision's R-CNNs (P2..P5 without "pool"), however many there are.
+    names = [key for key, level in body.levels.items() if level in body.fpn.levels]
+    return MultiScaleRoIAlign(names, output_size=output_size, sampling_ratio=2)
 
 
 def fcos(backbone: Backbone | BackboneWithFPN, num_classes: int, **kwargs) -> FCOS:
@@ -135,7 +150,7 @@ def faster_rcnn(backbone: Backbone | BackboneWithFPN, num_classes: int, **kwargs
     """
     body = _with_fpn(backbone, "maxpool")
     kwargs.setdefault("rpn_anchor_generator", anchor_generator(body.strides.values(), 8))
-    kwargs.setdefault("box_roi_pool", _roi_pooler(body.fpn, 7))
+    kwargs.setdefault("box_roi_pool", _roi_pooler(body, 7))
     return FasterRCNN(body, num_classes, **kwargs)
 
 
@@ -143,8 +158,8 @@ def mask_rcnn(backbone: Backbone | BackboneWithFPN, num_classes: int, **kwargs) 
     """torchvision's Mask R-CNN (He et al. 2017): `faster_rcnn` plus a mask branch on the same levels."""
     body = _with_fpn(backbone, "maxpool")
     kwargs.setdefault("rpn_anchor_generator", anchor_generator(body.strides.values(), 8))
-    kwargs.setdefault("box_roi_pool", _roi_pooler(body.fpn, 7))
-    kwargs.setdefault("mask_roi_pool", _roi_pooler(body.fpn, 14))
+    kwargs.setdefault("box_roi_pool", _roi_pooler(body, 7))
+    kwargs.setdefault("mask_roi_pool", _roi_pooler(body, 14))
     return MaskRCNN(body, num_classes, **kwargs)
 
 

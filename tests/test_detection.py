@@ -1,4 +1,5 @@
-"""torchvision's detectors on backbone + FPN: a training step and eval output, 3 and 5 levels."""
+"""torchvision's detectors on backbone + FPN: a training step and eval output, 3 and 5 levels;
+torchvision's own constructors with their defaults on `BackboneWithFPN`."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ from collections import OrderedDict
 
 import pytest
 import torch
-import torchvision
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet, backbone_utils
 from torchvision.models.detection import faster_rcnn as tv_faster_rcnn
 from torchvision.models.detection import retinanet as tv_retinanet
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from backbones import create
 from heads.detection import (
@@ -111,7 +113,9 @@ def test_train_step_and_eval(builder, num_levels: int, batch: tuple) -> None:
     anchors = model.rpn.anchor_generator if builder is faster_rcnn else model.anchor_generator
     assert len(anchors.sizes) == num_levels  # one anchor set per level, whatever the depth
     if builder is faster_rcnn:
-        assert model.roi_heads.box_roi_pool.featmap_names == list(pyramid.fpn.levels)
+        # the FPN outputs of the backbone's levels, by torchvision's keys: not the extra ones
+        names = [str(i) for i in range(len(pyramid.fpn.levels))]
+        assert model.roi_heads.box_roi_pool.featmap_names == names
 
     images, targets = batch
     model.train()
@@ -133,7 +137,7 @@ def test_train_step_and_eval(builder, num_levels: int, batch: tuple) -> None:
 
 def test_mask_rcnn(batch: tuple) -> None:
     model = _build(mask_rcnn, num_levels=3)
-    assert model.roi_heads.mask_roi_pool.featmap_names == ["P3", "P4", "P5"]
+    assert model.roi_heads.mask_roi_pool.featmap_names == ["0", "1", "2"]  # P3..P5
     images, targets = batch
     losses = model.train()(images, targets)
     assert set(losses) == LOSSES[mask_rcnn] and all(torch.isfinite(v) for v in losses.values())
@@ -152,11 +156,11 @@ def test_mask_rcnn(batch: tuple) -> None:
 )
 def test_builders_add_the_detectors_usual_fpn(builder, levels: list[str]) -> None:
     model = builder(create("resnet18"), num_classes=3)
-    assert list(model.backbone.strides) == levels and model.backbone.out_channels == 256
+    assert list(model.backbone.levels.values()) == levels and model.backbone.out_channels == 256
     anchors = model.rpn.anchor_generator if builder is faster_rcnn else model.anchor_generator
     assert len(anchors.sizes) == len(levels)
     if builder is faster_rcnn:  # RoIs from the backbone's levels, not the pooled P6
-        assert model.roi_heads.box_roi_pool.featmap_names == ["P3", "P4", "P5"]
+        assert model.roi_heads.box_roi_pool.featmap_names == ["0", "1", "2"]  # P3..P5
 
 
 def test_backbone_with_fpn_is_what_torchvision_expects() -> None:
@@ -164,7 +168,9 @@ def test_backbone_with_fpn_is_what_torchvision_expects() -> None:
     pyramid = BackboneWithFPN(body, out_channels=64, extra_blocks="p6p7")
     out = pyramid(torch.randn(1, 3, 97, 65))
     assert isinstance(out, OrderedDict) and pyramid.out_channels == 64
-    assert list(out) == ["P3", "P4", "P5", "P6", "P7"]
+    assert list(out) == ["0", "1", "2", "p6", "p7"]  # torchvision's keys
+    assert pyramid.levels == {"0": "P3", "1": "P4", "2": "P5", "p6": "P6", "p7": "P7"}
+    assert pyramid.strides == {"0": 8, "1": 16, "2": 32, "p6": 64, "p7": 128}
     assert [tuple(t.shape) for t in out.values()] == [
         (1, 64, 13, 9),
         (1, 64, 7, 5),
@@ -172,10 +178,52 @@ def test_backbone_with_fpn_is_what_torchvision_expects() -> None:
         (1, 64, 2, 2),
         (1, 64, 1, 1),
     ]
-    # The issue's usage: torchvision's own FCOS on our 5-level pyramid, with its own anchors.
-    model = torchvision.models.detection.FCOS(pyramid, num_classes=3, min_size=64, max_size=64)
+    # The keys of torchvision's own FPN backbones, with either extra block.
+    reference = backbone_utils.resnet_fpn_backbone(
+        backbone_name="resnet18",
+        weights=None,
+        returned_layers=[2, 3, 4],
+        extra_blocks=LastLevelP6P7(256, 256),  # its out_channels are 256
+    )
+    assert list(out) == list(reference(torch.randn(1, 3, 64, 64)))
+    reference = backbone_utils.resnet_fpn_backbone(backbone_name="resnet18", weights=None)
+    levels = ("C2", "C3", "C4", "C5")
+    pyramid = BackboneWithFPN(create("resnet18", out_features=levels), out_channels=64)
+    x = torch.randn(1, 3, 64, 64)
+    assert list(pyramid(x)) == list(reference(x)) == ["0", "1", "2", "3", "pool"]
+
+
+# torchvision's own constructors, default anchors and RoI poolers, on the pyramid depth their
+# defaults are sized for: P3..P7 for the one-stage detectors, P2..P6 for the R-CNNs.
+RAW = {
+    FCOS: (fcos, "p6p7", ("C3", "C4", "C5")),
+    RetinaNet: (retinanet, "p6p7", ("C3", "C4", "C5")),
+    FasterRCNN: (faster_rcnn, "maxpool", ("C2", "C3", "C4", "C5")),
+    MaskRCNN: (mask_rcnn, "maxpool", ("C2", "C3", "C4", "C5")),
+}
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+@pytest.mark.parametrize("detector", list(RAW))
+def test_torchvision_constructors_take_backbone_with_fpn(detector, name: str, batch) -> None:
+    builder, extra_blocks, levels = RAW[detector]
+    torch.manual_seed(0)
+    body = BackboneWithFPN(create(name, out_features=levels), 64, extra_blocks=extra_blocks)
+    # the options only shrink the work (image size, proposals, thresholds), see OPTIONS
+    model = detector(body, num_classes=3, min_size=SIZE, max_size=SIZE, **OPTIONS[builder])
+    if detector in (FasterRCNN, MaskRCNN):
+        assert model.roi_heads.box_roi_pool.featmap_names == ["0", "1", "2", "3"]  # P2..P5
+
+    images, targets = batch
+    losses = model.train()(images, targets)
+    assert set(losses) == LOSSES[builder]
+    assert all(torch.isfinite(loss) for loss in losses.values()), losses
+    sum(losses.values()).backward()
+    stem = body.body.get_submodule(body.body.input_conv_name())
+    assert stem.weight.grad is not None and stem.weight.grad.abs().sum() > 0
     with torch.no_grad():
-        assert set(model.eval()([torch.rand(3, 64, 64)])[0]) == {"boxes", "scores", "labels"}
+        detections = model.eval()(images)
+    _check_detections(detections, limit=10, masks=detector is MaskRCNN)
 
 
 def test_anchor_sizes_reproduce_torchvision_defaults() -> None:

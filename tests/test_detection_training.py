@@ -79,10 +79,10 @@ def test_every_backbone_and_detection_head_config_builds(
     classes = datamodule.num_classes
     if head == "faster_rcnn":  # + the background torchvision reserves as label 0
         assert model.detector.roi_heads.box_predictor.cls_score.out_features == classes + 1
-        assert list(pyramid.strides) == ["P2", "P3", "P4", "P5", "P6"]
+        assert list(pyramid.levels.values()) == ["P2", "P3", "P4", "P5", "P6"]
     else:
         assert model.detector.head.classification_head.num_classes == classes
-        assert list(pyramid.strides) == ["P3", "P4", "P5", "P6", "P7"]
+        assert list(pyramid.levels.values()) == ["P3", "P4", "P5", "P6", "P7"]
 
 
 class Recorder(nn.Module):
