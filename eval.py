@@ -27,7 +27,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from training.build import build_datamodule, build_module
     from training.checkpoints import find_best, load_checkpoint
     from training.errors import ConfigError
-    from training.report import quiet_lightning
+    from training.report import quiet_lightning, route_lightning_logs
 
     if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.ckpt_path is None:
         raise ConfigError(
@@ -39,6 +39,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     path = Path(cfg.ckpt_path)
     if path.is_dir():  # a run directory, as train.py's ckpt_path takes
         path = find_best(path)
+    route_lightning_logs()  # under Hydra: into <run dir>/eval.log too
     quiet_lightning()
     checkpoint = load_checkpoint(path)
     run_cfg = OmegaConf.create(checkpoint["hyper_parameters"]["config"])
@@ -61,9 +62,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from training.report import log_to_run_file, print_summary, user_errors
+    from training.report import print_summary, user_errors
 
-    log_to_run_file()
     with user_errors():
         print_summary(evaluate(cfg))
 

@@ -111,17 +111,20 @@ def _plugins(cfg: DictConfig) -> list[Any]:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint, export its backbone; return the final metrics."""
+    from training.checks import check_config, check_data, check_model
+
+    check_config(cfg)  # before the imports below: a mistyped value fails in a second
+
     import lightning as L
     from hydra.utils import instantiate
 
     from training.build import build_datamodule, build_module, write_config
     from training.checkpoints import check_resumable, export_backbone, load_checkpoint
-    from training.checks import check_config, check_data, check_model
     from training.errors import NonFiniteLossError
-    from training.report import quiet_lightning
+    from training.report import quiet_lightning, route_lightning_logs
 
     output_dir = Path(cfg.paths.output_dir)
-    check_config(cfg)
+    route_lightning_logs()  # under Hydra: into <run dir>/train.log too
     quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
@@ -192,16 +195,20 @@ def _images_per_second(trainer: L.Trainer, datamodule, seconds: float) -> float:
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+
+    from training.report import print_summary, user_errors
+
+    # A multirun job's error must not end the sweep: it is logged and raised for Hydra to record.
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        from training.launch import multirun_job
+
+        context = multirun_job()
+    else:
+        context = user_errors()
+    with context:
+        result = train(cfg)
     from lightning.pytorch.utilities import rank_zero_only
 
-    from training.launch import multirun_job
-    from training.report import log_to_run_file, print_summary, user_errors
-
-    log_to_run_file()
-    # A multirun job's error must not end the sweep: it is logged and raised for Hydra to record.
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    with multirun_job() if multirun else user_errors():
-        result = train(cfg)
     if rank_zero_only.rank == 0:  # DDP: rank 0 reports (and its return value is the one used)
         print_summary(result)
     return result["best_score"]  # what Hydra sweepers (Optuna) optimise

@@ -13,6 +13,7 @@ import os
 import re
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,9 +88,11 @@ def _torch_load(path: Path) -> object:
                 "its weights: `torch.save(torch.load(path, weights_only=False).state_dict(), "
                 "'clean.pth')` (or save them as .safetensors) and pass the new file."
             ) from None
+        # torch's own first line is about its weights_only default, not about this file
+        why = "not a torch.save archive" if not zipfile.is_zipfile(path) else _first_line(e)
         raise WeightsError(
-            f"{path} is not a readable PyTorch checkpoint ({_first_line(e)}); it may be "
-            "truncated or corrupt, or not a weights file: download or save it again."
+            f"{path} is not a readable PyTorch checkpoint ({why}); it may be truncated or "
+            "corrupt, or not a weights file: download or save it again."
         ) from None
 
 

@@ -7,13 +7,16 @@ learning rate, BatchNorm on batches of one).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
-from .data.base import TaskDataModule
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # check_config runs before torch is imported: a mistake costs no wait
+    from torch import nn
+
+    from .data.base import TaskDataModule
 
 # (config key, smallest value, what the value is): integers checked when the key is present.
 _AT_LEAST = (
@@ -63,13 +66,15 @@ def check_data(datamodule: TaskDataModule) -> None:
 
 def check_model(module: nn.Module, datamodule: TaskDataModule) -> None:
     """BatchNorm layers that would train on batches of one image."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
     if datamodule.batch_size != 1:
         return
     module.train()  # as fit() will: frozen stages and norm_eval keep their norms in eval mode
     training = [
         name
         for name, layer in module.named_modules()
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.training
+        if isinstance(layer, _BatchNorm) and layer.training
     ]
     if training:
         in_backbone = all(".backbone." in f".{name}" for name in training)

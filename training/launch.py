@@ -21,7 +21,7 @@ import torch.distributed
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, read_write
 
-from .report import USER_ERRORS
+from .report import is_user_error, user_message
 
 if TYPE_CHECKING:
     from optuna.trial import Trial
@@ -85,11 +85,11 @@ def multirun_job() -> Iterator[None]:
         hydra.run.dir = hydra.runtime.output_dir
     try:
         yield
-    except USER_ERRORS as error:
-        log.error("error: %s", error)
-        raise
-    except Exception:
-        log.exception("the job failed")
+    except Exception as error:
+        if is_user_error(error):
+            log.error("error: %s", user_message(error))
+        else:
+            log.exception("the job failed")
         raise
     finally:
         sys.argv = argv

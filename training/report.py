@@ -14,13 +14,8 @@ from hydra.errors import InstantiationException
 from rich.console import Console
 from rich.table import Table
 
-from backbones import WeightsError
-
 from .errors import UserError
 
-# Printed as one line by `user_errors`: ours, a bad weights file, and a config target that
-# failed to build (Hydra wraps whatever the constructor raised).
-USER_ERRORS = (UserError, WeightsError, InstantiationException)
 # A full disk or quota while a checkpoint or the config is written: the user frees space.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -45,16 +40,23 @@ def user_errors() -> Iterator[None]:
     """
     try:
         yield
-    except USER_ERRORS as error:
-        _fail(user_message(error))
-    except OSError as error:
-        if error.errno not in DISK_FULL:
+    except Exception as error:
+        if not is_user_error(error):
             raise
-        _fail(
-            f"{error.strerror} while writing {error.filename or 'the run files'}: free space "
-            "there or set paths.outputs to another disk (files are written whole or not at "
-            "all: the previous checkpoint is intact)"
-        )
+        _fail(user_message(error))
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether `error` is the user's to fix (printed as one line), not a bug (a traceback).
+
+    Ours, a bad weights file, a config target that failed to build (Hydra wraps whatever the
+    constructor raised), a full disk.
+    """
+    # Read from sys.modules, not imported: `train.py --help` and a config mistake found before
+    # the models load never wait for torch (and without backbones there is no WeightsError).
+    weights = sys.modules.get("backbones.weights")
+    kinds = (UserError, InstantiationException, *([weights.WeightsError] if weights else []))
+    return isinstance(error, kinds) or (isinstance(error, OSError) and error.errno in DISK_FULL)
 
 
 def user_message(error: BaseException) -> str:
@@ -65,11 +67,17 @@ def user_message(error: BaseException) -> str:
     """
     if isinstance(error, InstantiationException) and error.__cause__ is not None:
         cause = error.__cause__
-        key = str(error).rpartition("\nfull_key: ")[2] if "\nfull_key: " in str(error) else ""
+        _, found, key = str(error).rpartition("\nfull_key: ")
         text = user_message(cause)
-        if not isinstance(cause, USER_ERRORS):  # e.g. a TypeError for an unknown argument
+        if not is_user_error(cause):  # e.g. a TypeError for an unknown argument
             text = f"{type(cause).__name__}: {text}"
-        return f"{key}: {text}" if key else text
+        return f"{key}: {text}" if found else text
+    if isinstance(error, OSError) and error.errno in DISK_FULL:
+        return (
+            f"{error.strerror} while writing {error.filename or 'the run files'}: free space "
+            "there or set paths.outputs to another disk (files are written whole or not at "
+            "all: what was there before is intact)"
+        )
     message = str(error)
     if message.startswith("Caught ") and "\nOriginal Traceback" in message:
         kind = type(error)
@@ -85,12 +93,12 @@ def _fail(message: str) -> None:
     sys.exit(1)
 
 
-def log_to_run_file() -> None:
-    """Send Lightning's log records where Hydra sends the run's: the console and train.log.
+def route_lightning_logs() -> None:
+    """Send Lightning's log records where the app's go (Hydra: the console and train.log).
 
-    Lightning gives its loggers console handlers of their own and, when imported before Hydra
-    set up logging, stops them propagating: their messages then never reach
-    `<run dir>/train.log`. Call this once Hydra has configured logging (inside `main`).
+    Lightning gives its loggers console handlers of their own and, when imported before
+    logging was set up, stops them propagating: their messages then never reach
+    `<run dir>/train.log`. Without handlers on the root logger, this leaves them as they are.
     """
     import lightning  # noqa: F401  (its loggers are set up on import)
 
