@@ -115,7 +115,7 @@ def route_lightning_logs() -> None:
 def to_log_file(level: int, message: str) -> None:
     """Write `message` to the log files of the root logger only (what was printed already)."""
     root = logging.getLogger()
-    record = root.makeRecord("train", level, __file__, 0, message, None, None)
+    record = root.makeRecord(__name__, level, __file__, 0, message, None, None)
     for handler in root.handlers:
         if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
             handler.handle(record)
