@@ -1,30 +1,47 @@
-"""Score a checkpoint: `python eval.py ckpt_path=outputs/.../checkpoints/best.ckpt [split=test]`.
+"""Score a checkpoint: `python eval.py ckpt_path=<run dir or .ckpt file> [split=test]`.
 
 The model, data and task are rebuilt from the run config stored in the checkpoint, so the
-validation split reproduces the metric the checkpoint was selected by.
+validation split reproduces the metric the checkpoint was selected by. Nothing in that config
+is built unless it names one of the project's allow-listed targets
+(`training.checkpoints.ALLOWED_TARGETS`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import lightning as L
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from training.build import build_datamodule, build_module
-from training.checkpoints import load_checkpoint
-from training.errors import ConfigError
-from training.report import print_summary, quiet_lightning, user_errors
+import training.cli  # noqa: F401  (what composing the config needs; light, so --help is fast)
+
+if TYPE_CHECKING:
+    import lightning as L
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Rebuild the checkpoint's model and data, run the chosen split, return its metrics."""
+    from hydra.utils import instantiate
+
+    from training.build import build_datamodule, build_module
+    from training.checkpoints import find_best, load_checkpoint
+    from training.errors import ConfigError
+    from training.report import quiet_lightning, route_lightning_logs
+
+    if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.ckpt_path is None:
+        raise ConfigError(
+            "eval.py needs a checkpoint: ckpt_path=<run dir> (scores its checkpoints/best.ckpt) "
+            "or ckpt_path=<file>.ckpt"
+        )
     if cfg.split not in ("val", "test"):
         raise ConfigError(f"split must be val or test, got {cfg.split!r}")
+    path = Path(cfg.ckpt_path)
+    if path.is_dir():  # a run directory, as train.py's ckpt_path takes
+        path = find_best(path)
+    route_lightning_logs()  # under Hydra: into <run dir>/eval.log too
     quiet_lightning()
-    checkpoint = load_checkpoint(cfg.ckpt_path)
+    checkpoint = load_checkpoint(path)
     run_cfg = OmegaConf.create(checkpoint["hyper_parameters"]["config"])
     run_cfg.backbone.pretrained = None  # the checkpoint holds every weight
     if cfg.batch_size is not None:
@@ -39,12 +56,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "metrics": {k: float(v) for k, v in scores.items()},
         "monitor": module.task.monitor,
         "best_score": None,
-        "best_model_path": str(cfg.ckpt_path),
+        "best_model_path": str(path),
     }
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    from training.report import print_summary, user_errors
+
     with user_errors():
         print_summary(evaluate(cfg))
 

@@ -10,33 +10,25 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import lightning as L
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from hydra.utils import instantiate
-from lightning.pytorch.plugins.environments import SLURMEnvironment
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from training.build import build_datamodule, build_module, write_config
-from training.callbacks import MetricsPlot
-from training.checkpoints import (
-    AtomicCheckpointIO,
-    export_backbone,
-    find_last,
-    find_resume,
-    load_checkpoint,
-)
-from training.errors import CheckpointError, ConfigError, NonFiniteLossError
-from training.launch import multirun_job
-from training.report import print_summary, quiet_lightning, user_errors
+import training.cli  # noqa: F401  (what composing the config needs; light, so --help is fast)
+
+if TYPE_CHECKING:
+    import lightning as L
+
+# torch, Lightning and the project's models load inside the functions below, once Hydra has
+# parsed the command line: `--help` and tab completion never wait for them.
 
 
 def _callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str) -> list[L.Callback]:
+    from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from training.callbacks import MetricsPlot
 
     options = OmegaConf.to_container(cfg.callbacks, resolve=True)
     checkpoint = options.pop("checkpoint", None) or {}
@@ -70,6 +62,9 @@ def _callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str) -> li
 
 
 def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
+    from training.checkpoints import find_last, find_resume, load_checkpoint
+    from training.errors import CheckpointError
+
     if cfg.ckpt_path is None:
         # A requeued SLURM job (signalled before its time limit, or preempted) is the same Hydra
         # job in the same run directory: it goes on from the newest checkpoint there.
@@ -95,6 +90,11 @@ def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
 
 
 def _plugins(cfg: DictConfig) -> list[Any]:
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from training.checkpoints import AtomicCheckpointIO
+    from training.errors import ConfigError
+
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         # Lightning would detect SLURM itself; this sets the signal it saves and requeues on
@@ -111,12 +111,29 @@ def _plugins(cfg: DictConfig) -> list[Any]:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint, export its backbone; return the final metrics."""
+    from training.checks import check_config, check_data, check_model
+
+    check_config(cfg)  # before the imports below: a mistyped value fails in a second
+
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from training.build import build_datamodule, build_module, write_config
+    from training.checkpoints import check_resumable, export_backbone, load_checkpoint
+    from training.errors import NonFiniteLossError
+    from training.report import quiet_lightning, route_lightning_logs
+
     output_dir = Path(cfg.paths.output_dir)
+    route_lightning_logs()  # under Hydra: into <run dir>/train.log too
     quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
+    check_data(datamodule)
     module = build_module(cfg, datamodule)
+    check_model(module, datamodule)
     ckpt_path = _resolve_ckpt_path(cfg, output_dir)
+    if ckpt_path is not None:
+        check_resumable(ckpt_path, module)
 
     monitor, mode = module.task.monitor, module.task.mode
     loggers = [instantiate(spec) for spec in cfg.logger.values() if spec is not None]
@@ -176,10 +193,22 @@ def _images_per_second(trainer: L.Trainer, datamodule, seconds: float) -> float:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from training.report import print_summary, user_errors
+
     # A multirun job's error must not end the sweep: it is logged and raised for Hydra to record.
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    with multirun_job() if multirun else user_errors():
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        from training.launch import multirun_job
+
+        context = multirun_job()
+    else:
+        context = user_errors()
+    with context:
         result = train(cfg)
+    from lightning.pytorch.utilities import rank_zero_only
+
     if rank_zero_only.rank == 0:  # DDP: rank 0 reports (and its return value is the one used)
         print_summary(result)
     return result["best_score"]  # what Hydra sweepers (Optuna) optimise

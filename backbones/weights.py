@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import re
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,8 +42,13 @@ class WeightsError(RuntimeError):
 # ------------------------------------------------------------------------------- reading
 
 
-def read_state_dict(path: str | os.PathLike) -> StateDict:
-    """Read a `.pth`/`.pt` (tensors only, `weights_only=True`) or `.safetensors` file."""
+def read_state_dict(path: str | os.PathLike, allow_non_finite: bool = False) -> StateDict:
+    """Read a `.pth`/`.pt` (tensors only, `weights_only=True`) or `.safetensors` file.
+
+    A file with NaN or infinite values (a diverged run, a damaged copy) is refused, naming the
+    tensors, unless `allow_non_finite`: to load one anyway, pass the state dict it returns,
+    `create(name, pretrained=read_state_dict(path, allow_non_finite=True))`.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -57,28 +62,62 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     if path.suffix == ".safetensors":
         try:
             with safe_open(path, framework="pt") as f:
-                return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+                state_dict = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
         except SafetensorError as e:
             raise WeightsError(
                 f"{path} is not a readable safetensors file ({e}); it may be truncated or "
                 "corrupt: download or convert it again."
             ) from None
+    else:
+        state_dict = unwrap_state_dict(_torch_load(path), origin=str(path))
+    if not allow_non_finite:
+        _check_finite(state_dict, path)
+    return state_dict
+
+
+def _torch_load(path: Path) -> object:
+    """`torch.load(weights_only=True)`, with one message per way a file can fail it."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        # A class or function the weights-only unpickler refuses, or a damaged file.
-        if isinstance(e, pickle.UnpicklingError) and "global" in str(e):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for files that are not its own
+        code = _pickled_code(path)
+        if code:
             raise WeightsError(
-                f"{path} holds pickled Python objects, not just tensors, and loading them would "
-                "execute code, which we never do. If you trust the file, re-save its weights: "
-                "`torch.save(torch.load(path, weights_only=False).state_dict(), 'clean.pth')` "
-                "(or save it as .safetensors) and pass the new file."
+                f"{path} holds pickled code, not loaded: it names {_names(code)}, which "
+                "loading would import and run, and we never do. If you trust the file, re-save "
+                "its weights: `torch.save(torch.load(path, weights_only=False).state_dict(), "
+                "'clean.pth')` (or save them as .safetensors) and pass the new file."
             ) from None
+        # torch's own first line is about its weights_only default, not about this file
+        why = "not a torch.save archive" if not zipfile.is_zipfile(path) else _first_line(e)
         raise WeightsError(
-            f"{path} is not a readable PyTorch checkpoint ({_first_line(e)}); it may be "
-            "truncated or corrupt: download or save it again."
+            f"{path} is not a readable PyTorch checkpoint ({why}); it may be truncated or "
+            "corrupt, or not a weights file: download or save it again."
         ) from None
-    return unwrap_state_dict(obj, origin=str(path))
+
+
+def _pickled_code(path: Path) -> list[str]:
+    """The functions and classes outside torch's tensor types that the file's pickle names."""
+    try:  # reads the pickle's opcodes; executes nothing
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not a torch.save zip archive: no pickle to look into
+        return []
+
+
+def _check_finite(state_dict: StateDict, path: Path) -> None:
+    bad = [
+        key
+        for key, value in state_dict.items()
+        if value.is_floating_point() or value.is_complex()
+        if not torch.isfinite(value).all()
+    ]
+    if bad:
+        raise WeightsError(
+            f"{path} holds NaN or infinite values in {len(bad)} tensor(s): {_names(bad)}. "
+            "Nothing was loaded: the weights come from a diverged run or a damaged copy. To "
+            "load them anyway: create(name, pretrained=read_state_dict(path, "
+            "allow_non_finite=True)) (backbones.weights.read_state_dict)."
+        )
 
 
 def unwrap_state_dict(obj: object, origin: str = "checkpoint") -> StateDict:
@@ -350,18 +389,31 @@ def load_into(
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds.
 
-    A crash or an exception never leaves half a file under the final name.
+    A crash or an exception never leaves half a file under the final name. The file gets the
+    mode a plain `open` would (0666 less the umask), not mkstemp's private 0600. An `OSError`
+    in the block (a full disk) names `path`, not the temp file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, mode)  # after the block: some writers (safetensors) create the file anew
         os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    # Reading the umask means setting it: set it straight back (one process-wide call pair).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_safetensors(
@@ -373,7 +425,14 @@ def save_safetensors(
     path = Path(path)
     tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as e:
+            # The Rust writer reports a failed write (a full disk) as "... (os error 28)"
+            code = re.search(r"\(os error (\d+)\)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1]))) from e
     return path
 
 

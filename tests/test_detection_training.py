@@ -21,7 +21,7 @@ from training.data.base import TaskDataModule
 from training.errors import NonFiniteLossError
 from training.module import TaskModule
 
-from .test_training import TINY, config, heads, options, untrained_scores
+from .test_training import TINY, config, family_backbones, heads, untrained_scores
 
 DETECTION_HEADS = heads("detection")
 # TINY's trainer settings; detection needs more pixels than 32 (P3 of a 32 px image is 4x4).
@@ -59,7 +59,7 @@ def test_detection_heads_are_configured() -> None:
 
 
 @pytest.mark.parametrize("head", DETECTION_HEADS)
-@pytest.mark.parametrize("backbone", options("backbone"))
+@pytest.mark.parametrize("backbone", family_backbones())
 def test_every_backbone_and_detection_head_config_builds(
     backbone: str, head: str, tmp_path: Path
 ) -> None:

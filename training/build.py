@@ -37,7 +37,10 @@ def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
     backbone_kwargs: dict[str, Any] = {"out_features": tuple(cfg.head.out_features)}
     if cfg.get("linear_probe", False):
         backbone_kwargs["norm_eval"] = True  # BatchNorm statistics stay frozen too
-    backbone = instantiate(cfg.backbone, **backbone_kwargs)
+    # A null option means the family's default (not passed): `drop_path_rate: null` in a config
+    # also serves the families that have no stochastic depth.
+    options = OmegaConf.to_container(cfg.backbone, resolve=True)
+    backbone = instantiate({k: v for k, v in options.items() if v is not None}, **backbone_kwargs)
     if cfg.get("linear_probe", False):
         backbone.requires_grad_(False)
     model = instantiate(cfg.head.model)(backbone=backbone, num_classes=num_classes)

@@ -13,17 +13,15 @@ import os
 import subprocess
 import sys
 import threading
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch.distributed
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf import DictConfig, read_write
 
-from .report import USER_ERRORS
-from .tasks import get_task
+from .report import is_user_error, user_message
 
 if TYPE_CHECKING:
     from optuna.trial import Trial
@@ -37,19 +35,6 @@ _SWEEP_OVERRIDES = ("hydra.mode=", "hydra/launcher", "hydra.launcher.", "hydra/s
 _SWEEP_OVERRIDES += ("hydra.sweeper.", "hydra.sweep.")
 # Command-line options (not overrides) that choose the config: kept for the ranks > 0.
 _CONFIG_OPTIONS = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir")
-
-
-def task_direction(task: str) -> str:
-    """The Optuna direction (`maximize` / `minimize`) of the task's monitored metric."""
-    return {"max": "maximize", "min": "minimize"}[get_task(task).mode]
-
-
-OmegaConf.register_new_resolver("task_direction", task_direction, replace=True)
-
-# configs/hydra/launcher/submitit_*.yaml share their names with the submitit plugin's schemas,
-# so Hydra validates them against those dataclasses (wanted: a mistyped key fails) and warns
-# that this matching is deprecated. Each file is complete on its own should the matching go.
-warnings.filterwarnings("ignore", message=r"(?s).*validated against ConfigStore schema")
 
 
 def drop_path_search_space(cfg: DictConfig, trial: Trial) -> None:
@@ -100,11 +85,11 @@ def multirun_job() -> Iterator[None]:
         hydra.run.dir = hydra.runtime.output_dir
     try:
         yield
-    except USER_ERRORS as error:
-        log.error("error: %s", error)
-        raise
-    except Exception:
-        log.exception("the job failed")
+    except Exception as error:
+        if is_user_error(error):
+            log.error("error: %s", user_message(error))
+        else:
+            log.exception("the job failed")
         raise
     finally:
         sys.argv = argv

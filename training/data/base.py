@@ -182,7 +182,15 @@ class DiskDataModule(TaskDataModule):
                     f"{self.title} is not under {self.root} yet and only local rank 0 "
                     "downloads; run once with data.download=true in a single process first"
                 )
-            self._download()
+            try:
+                self._download()
+            except OSError as error:  # urllib's URLError (offline, no DNS) is an OSError
+                raise DatasetError(
+                    f"{self.title}: data.download=true could not download it into {self.root} "
+                    f"({type(error).__name__}: {error}). Is this machine offline? Download it "
+                    "where there is internet (data.download=true there), copy it to data.root "
+                    "and set data.download=false"
+                ) from None
             problem = self._layout_problem()
         if problem is not None:
             advice = (

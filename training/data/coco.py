@@ -7,12 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets, tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from ..errors import DatasetError
 from .base import DiskDataModule, Transformed, missing_files
+from .images import read_rgb
 
 
 class COCODetectionDataModule(DiskDataModule):
@@ -59,7 +61,7 @@ annotations/instances_train2017.json, instances_val2017.json
         return sorted(annotations["categories"], key=lambda c: c["id"])
 
     def _load(self, split: str) -> Dataset:
-        dataset = datasets.CocoDetection(self.root / f"{split}2017", str(self._annotations(split)))
+        dataset = _CocoDetection(self.root / f"{split}2017", str(self._annotations(split)))
         categories = self._categories(dataset.coco.dataset)
         if [c["name"] for c in categories] != self.class_names:
             raise DatasetError(
@@ -112,3 +114,10 @@ class _ContiguousLabels(Dataset):
             boxes.float(), format="XYXY", canvas_size=(height, width)
         )  # COCO files may hold integer boxes
         return image, {"boxes": boxes, "labels": labels}
+
+
+class _CocoDetection(datasets.CocoDetection):
+    """torchvision's COCO detection, its images read by `read_rgb` (damaged files named)."""
+
+    def _load_image(self, id: int) -> Image.Image:
+        return read_rgb(Path(self.root) / self.coco.loadImgs(id)[0]["file_name"])

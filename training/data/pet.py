@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
 
@@ -13,6 +15,7 @@ from backbones import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import DatasetError
 from ..tasks import IGNORE_INDEX
 from .base import AsMasks, DiskDataModule, missing_files
+from .images import open_image, read_rgb
 
 # Trimap values: 1 pet, 2 background, 3 the unlabelled border around the pet.
 PET_TRIMAP = {1: 1, 2: 0, 3: IGNORE_INDEX}
@@ -88,7 +91,7 @@ oxford-iiit-pet/
         if problem:
             raise DatasetError(f"{self.title}: {problem}.\n{self._expected()}")
         target = "segmentation" if self.task == "segmentation" else "category"
-        return datasets.OxfordIIITPet(self.root, split, target_types=target)
+        return _OxfordIIITPet(self.root, split, target_types=target)
 
     def _read_classes(self) -> list[str]:
         if self.task == "segmentation":
@@ -100,3 +103,16 @@ oxford-iiit-pet/
         if self.task == "segmentation":
             trainval, test = AsMasks(trainval, PET_TRIMAP), AsMasks(test, PET_TRIMAP)
         return self._hold_out_splits(trainval, test)
+
+
+class _OxfordIIITPet(datasets.OxfordIIITPet):
+    """torchvision's Pet, its images read by `read_rgb` (16-bit PNGs scaled, damaged files
+    named); one target type, as the data module asks for."""
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, Any]:
+        # torchvision keeps the file lists and labels in these (private) attributes
+        if self._target_types == ["segmentation"]:
+            target = open_image(self._segs[index])
+        else:
+            target = self._labels[index]
+        return read_rgb(self._images[index]), target

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
 
 from ..errors import DatasetError
 from .base import AsMasks, DiskDataModule, Transformed, missing_files
+from .images import open_image, read_rgb
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -54,8 +56,8 @@ VOCdevkit/VOC2012/
     def _read_classes(self) -> list[str]:
         return list(VOC_CLASSES)
 
-    def _load(self, split: str) -> datasets.VOCSegmentation:
-        dataset = datasets.VOCSegmentation(self.root, year="2012", image_set=split)
+    def _load(self, split: str) -> _VOCSegmentation:
+        dataset = _VOCSegmentation(self.root, year="2012", image_set=split)
         listed = self._base() / "ImageSets" / "Segmentation" / f"{split}.txt"
         problem = missing_files([Path(p) for p in dataset.images + dataset.targets], listed)
         if problem:
@@ -70,3 +72,11 @@ VOCdevkit/VOC2012/
             "val": Transformed(val, self._dense(False)),
             "test": Transformed(val, self._dense(False)),
         }
+
+
+class _VOCSegmentation(datasets.VOCSegmentation):
+    """torchvision's VOC segmentation, its images read by `read_rgb` (16-bit PNGs scaled,
+    damaged files named); the palette masks as stored."""
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, Image.Image]:
+        return read_rgb(self.images[index]), open_image(self.masks[index])

@@ -1,0 +1,115 @@
+"""training/data/images.py: 16-bit PNGs scaled to 8 bits in every reader, damaged files named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from training.data.imagefolder import ImageFolderDataModule
+from training.data.images import read_rgb
+from training.data.pet import OxfordPetDataModule
+from training.data.voc import VOCSegmentationDataModule
+from training.errors import DatasetError
+from training.report import user_errors
+
+from .helpers import save_image
+from .test_pet import make_pet
+from .test_voc import make_voc
+
+
+def save_grey16(path: Path, size: tuple[int, int] = (40, 30)) -> np.ndarray:
+    """A 16-bit greyscale PNG (whatever the suffix) spanning 0..65535; returns its values."""
+    width, height = size
+    values = (np.arange(width * height).reshape(height, width) * 1021 % 65536).astype(np.uint16)
+    Image.fromarray(values).save(path, format="PNG")
+    assert Image.open(path).mode == "I;16"
+    return values
+
+
+def test_16_bit_greyscale_keeps_its_high_byte(tmp_path: Path) -> None:
+    values = save_grey16(tmp_path / "grey16.png")
+    pixels = np.asarray(read_rgb(tmp_path / "grey16.png"))
+    assert pixels.shape == (30, 40, 3) and pixels.dtype == np.uint8
+    assert (pixels == (values >> 8)[..., None]).all()
+    # PIL's own conversion clips at 255: nearly every pixel white
+    assert (np.asarray(Image.open(tmp_path / "grey16.png").convert("RGB")) == 255).mean() > 0.99
+
+
+def test_8_bit_images_are_unchanged(tmp_path: Path) -> None:
+    save_image(tmp_path / "rgb.png", (40, 30), box=(5, 5, 20, 20))
+    assert (
+        np.asarray(read_rgb(tmp_path / "rgb.png")) == np.asarray(Image.open(tmp_path / "rgb.png"))
+    ).all()
+
+
+def first_train_sample(reader: str, root: Path) -> tuple[Dataset, Path]:
+    """The raw (untransformed) training dataset of a tiny copy, and its first image's path."""
+    if reader == "imagefolder":
+        for split in ("train", "val"):
+            for label in ("a", "b"):
+                save_image(root / split / label / "0.jpg", (40, 30))
+        datamodule = ImageFolderDataModule("classification", root)
+        first = root / "train" / "a" / "0.jpg"
+    elif reader == "pet":
+        datamodule = OxfordPetDataModule("classification", make_pet(root), val_fraction=0)
+        first = root / "oxford-iiit-pet" / "images" / "Abyssinian_1.jpg"
+    else:
+        datamodule = VOCSegmentationDataModule("segmentation", make_voc(root))
+        first = root / "VOCdevkit" / "VOC2012" / "JPEGImages" / "2007_000001.jpg"
+    datamodule.setup()
+    return datamodule.splits["train"].dataset, first
+
+
+@pytest.mark.parametrize("reader", ["imagefolder", "pet", "voc"])
+def test_every_reader_scales_16_bit_pngs(reader: str, tmp_path: Path) -> None:
+    dataset, first = first_train_sample(reader, tmp_path)
+    values = save_grey16(first)
+    image, _ = dataset[0]  # VOC: AsMasks gives tensors
+    pixels = np.asarray(image) if isinstance(image, Image.Image) else image.permute(1, 2, 0).numpy()
+    assert (pixels == (values >> 8)[..., None]).all()
+
+
+def test_16_bit_masks_keep_their_label_values(tmp_path: Path) -> None:
+    dataset, first = first_train_sample("voc", tmp_path)
+    mask_path = first.parents[1] / "SegmentationClass" / "2007_000001.png"
+    labels = np.zeros((30, 40), dtype=np.uint16)
+    labels[5:10, 5:10], labels[20:, :] = 15, 255
+    Image.fromarray(labels).save(mask_path)
+    _, mask = dataset[0]
+    assert (mask.numpy() == labels).all()
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_truncated_image_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The file fails when decoded (its header reads fine); in a worker, too, the user gets one
+    line naming it."""
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(path)
+    truncate(path)
+    with pytest.raises(
+        DatasetError, match=rf"cannot decode the image {path} \(OSError: image file is truncated"
+    ):
+        read_rgb(path)
+
+    class Images(Dataset):
+        def __len__(self) -> int:
+            return 1
+
+        def __getitem__(self, index: int) -> np.ndarray:
+            return np.asarray(read_rgb(path))
+
+    with pytest.raises(SystemExit), user_errors():
+        next(iter(DataLoader(Images(), num_workers=1)))
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: cannot decode the image {path} (OSError: image file is truncated"
+    )
+    assert len(err.splitlines()) == 1 and "Traceback" not in err

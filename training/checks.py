@@ -1,0 +1,90 @@
+"""Checks a run makes before it starts: a value that cannot work is one clear message.
+
+Each names the config key and says what to set instead, where otherwise PyTorch or Lightning
+would fail minutes later, deep in a traceback (a DataLoader's batch size, an optimiser's
+learning rate, BatchNorm on batches of one).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:  # check_config runs before torch is imported: a mistake costs no wait
+    from torch import nn
+
+    from .data.base import TaskDataModule
+
+# (config key, smallest value, what the value is): integers checked when the key is present.
+_AT_LEAST = (
+    ("data.batch_size", 1, "images per batch (per device)"),
+    ("data.num_workers", 0, "DataLoader worker processes (0 loads in the main process)"),
+    ("data.num_train", 1, "training images"),
+    ("data.num_val", 1, "validation images"),
+    ("data.num_test", 1, "test images"),
+)
+# (config key, what it is): numbers that must not be negative.
+_NOT_NEGATIVE = (
+    ("optim.lr", "the learning rate"),
+    ("optim.weight_decay", "the weight decay"),
+    ("backbone_lr_mult", "the backbone's learning rate relative to the head's"),
+)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """The values of `cfg` that no run can use; before anything is built."""
+    for key, minimum, meaning in _AT_LEAST:
+        value = _select(cfg, key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ConfigError(
+                f"{key}={value} cannot work: it is the number of {meaning}, an integer >= {minimum}"
+            )
+    for key, meaning in _NOT_NEGATIVE:
+        value = _select(cfg, key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"{key}={value} cannot work: {meaning} is a number >= 0")
+
+
+def check_data(datamodule: TaskDataModule) -> None:
+    """A dataset a model cannot learn from: fewer than two classes to tell apart."""
+    if datamodule.task == "detection" or datamodule.num_classes >= 2:
+        return  # one class is a detection task (is it there, where); not a classification
+    names = getattr(datamodule, "class_names", None) or getattr(datamodule, "classes", ())
+    raise ConfigError(
+        f"the {datamodule.task} data has {datamodule.num_classes} class "
+        f"({', '.join(map(str, names)) or 'none'}): there is nothing to tell apart. Give it at "
+        "least two classes (ImageFolder: one folder per class; shapes: data.classes)"
+    )
+
+
+def check_model(module: nn.Module, datamodule: TaskDataModule) -> None:
+    """BatchNorm layers that would train on batches of one image."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    if datamodule.batch_size != 1:
+        return
+    module.train()  # as fit() will: frozen stages and norm_eval keep their norms in eval mode
+    training = [
+        name
+        for name, layer in module.named_modules()
+        if isinstance(layer, _BatchNorm) and layer.training
+    ]
+    if training:
+        in_backbone = all(".backbone." in f".{name}" for name in training)
+        remedy = " (or keep their statistics fixed: backbone.norm_eval=true)" if in_backbone else ""
+        raise ConfigError(
+            f"data.batch_size=1 cannot train the model's {len(training)} BatchNorm layers (e.g. "
+            f"{training[0]}): a batch of one image gives them no batch statistics (on a 1x1 "
+            f"map PyTorch refuses it). Use data.batch_size >= 2{remedy}"
+        )
+
+
+def _select(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
