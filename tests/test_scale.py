@@ -284,6 +284,31 @@ def test_requeued_slurm_job_resumes_from_the_signal_checkpoint(
     assert (last["epoch"], last["global_step"]) == (0, 4)  # went on from step 1, not from 0
 
 
+class SignalWhileTesting(L.Callback):
+    """SLURM's requeue signal (its time limit is near) while the trained run is tested."""
+
+    def on_test_start(self, trainer: L.Trainer, *args: object) -> None:
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_requeue_signal_after_fit_is_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trained run is neither requeued nor killed by the signal: its test and export finish."""
+    for key, value in SLURM_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol here: a requeue call just fails
+    callbacks = train_script._callbacks
+    monkeypatch.setattr(
+        train_script, "_callbacks", lambda *args: [*callbacks(*args), SignalWhileTesting()]
+    )
+    handler = signal.getsignal(signal.SIGUSR1)
+    result = train_script.train(tiny_config(tmp_path, "test_after_fit=true"))
+    assert "test/acc" in result["metrics"]
+    assert not list(Path(result["output_dir"]).glob("hpc_ckpt_*"))  # Lightning saved nothing
+    assert signal.getsignal(signal.SIGUSR1) is handler  # the next job in this process requeues
+
+
 def test_slurm_environment_uses_the_configured_signal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

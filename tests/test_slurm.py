@@ -1,0 +1,310 @@
+"""Sweeps, DDP and requeue against a running SLURM (`scripts/slurm-local.sh up` starts one).
+
+Marked `slurm` and skipped, with the reason, where no SLURM controller answers. Each test runs
+`python train.py -m hydra/launcher=submitit_slurm ...` as a user does, on tiny data. Where a
+signal must land mid-epoch, `tests/pause.py` holds the job's first run at a known step (asleep,
+no CPU) until SLURM ends it.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from training.checkpoints import load_checkpoint
+
+from .test_training import ROOT
+
+
+def _no_cluster() -> str | None:
+    """Why SLURM jobs cannot run here, or None when they can."""
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return "no SLURM here (sbatch not found); scripts/slurm-local.sh up installs and starts one"
+    try:
+        sinfo = subprocess.run(
+            ["sinfo", "--noheader", "--responding", "--format=%T"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except subprocess.TimeoutExpired:
+        return "the SLURM controller does not answer (sinfo timed out)"
+    if sinfo.returncode != 0:
+        first = (sinfo.stderr.strip().splitlines() or ["no output"])[0]
+        return (
+            f"the SLURM controller does not answer ({first}); scripts/slurm-local.sh up starts one"
+        )
+    if not re.search(r"^(idle|mixed|allocated|completing)", sinfo.stdout, flags=re.MULTILINE):
+        return f"no SLURM node can run jobs (sinfo: {sinfo.stdout.split() or 'no nodes'})"
+    return None
+
+
+NO_CLUSTER = _no_cluster()
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    pytest.mark.skipif(NO_CLUSTER is not None, reason=NO_CLUSTER or ""),
+]
+
+SLURM = [
+    "hydra/launcher=submitit_slurm",
+    "hydra.launcher.gpus_per_node=null",  # a CPU-only cluster
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=2",
+    "hydra.launcher.timeout_min=10",
+]
+TINY = [
+    "trainer=cpu",
+    "data.image_size=32",
+    "data.num_train=64",
+    "data.num_val=32",
+    "data.num_test=32",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "trainer.max_epochs=1",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "callbacks=none",
+]
+RUN = "resnet18-classification"
+
+
+class Sweep:
+    """`python train.py -m hydra/launcher=submitit_slurm <overrides>` in the background."""
+
+    def __init__(self, tmp_path: Path, *overrides: str) -> None:
+        self.dir = tmp_path / "sweep"
+        command = [sys.executable, str(ROOT / "train.py"), "-m", *SLURM, *TINY, *overrides]
+        command += [f"paths.outputs={tmp_path}/outputs", f"hydra.sweep.dir={self.dir}"]
+        # SLURM passes this environment to the jobs: they import the project, one thread each.
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        self.process = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.start = time.monotonic()
+
+    def job_ids(self) -> list[str]:
+        """The SLURM ids of the jobs submitted so far (`<id>` or `<array id>_<index>`)."""
+        folder = self.dir / ".submitit"
+        pickles = folder.glob("*/*_submitted.pkl")  # an array's own folder holds only its script
+        return sorted(p.parent.name for p in pickles if re.fullmatch(r"\d+(_\d+)?", p.parent.name))
+
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.process.poll() is not None:
+                _, stderr = self.process.communicate()
+                pytest.fail(f"the sweep ended before {what}:\n{stderr[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {what} after {timeout:.0f} s")
+            time.sleep(0.5)
+
+    def finish(self, timeout: float = 600) -> subprocess.CompletedProcess:
+        stdout, stderr = self.process.communicate(timeout=timeout)
+        self.seconds = time.monotonic() - self.start
+        return subprocess.CompletedProcess(
+            self.process.args, self.process.returncode, stdout, stderr
+        )
+
+    def job_log(self, suffix: str = "out", task: int = 0) -> str:
+        """A job's stdout or stderr (all its runs: submitit appends), of the only job."""
+        (job,) = self.job_ids()
+        return (self.dir / ".submitit" / job / f"{job}_{task}_log.{suffix}").read_text()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+        for job in self.job_ids():
+            subprocess.run(["scancel", job], capture_output=True)
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Iterator[Callable[..., Sweep]]:
+    """Start sweeps; whatever a failing test leaves running (sweep, SLURM jobs) is stopped."""
+    started: list[Sweep] = []
+
+    def start(*overrides: str) -> Sweep:
+        started.append(Sweep(tmp_path, *overrides))
+        return started[-1]
+
+    yield start
+    for each in started:
+        each.stop()
+
+
+def rows(run: Path) -> list[dict[str, str]]:
+    with (run / "metrics.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_quiet_without_accounting(done: subprocess.CompletedProcess) -> None:
+    """At most one line about `sacct` where the cluster keeps no accounting database."""
+    output = done.stdout + done.stderr
+    assert output.count("sacct") <= 1, output
+    assert "Bypassing" not in output and "accounting storage is disabled\n" not in output
+
+
+def test_sweep_reports_the_failing_and_the_finished_job(
+    sweep: Callable[..., Sweep], tmp_path: Path
+) -> None:
+    """Two array jobs: job 1 fails on a bad override (one line), job 0 trains and exports."""
+    missing = tmp_path / "missing.ckpt"
+    run = sweep(f"ckpt_path=null,{missing}")
+    done = run.finish()
+    print(f"2-job sweep: {run.seconds:.0f} s")
+    assert done.returncode == 1, done.stderr[-3000:]  # the sweep reports the failure at its end
+    error = f"checkpoint '{missing}' does not exist"
+    assert f"CheckpointError: {error}" in done.stderr.strip().splitlines()[-1]
+    assert_quiet_without_accounting(done)
+    finished, failed = sorted(p for p in run.dir.iterdir() if p.name[0].isdigit())
+    assert (finished.name, failed.name) == (f"0-{RUN}", f"1-{RUN}")
+    log = (failed / "train.log").read_text()
+    assert f"error: {error}" in log and "Traceback" not in log, log
+    assert sorted(p.name for p in failed.iterdir()) == [".hydra", "train.log"]
+    for name in ("config.yaml", "metrics.csv", "metrics.png", "checkpoints/best.ckpt"):
+        assert (finished / name).is_file(), name
+    job = sorted(run.job_ids())[0]
+    stdout = (run.dir / ".submitit" / job / f"{job}_0_log.out").read_text()
+    best = re.search(r"best val/acc: ([\d.]+)", stdout)
+    assert best, stdout
+    test = [r for r in rows(finished) if r.get("test/acc")]
+    assert len(test) == 1  # tested once, after the fit
+    assert f"backbone weights: {finished}/checkpoints/backbone.safetensors" in stdout
+
+
+def test_ddp_ranks_are_slurm_tasks(sweep: Callable[..., Sweep]) -> None:
+    """trainer=ddp_cpu: SLURM starts 2 tasks, Lightning reads the ranks; one run's files."""
+    run = sweep("trainer=ddp_cpu", "test_after_fit=false")
+    done = run.finish()
+    print(f"DDP, 2 SLURM tasks: {run.seconds:.0f} s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_quiet_without_accounting(done)
+    for rank in (0, 1):
+        log = run.job_log("err", task=rank)
+        assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in log, log
+    stdout = run.job_log("out", task=0) + run.job_log("out", task=1)
+    assert stdout.count("final metrics") == 1 and stdout.count("backbone weights:") == 1
+    (job,) = (p for p in run.dir.iterdir() if p.name[0].isdigit())
+    assert sorted(p.name for p in (job / "checkpoints").iterdir()) == [
+        "backbone.safetensors",
+        "best.ckpt",
+        "last.ckpt",
+    ]
+    assert not list(job.glob("train_ddp_process_*.log"))  # no rank was started by Lightning
+    config = load_checkpoint(job / "checkpoints" / "last.ckpt")["hyper_parameters"]["config"]
+    assert config["trainer"]["devices"] == 2
+    assert [r["epoch"] for r in rows(job) if r.get("val/acc")] == ["0"]  # rank 0 logs, once
+
+
+def pause(tmp_path: Path, epoch: int, batch: int) -> list[str]:
+    """Overrides that hold the job's first run after `batch` of `epoch` (see tests/pause.py)."""
+    return [
+        "+callbacks.pause._target_=tests.pause.PauseUntilEnded",
+        f"+callbacks.pause.epoch={epoch}",
+        f"+callbacks.pause.batch={batch}",
+        f"+callbacks.pause.marker={tmp_path}/paused",
+    ]
+
+
+def best_score(checkpoint: dict) -> float:
+    """The best val/acc that the checkpoint's ModelCheckpoint has seen."""
+    (state,) = (
+        v for k, v in checkpoint["callbacks"].items() if "ModelCheckpoint" in k and "val/acc" in k
+    )
+    return float(state["best_model_score"])
+
+
+def test_requeue_signal_mid_epoch_resumes_the_run_with_its_history(
+    sweep: Callable[..., Sweep], tmp_path: Path
+) -> None:
+    """`scancel --signal=USR1` in epoch 1: Lightning saves hpc_ckpt_1.ckpt and requeues; the job
+    goes on from it in the same run directory, with every epoch in metrics.csv once."""
+    run = sweep(
+        "data.num_train=128",  # 8 steps an epoch
+        "data.num_workers=1",  # SLURM signals the DataLoader worker too
+        "trainer.max_epochs=3",
+        "trainer.log_every_n_steps=2",
+        *pause(tmp_path, epoch=1, batch=3),
+    )
+    marker = tmp_path / "paused"
+    run.wait_for(marker.is_file, "pause in epoch 1")
+    job = run.dir / f"0-{RUN}"
+    before = rows(job)
+    assert [r["epoch"] for r in before if r.get("val/acc")] == ["0"]
+    last_step = load_checkpoint(job / "checkpoints" / "last.ckpt")["global_step"]
+    (job_id,) = run.job_ids()
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+    done = run.finish()
+    print(f"USR1 requeue: {run.seconds:.0f} s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_quiet_without_accounting(done)
+
+    # The requeue checkpoint is the newest state (4 steps past last.ckpt), and the run resumed
+    # from it, in its own directory.
+    hpc = load_checkpoint(job / "hpc_ckpt_1.ckpt")
+    assert (last_step, hpc["global_step"], int(marker.read_text())) == (8, 12, 12)
+    stderr = run.job_log("err")
+    assert stderr.count("Handling auto-requeue signal") == 1
+    assert f"Restoring states from the checkpoint path at {job}/hpc_ckpt_1.ckpt" in stderr
+    assert not (tmp_path / "outputs").exists()
+    assert sorted(p.name for p in run.dir.iterdir() if p.name[0].isdigit()) == [f"0-{RUN}"]
+
+    # The whole history: the rows before the requeue, then the rest; every epoch once.
+    after = rows(job)
+    assert [{k: r[k] for k in before[0]} for r in after[: len(before)]] == before
+    assert [r["epoch"] for r in after if r.get("val/acc")] == ["0", "1", "2"]
+    last = load_checkpoint(job / "checkpoints" / "last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (2, 24)
+    plotted = last["callbacks"]["MetricsPlot"]["history"]["val/acc"]
+    assert [epoch for epoch, _ in plotted] == [0, 1, 2]
+    assert (job / "metrics.png").is_file()
+
+    # Best-checkpoint tracking kept: the best score over all three epochs, before and after.
+    scores = [float(r["val/acc"]) for r in after if r.get("val/acc")]
+    assert best_score(last) == pytest.approx(max(scores))
+    # One final test and export.
+    assert len([r for r in after if r.get("test/acc")]) == 1
+    stdout = run.job_log("out")
+    assert stdout.count("final metrics") == 1 and stdout.count("backbone weights:") == 1
+    assert (job / "checkpoints" / "backbone.safetensors").is_file()
+
+
+def test_time_limit_requeues_by_itself(sweep: Callable[..., Sweep], tmp_path: Path) -> None:
+    """A 2-minute job whose first run never ends by itself: SLURM sends the requeue signal
+    60 s before the limit, Lightning requeues, and the second run finishes the training."""
+    run = sweep(
+        "hydra.launcher.timeout_min=2",
+        "hydra.launcher.signal_delay_s=60",
+        "trainer.max_epochs=2",
+        "test_after_fit=false",
+        "export_backbone=false",
+        *pause(tmp_path, epoch=0, batch=1),
+    )
+    done = run.finish()
+    print(f"time-limit requeue: {run.seconds:.0f} s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    job = run.dir / f"0-{RUN}"
+    assert load_checkpoint(job / "hpc_ckpt_1.ckpt")["global_step"] == 2
+    stderr = run.job_log("err")
+    assert "TIME LIMIT" not in stderr  # requeued before the limit, not killed at it
+    assert stderr.count("Handling auto-requeue signal") == 1
+    assert f"Restoring states from the checkpoint path at {job}/hpc_ckpt_1.ckpt" in stderr
+    last = load_checkpoint(job / "checkpoints" / "last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (1, 8)
+    assert [r["epoch"] for r in rows(job) if r.get("val/acc")] == ["0", "1"]
