@@ -146,9 +146,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     monitor, mode = module.task.monitor, module.task.mode
     loggers = [instantiate(spec) for spec in cfg.logger.values() if spec is not None]
     callbacks = _callbacks(cfg, output_dir, monitor, mode)
-    plugins = _plugins(cfg)
     # A logger with checkpoint hooks (training.loggers.CSVLogger keeps metrics.csv on resume)
     callbacks += [logger for logger in loggers if isinstance(logger, L.Callback)]
+    plugins = _plugins(cfg)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,

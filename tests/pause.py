@@ -16,7 +16,7 @@ class PauseUntilEnded(L.Callback):
     """After batch `batch` of epoch `epoch`, write `marker` and sleep until SIGTERM (at most
     `timeout` seconds); Lightning then ends the run at this batch's end."""
 
-    def __init__(self, epoch: int, batch: int, marker: str, timeout: float = 300.0) -> None:
+    def __init__(self, epoch: int, batch: int, marker: str, timeout: float = 600.0) -> None:
         self.epoch, self.batch, self.marker, self.timeout = epoch, batch, Path(marker), timeout
 
     def on_train_batch_end(

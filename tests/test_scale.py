@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -260,16 +261,22 @@ def tiny_config(tmp_path: Path, *overrides: str) -> DictConfig:
     return cfg
 
 
+def as_slurm_job(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, callback: L.Callback
+) -> Callable[..., list[L.Callback]]:
+    """Run train() as in a SLURM job, with `callback` too; returns train.py's own `_callbacks`."""
+    for key, value in SLURM_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol here: a requeue call just fails
+    callbacks = train_script._callbacks
+    monkeypatch.setattr(train_script, "_callbacks", lambda *args: [*callbacks(*args), callback])
+    return callbacks
+
+
 def test_requeued_slurm_job_resumes_from_the_signal_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for key, value in SLURM_ENV.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol here: the requeue call just fails
-    callbacks = train_script._callbacks
-    monkeypatch.setattr(
-        train_script, "_callbacks", lambda *args: [*callbacks(*args), SignalThenKill()]
-    )
+    callbacks = as_slurm_job(monkeypatch, tmp_path, SignalThenKill())
     with pytest.raises(Preempted):
         train_script.train(tiny_config(tmp_path))
     run = tmp_path / "outputs" / "resnet18-classification" / "run"
@@ -295,13 +302,7 @@ def test_requeue_signal_after_fit_is_ignored(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A trained run is neither requeued nor killed by the signal: its test and export finish."""
-    for key, value in SLURM_ENV.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol here: a requeue call just fails
-    callbacks = train_script._callbacks
-    monkeypatch.setattr(
-        train_script, "_callbacks", lambda *args: [*callbacks(*args), SignalWhileTesting()]
-    )
+    as_slurm_job(monkeypatch, tmp_path, SignalWhileTesting())
     handler = signal.getsignal(signal.SIGUSR1)
     result = train_script.train(tiny_config(tmp_path, "test_after_fit=true"))
     assert "test/acc" in result["metrics"]

@@ -1,7 +1,9 @@
 """Sweeps, DDP and requeue against a running SLURM (`scripts/slurm-local.sh up` starts one).
 
-Marked `slurm` and skipped, with the reason, where no SLURM controller answers. Each test runs
-`python train.py -m hydra/launcher=submitit_slurm ...` as a user does, on tiny data. Where a
+Marked `slurm` and skipped, with the reason, where no SLURM controller answers. Each test checks
+one `python train.py -m hydra/launcher=submitit_slurm ...` as a user runs it, on tiny data. The
+four sweeps start together (one xdist worker, one module fixture) and their jobs share the CPUs
+(`--oversubscribe`): they mostly wait on SLURM (scheduling, a requeue, a time limit). Where a
 signal must land mid-epoch, `tests/pause.py` holds the job's first run at a known step (asleep,
 no CPU) until SLURM ends it.
 """
@@ -14,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,6 +55,7 @@ NO_CLUSTER = _no_cluster()
 pytestmark = [
     pytest.mark.slurm,
     pytest.mark.slow,
+    pytest.mark.xdist_group("slurm"),  # with --dist loadgroup: one worker starts the sweeps once
     pytest.mark.skipif(NO_CLUSTER is not None, reason=NO_CLUSTER or ""),
 ]
 
@@ -61,6 +65,7 @@ SLURM = [
     "hydra.launcher.cpus_per_task=1",
     "hydra.launcher.mem_gb=2",
     "hydra.launcher.timeout_min=10",
+    "+hydra.launcher.additional_parameters.oversubscribe=true",  # ignored where not allowed
 ]
 TINY = [
     "trainer=cpu",
@@ -83,20 +88,19 @@ class Sweep:
     """`python train.py -m hydra/launcher=submitit_slurm <overrides>` in the background."""
 
     def __init__(self, tmp_path: Path, *overrides: str) -> None:
-        self.dir = tmp_path / "sweep"
+        self.tmp, self.dir = tmp_path, tmp_path / "sweep"
         command = [sys.executable, str(ROOT / "train.py"), "-m", *SLURM, *TINY, *overrides]
         command += [f"paths.outputs={tmp_path}/outputs", f"hydra.sweep.dir={self.dir}"]
         # SLURM passes this environment to the jobs: they import the project, one thread each.
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-        self.process = subprocess.Popen(
-            command,
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.start = time.monotonic()
+        with (tmp_path / "stdout").open("w") as out, (tmp_path / "stderr").open("w") as err:
+            self.process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=err)
+        self.start, self.seconds = time.monotonic(), float("nan")
+        threading.Thread(target=self._time, daemon=True).start()
+
+    def _time(self) -> None:
+        self.process.wait()
+        self.seconds = time.monotonic() - self.start
 
     def job_ids(self) -> list[str]:
         """The SLURM ids of the jobs submitted so far (`<id>` or `<array id>_<index>`)."""
@@ -108,15 +112,18 @@ class Sweep:
         deadline = time.monotonic() + timeout
         while not condition():
             if self.process.poll() is not None:
-                _, stderr = self.process.communicate()
+                stderr = (self.tmp / "stderr").read_text()
                 pytest.fail(f"the sweep ended before {what}:\n{stderr[-3000:]}")
             if time.monotonic() > deadline:
                 pytest.fail(f"no {what} after {timeout:.0f} s")
             time.sleep(0.5)
 
-    def finish(self, timeout: float = 600) -> subprocess.CompletedProcess:
-        stdout, stderr = self.process.communicate(timeout=timeout)
-        self.seconds = time.monotonic() - self.start
+    def finish(self, name: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        """Wait for the sweep to end; its exit status and output."""
+        self.process.wait(timeout=timeout)
+        time.sleep(0.1)  # the timing thread
+        print(f"{name}: {self.seconds:.0f} s")
+        stdout, stderr = ((self.tmp / n).read_text() for n in ("stdout", "stderr"))
         return subprocess.CompletedProcess(
             self.process.args, self.process.returncode, stdout, stderr
         )
@@ -129,23 +136,53 @@ class Sweep:
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
-            self.process.communicate()
+            self.process.wait()
         for job in self.job_ids():
             subprocess.run(["scancel", job], capture_output=True)
 
 
-@pytest.fixture
-def sweep(tmp_path: Path) -> Iterator[Callable[..., Sweep]]:
-    """Start sweeps; whatever a failing test leaves running (sweep, SLURM jobs) is stopped."""
-    started: list[Sweep] = []
+def pause(tmp_path: Path, epoch: int, batch: int) -> list[str]:
+    """Overrides that hold the job's first run after `batch` of `epoch` (see tests/pause.py)."""
+    return [
+        "+callbacks.pause._target_=tests.pause.PauseUntilEnded",
+        f"+callbacks.pause.epoch={epoch}",
+        f"+callbacks.pause.batch={batch}",
+        f"+callbacks.pause.marker={tmp_path}/paused",
+    ]
 
-    def start(*overrides: str) -> Sweep:
-        started.append(Sweep(tmp_path, *overrides))
-        return started[-1]
 
-    yield start
-    for each in started:
-        each.stop()
+SWEEPS: dict[str, Callable[[Path], list[str]]] = {
+    # 2 array jobs; job 1 fails at start-up on a checkpoint that does not exist
+    "failing": lambda tmp: [f"ckpt_path=null,{tmp}/missing.ckpt"],
+    "ddp": lambda tmp: ["trainer=ddp_cpu", "test_after_fit=false"],
+    "requeue": lambda tmp: [
+        "data.num_train=128",  # 8 steps an epoch
+        "data.num_workers=1",  # SLURM signals the DataLoader worker too
+        "trainer.max_epochs=2",
+        "trainer.log_every_n_steps=2",
+        *pause(tmp, epoch=1, batch=3),  # until the test sends the signal
+    ],
+    "time_limit": lambda tmp: [
+        "hydra.launcher.timeout_min=2",
+        "hydra.launcher.signal_delay_s=60",
+        "trainer.max_epochs=2",
+        "test_after_fit=false",
+        "export_backbone=false",
+        *pause(tmp, epoch=0, batch=1),  # until SLURM's own signal
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Sweep]]:
+    """The module's sweeps, started at once; whatever a failing test leaves running is stopped."""
+    started = {}
+    for name, overrides in SWEEPS.items():
+        tmp = tmp_path_factory.mktemp(name)
+        started[name] = Sweep(tmp, *overrides(tmp))
+    yield started
+    for run in started.values():
+        run.stop()
 
 
 def rows(run: Path) -> list[dict[str, str]]:
@@ -160,14 +197,11 @@ def assert_quiet_without_accounting(done: subprocess.CompletedProcess) -> None:
     assert "Bypassing" not in output and "accounting storage is disabled\n" not in output
 
 
-def test_sweep_reports_the_failing_and_the_finished_job(
-    sweep: Callable[..., Sweep], tmp_path: Path
-) -> None:
+def test_sweep_reports_the_failing_and_the_finished_job(sweeps: dict[str, Sweep]) -> None:
     """Two array jobs: job 1 fails on a bad override (one line), job 0 trains and exports."""
-    missing = tmp_path / "missing.ckpt"
-    run = sweep(f"ckpt_path=null,{missing}")
-    done = run.finish()
-    print(f"2-job sweep: {run.seconds:.0f} s")
+    run = sweeps["failing"]
+    missing = run.tmp / "missing.ckpt"
+    done = run.finish("2-job sweep")
     assert done.returncode == 1, done.stderr[-3000:]  # the sweep reports the failure at its end
     error = f"checkpoint '{missing}' does not exist"
     assert f"CheckpointError: {error}" in done.stderr.strip().splitlines()[-1]
@@ -188,11 +222,10 @@ def test_sweep_reports_the_failing_and_the_finished_job(
     assert f"backbone weights: {finished}/checkpoints/backbone.safetensors" in stdout
 
 
-def test_ddp_ranks_are_slurm_tasks(sweep: Callable[..., Sweep]) -> None:
+def test_ddp_ranks_are_slurm_tasks(sweeps: dict[str, Sweep]) -> None:
     """trainer=ddp_cpu: SLURM starts 2 tasks, Lightning reads the ranks; one run's files."""
-    run = sweep("trainer=ddp_cpu", "test_after_fit=false")
-    done = run.finish()
-    print(f"DDP, 2 SLURM tasks: {run.seconds:.0f} s")
+    run = sweeps["ddp"]
+    done = run.finish("DDP, 2 SLURM tasks")
     assert done.returncode == 0, done.stderr[-3000:]
     assert_quiet_without_accounting(done)
     for rank in (0, 1):
@@ -212,16 +245,6 @@ def test_ddp_ranks_are_slurm_tasks(sweep: Callable[..., Sweep]) -> None:
     assert [r["epoch"] for r in rows(job) if r.get("val/acc")] == ["0"]  # rank 0 logs, once
 
 
-def pause(tmp_path: Path, epoch: int, batch: int) -> list[str]:
-    """Overrides that hold the job's first run after `batch` of `epoch` (see tests/pause.py)."""
-    return [
-        "+callbacks.pause._target_=tests.pause.PauseUntilEnded",
-        f"+callbacks.pause.epoch={epoch}",
-        f"+callbacks.pause.batch={batch}",
-        f"+callbacks.pause.marker={tmp_path}/paused",
-    ]
-
-
 def best_score(checkpoint: dict) -> float:
     """The best val/acc that the checkpoint's ModelCheckpoint has seen."""
     (state,) = (
@@ -231,18 +254,12 @@ def best_score(checkpoint: dict) -> float:
 
 
 def test_requeue_signal_mid_epoch_resumes_the_run_with_its_history(
-    sweep: Callable[..., Sweep], tmp_path: Path
+    sweeps: dict[str, Sweep],
 ) -> None:
     """`scancel --signal=USR1` in epoch 1: Lightning saves hpc_ckpt_1.ckpt and requeues; the job
     goes on from it in the same run directory, with every epoch in metrics.csv once."""
-    run = sweep(
-        "data.num_train=128",  # 8 steps an epoch
-        "data.num_workers=1",  # SLURM signals the DataLoader worker too
-        "trainer.max_epochs=3",
-        "trainer.log_every_n_steps=2",
-        *pause(tmp_path, epoch=1, batch=3),
-    )
-    marker = tmp_path / "paused"
+    run = sweeps["requeue"]
+    marker = run.tmp / "paused"
     run.wait_for(marker.is_file, "pause in epoch 1")
     job = run.dir / f"0-{RUN}"
     before = rows(job)
@@ -250,8 +267,7 @@ def test_requeue_signal_mid_epoch_resumes_the_run_with_its_history(
     last_step = load_checkpoint(job / "checkpoints" / "last.ckpt")["global_step"]
     (job_id,) = run.job_ids()
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
-    done = run.finish()
-    print(f"USR1 requeue: {run.seconds:.0f} s")
+    done = run.finish("USR1 requeue")
     assert done.returncode == 0, done.stderr[-3000:]
     assert_quiet_without_accounting(done)
 
@@ -262,20 +278,20 @@ def test_requeue_signal_mid_epoch_resumes_the_run_with_its_history(
     stderr = run.job_log("err")
     assert stderr.count("Handling auto-requeue signal") == 1
     assert f"Restoring states from the checkpoint path at {job}/hpc_ckpt_1.ckpt" in stderr
-    assert not (tmp_path / "outputs").exists()
+    assert not (run.tmp / "outputs").exists()
     assert sorted(p.name for p in run.dir.iterdir() if p.name[0].isdigit()) == [f"0-{RUN}"]
 
     # The whole history: the rows before the requeue, then the rest; every epoch once.
     after = rows(job)
     assert [{k: r[k] for k in before[0]} for r in after[: len(before)]] == before
-    assert [r["epoch"] for r in after if r.get("val/acc")] == ["0", "1", "2"]
+    assert [r["epoch"] for r in after if r.get("val/acc")] == ["0", "1"]
     last = load_checkpoint(job / "checkpoints" / "last.ckpt")
-    assert (last["epoch"], last["global_step"]) == (2, 24)
+    assert (last["epoch"], last["global_step"]) == (1, 16)
     plotted = last["callbacks"]["MetricsPlot"]["history"]["val/acc"]
-    assert [epoch for epoch, _ in plotted] == [0, 1, 2]
+    assert [epoch for epoch, _ in plotted] == [0, 1]
     assert (job / "metrics.png").is_file()
 
-    # Best-checkpoint tracking kept: the best score over all three epochs, before and after.
+    # Best-checkpoint tracking kept: the best score of both epochs, before and after.
     scores = [float(r["val/acc"]) for r in after if r.get("val/acc")]
     assert best_score(last) == pytest.approx(max(scores))
     # One final test and export.
@@ -285,19 +301,11 @@ def test_requeue_signal_mid_epoch_resumes_the_run_with_its_history(
     assert (job / "checkpoints" / "backbone.safetensors").is_file()
 
 
-def test_time_limit_requeues_by_itself(sweep: Callable[..., Sweep], tmp_path: Path) -> None:
+def test_time_limit_requeues_by_itself(sweeps: dict[str, Sweep]) -> None:
     """A 2-minute job whose first run never ends by itself: SLURM sends the requeue signal
     60 s before the limit, Lightning requeues, and the second run finishes the training."""
-    run = sweep(
-        "hydra.launcher.timeout_min=2",
-        "hydra.launcher.signal_delay_s=60",
-        "trainer.max_epochs=2",
-        "test_after_fit=false",
-        "export_backbone=false",
-        *pause(tmp_path, epoch=0, batch=1),
-    )
-    done = run.finish()
-    print(f"time-limit requeue: {run.seconds:.0f} s")
+    run = sweeps["time_limit"]
+    done = run.finish("time-limit requeue")
     assert done.returncode == 0, done.stderr[-3000:]
     job = run.dir / f"0-{RUN}"
     assert load_checkpoint(job / "hpc_ckpt_1.ckpt")["global_step"] == 2

@@ -33,8 +33,7 @@ log = logging.getLogger(__name__)
 # default) has ended; submitit reports one without a result as not done "(state: LEFT_QUEUE)".
 LEFT_QUEUE = "LEFT_QUEUE"
 
-
-_IGNORED_IN_CHILDREN: set[signal.Signals] = set()
+_IGNORED_IN_CHILDREN: set[signal.Signals] = set()  # by processes forked from this one
 
 
 def ignore_in_forked_children(signum: signal.Signals) -> None:
@@ -67,10 +66,13 @@ class QueueWatcher(SlurmInfoWatcher):
         if command is None:
             return None
         if self.use_squeue is None:
-            sacct = subprocess.run(command, capture_output=True, text=True)
-            self.use_squeue = sacct.returncode != 0
-            if self.use_squeue:
+            try:
+                sacct = subprocess.run(command, capture_output=True, text=True, timeout=60)
                 reason = (sacct.stderr.strip().splitlines() or [f"exit {sacct.returncode}"])[0]
+                self.use_squeue = sacct.returncode != 0
+            except subprocess.TimeoutExpired:
+                reason, self.use_squeue = "no answer in 60 s", True
+            if self.use_squeue:
                 log.info("sacct: %s; submitit's job states come from squeue", reason)
         if not self.use_squeue:
             return command
