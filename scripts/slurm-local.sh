@@ -149,6 +149,7 @@ status() {
     munge_works && say "munge works" || up=1
     if [[ $up -eq 0 ]]; then
         sinfo
+        case $(node_state) in idle* | mixed* | allocated* | completing*) ;; *) up=1 ;; esac
     else
         say "down (scripts/slurm-local.sh up starts it)"
     fi
