@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help install test train lint format clean
+.PHONY: help install test train lint format clean slurm-up slurm-down
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -33,6 +33,12 @@ lint: $(STAMP) ## ruff check + ruff format --check
 format: $(STAMP) ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+slurm-up: ## Start a one-node SLURM here (as root; installs munge + slurm with apt): the slurm tests run
+	scripts/slurm-local.sh up
+
+slurm-down: ## Stop the SLURM that slurm-up started
+	scripts/slurm-local.sh down
 
 clean: ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,8 +88,16 @@ def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
         path = Path(cfg.ckpt_path)
     if path is None:
         return None
-    load_checkpoint(path)  # a missing or unreadable file fails here, with a clear message
+    load_checkpoint(path, also_allowed=_own_targets(cfg))  # missing, unreadable: a clear error
     return str(path)
+
+
+def _own_targets(cfg: DictConfig) -> set[str]:
+    """The `_target_`s this run's config names: a resumed checkpoint may name them too (a
+    callback of the user's own), beyond `training.checkpoints.ALLOWED_TARGETS`."""
+    from training.checkpoints import config_targets
+
+    return config_targets(OmegaConf.to_container(cfg, resolve=False))
 
 
 def _plugins(cfg: DictConfig) -> list[Any]:
@@ -106,7 +117,31 @@ def _plugins(cfg: DictConfig) -> list[Any]:
                 f"requeue_signal={cfg.requeue_signal} is not a signal name; use USR1 or USR2"
             ) from None
         plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=requeue_signal))
+        from training.cluster import ignore_in_forked_children
+
+        ignore_in_forked_children(requeue_signal)  # DataLoader workers get SLURM's signals too
     return plugins
+
+
+@contextmanager
+def _requeue_signal_ignored(plugins: list[Any]) -> Iterator[None]:
+    """Ignore SLURM's requeue signal (sent `signal_delay_s` before the time limit) in the block.
+
+    After `fit` it would requeue a trained run, or kill it (the signal's default action) during
+    its test and export; the time limit alone ends the job if they do not finish in time.
+    """
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    slurm = [p for p in plugins if isinstance(p, SLURMEnvironment) and p.auto_requeue]
+    if not slurm or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    # Lightning's test() then sees a handler in place and installs no requeue handler.
+    previous = signal.signal(slurm[0].requeue_signal, signal.SIG_IGN)
+    try:
+        yield
+    finally:  # the next job of a sweep in this process must requeue on it again
+        signal.signal(slurm[0].requeue_signal, previous)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -133,15 +168,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_model(module, datamodule)
     ckpt_path = _resolve_ckpt_path(cfg, output_dir)
     if ckpt_path is not None:
-        check_resumable(ckpt_path, module)
+        check_resumable(ckpt_path, module, also_allowed=_own_targets(cfg))
 
     monitor, mode = module.task.monitor, module.task.mode
     loggers = [instantiate(spec) for spec in cfg.logger.values() if spec is not None]
+    callbacks = _callbacks(cfg, output_dir, monitor, mode)
+    # A logger with checkpoint hooks (training.loggers.CSVLogger keeps metrics.csv on resume)
+    callbacks += [logger for logger in loggers if isinstance(logger, L.Callback)]
+    plugins = _plugins(cfg)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        callbacks=_callbacks(cfg, output_dir, monitor, mode),
+        callbacks=callbacks,
         logger=loggers or False,
-        plugins=_plugins(cfg),
+        plugins=plugins,
         default_root_dir=output_dir,  # where Lightning's SLURM requeue saves hpc_ckpt_<n>.ckpt
     )
     if trainer.is_global_zero:  # under DDP every rank runs train(); one writes the run's files
@@ -157,31 +196,37 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             else "no checkpoint was written yet"
         )
         raise NonFiniteLossError(f"{error}; {kept}") from None
+    except Exception as error:
+        if trainer.received_sigterm:  # SLURM ends the job (requeued, out of time, cancelled)
+            # and its SIGTERM killed the DataLoader workers first: not a failure of the run,
+            # and no result for submitit to record (a requeued job goes on from its checkpoint).
+            raise SystemExit(f"SLURM ended the job ({type(error).__name__}: {error})") from None
+        raise
     fit_seconds = time.perf_counter() - start
-
-    checkpoint = trainer.checkpoint_callback
-    best = checkpoint.best_model_path
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
-    if cfg.test_after_fit and best:
-        tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
-        metrics.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})
-    result: dict[str, Any] = {
-        "metrics": metrics,
-        "monitor": monitor,
-        "best_score": float(checkpoint.best_model_score)
-        if checkpoint.best_model_score is not None
-        else None,
-        "best_model_path": best,
-        "output_dir": str(output_dir),
-        "fit_seconds": fit_seconds,
-        "train_images_per_second": _images_per_second(trainer, datamodule, fit_seconds),
-    }
-    if cfg.export_backbone and best and trainer.is_global_zero:
-        weights = load_checkpoint(best)["state_dict"]
-        path = export_backbone(
-            weights, Path(best).parent / "backbone.safetensors", cfg.backbone.name
-        )
-        result["backbone_weights"] = str(path)
+    with _requeue_signal_ignored(plugins):
+        checkpoint = trainer.checkpoint_callback
+        best = checkpoint.best_model_path
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
+        if cfg.test_after_fit and best:
+            tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
+            metrics.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})
+        result: dict[str, Any] = {
+            "metrics": metrics,
+            "monitor": monitor,
+            "best_score": float(checkpoint.best_model_score)
+            if checkpoint.best_model_score is not None
+            else None,
+            "best_model_path": best,
+            "output_dir": str(output_dir),
+            "fit_seconds": fit_seconds,
+            "train_images_per_second": _images_per_second(trainer, datamodule, fit_seconds),
+        }
+        if cfg.export_backbone and best and trainer.is_global_zero:
+            weights = load_checkpoint(best, also_allowed=_own_targets(cfg))["state_dict"]
+            path = export_backbone(
+                weights, Path(best).parent / "backbone.safetensors", cfg.backbone.name
+            )
+            result["backbone_weights"] = str(path)
     return result
 
 

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 import eval as eval_script
 import train as train_script
 from training.build import plain_config
-from training.checkpoints import _target_problem, find_best, load_checkpoint
+from training.checkpoints import _target_problem, config_targets, find_best, load_checkpoint
 from training.errors import CheckpointError
 
 from .test_training import CONFIGS, TINY, config
@@ -124,6 +124,19 @@ def test_resume_reads_no_code_either(stored: dict[str, Any], tmp_path: Path) -> 
     assert not marker.exists()
 
 
+def test_a_resumed_run_may_name_its_own_targets(stored: dict[str, Any], tmp_path: Path) -> None:
+    """A run with a callback of the user's own resumes: its command line names that target."""
+    cfg = copy.deepcopy(stored)
+    cfg["callbacks"]["mine"] = {"_target_": "mypackage.callbacks.Pause", "epoch": 1}
+    ckpt = write(tmp_path / "own.ckpt", cfg)
+    with pytest.raises(CheckpointError, match=r"names 'mypackage\.callbacks\.Pause', which is not"):
+        load_checkpoint(ckpt)  # eval.py: off the allow-list
+    assert load_checkpoint(ckpt, also_allowed={"mypackage.callbacks.Pause"})  # the same run
+    with pytest.raises(CheckpointError, match=r"at callbacks\.mine\._target_"):
+        load_checkpoint(ckpt, also_allowed={"mypackage.callbacks.Other"})
+    assert config_targets(cfg) >= {"mypackage.callbacks.Pause", "backbones.create"}
+
+
 def test_interpolations_are_not_resolved(stored: dict[str, Any], tmp_path: Path) -> None:
     """Stored resolved: a `${...}` left in could only read the environment or call resolvers."""
     cfg = copy.deepcopy(stored)
@@ -140,19 +153,10 @@ def test_every_target_in_the_configs_is_allowed() -> None:
     targets = set()
     for path in CONFIGS.rglob("*.yaml"):
         if "hydra" not in path.relative_to(CONFIGS).parts:
-            targets |= set(_targets(OmegaConf.to_container(OmegaConf.load(path))))
+            targets |= config_targets(OmegaConf.to_container(OmegaConf.load(path)))
     assert len(targets) > 15
     assert {t: _target_problem(t) for t in sorted(targets)} == {t: None for t in sorted(targets)}
     assert all(_target_problem(t) is None for t in ("lightning.Trainer", "backbones.create"))
-
-
-def _targets(node: Any) -> list[str]:
-    if isinstance(node, dict):
-        own = [node["_target_"]] if isinstance(node.get("_target_"), str) else []
-        return own + [t for value in node.values() for t in _targets(value)]
-    if isinstance(node, list):
-        return [t for item in node for t in _targets(item)]
-    return []
 
 
 def test_project_functions_that_write_files_are_not_allowed() -> None:

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -260,16 +261,22 @@ def tiny_config(tmp_path: Path, *overrides: str) -> DictConfig:
     return cfg
 
 
+def as_slurm_job(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, callback: L.Callback
+) -> Callable[..., list[L.Callback]]:
+    """Run train() as in a SLURM job, with `callback` too; returns train.py's own `_callbacks`."""
+    for key, value in SLURM_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol here: a requeue call just fails
+    callbacks = train_script._callbacks
+    monkeypatch.setattr(train_script, "_callbacks", lambda *args: [*callbacks(*args), callback])
+    return callbacks
+
+
 def test_requeued_slurm_job_resumes_from_the_signal_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for key, value in SLURM_ENV.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol here: the requeue call just fails
-    callbacks = train_script._callbacks
-    monkeypatch.setattr(
-        train_script, "_callbacks", lambda *args: [*callbacks(*args), SignalThenKill()]
-    )
+    callbacks = as_slurm_job(monkeypatch, tmp_path, SignalThenKill())
     with pytest.raises(Preempted):
         train_script.train(tiny_config(tmp_path))
     run = tmp_path / "outputs" / "resnet18-classification" / "run"
@@ -282,6 +289,25 @@ def test_requeued_slurm_job_resumes_from_the_signal_checkpoint(
     train_script.train(tiny_config(tmp_path))
     last = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert (last["epoch"], last["global_step"]) == (0, 4)  # went on from step 1, not from 0
+
+
+class SignalWhileTesting(L.Callback):
+    """SLURM's requeue signal (its time limit is near) while the trained run is tested."""
+
+    def on_test_start(self, trainer: L.Trainer, *args: object) -> None:
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_requeue_signal_after_fit_is_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trained run is neither requeued nor killed by the signal: its test and export finish."""
+    as_slurm_job(monkeypatch, tmp_path, SignalWhileTesting())
+    handler = signal.getsignal(signal.SIGUSR1)
+    result = train_script.train(tiny_config(tmp_path, "test_after_fit=true"))
+    assert "test/acc" in result["metrics"]
+    assert not list(Path(result["output_dir"]).glob("hpc_ckpt_*"))  # Lightning saved nothing
+    assert signal.getsignal(signal.SIGUSR1) is handler  # the next job in this process requeues
 
 
 def test_slurm_environment_uses_the_configured_signal(

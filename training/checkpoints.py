@@ -11,7 +11,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -48,6 +48,7 @@ ALLOWED_TARGETS: tuple[str, ...] = (
     "heads.",
     "training.data.",
     "training.callbacks.",
+    "training.loggers.CSVLogger",
     "torch.optim.",
     "lightning.Trainer",
     "lightning.pytorch.Trainer",
@@ -99,12 +100,17 @@ class _KeepWriteError:
         self.file.flush()
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike, *, also_allowed: Collection[str] = ()
+) -> dict[str, Any]:
     """Read a Lightning checkpoint written by `train.py`, safely (no code execution).
 
     The stored run config (`hyper_parameters.config`) comes back with the `_target_`s of
     `MOVED_TARGETS` updated, so checkpoints of older versions still rebuild, and checked: a
-    `_target_` off `ALLOWED_TARGETS` or a `${...}` interpolation is a `CheckpointError`.
+    `_target_` off `ALLOWED_TARGETS` (plus the exact names in `also_allowed`) or a `${...}`
+    interpolation is a `CheckpointError`. `train.py` resuming a run passes the targets its own
+    command line names: a run with a callback of the user's own (`+callbacks.mine._target_=...`)
+    resumes, and a checkpoint naming anything else is still refused.
     Tensors are memory-mapped: reading one to check it costs no copy of the rest.
     """
     path = Path(path)
@@ -137,7 +143,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             "by train.py"
         )
     config = _current_targets(config)
-    problems = list(_untrusted(config, ""))
+    problems = [
+        (where, what)
+        for where, what, target in _untrusted(config, "")
+        if target not in also_allowed
+    ]
     if problems:
         where, what = problems[0]
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -165,15 +175,26 @@ def _current_targets(node: Any) -> Any:
     return node
 
 
-def _untrusted(node: Any, where: str) -> Iterator[tuple[str, str]]:
-    """(key path, what is wrong) for every `_target_` not allowed and every interpolation."""
+def config_targets(node: Any) -> set[str]:
+    """Every `_target_` string in a config (plain containers)."""
+    if isinstance(node, dict):
+        own = {node["_target_"]} if isinstance(node.get("_target_"), str) else set()
+        return own.union(*(config_targets(value) for value in node.values()))
+    if isinstance(node, list):
+        return set().union(*(config_targets(item) for item in node))
+    return set()
+
+
+def _untrusted(node: Any, where: str) -> Iterator[tuple[str, str, str | None]]:
+    """(key path, what is wrong, the target) for every `_target_` not allowed and every
+    interpolation (whose target is None)."""
     if isinstance(node, dict):
         for key, value in node.items():
             path = f"{where}.{key}" if where else str(key)
             if key == "_target_":
                 problem = _target_problem(value)
                 if problem:
-                    yield path, problem
+                    yield path, problem, value
             else:
                 yield from _untrusted(value, path)
     elif isinstance(node, list):
@@ -181,7 +202,7 @@ def _untrusted(node: Any, where: str) -> Iterator[tuple[str, str]]:
             yield from _untrusted(item, f"{where}[{index}]")
     elif isinstance(node, str) and "${" in node:
         # stored resolved: an interpolation could only read the environment or call resolvers
-        yield where, f"holds an interpolation ({node!r}), which is not resolved"
+        yield where, f"holds an interpolation ({node!r}), which is not resolved", None
 
 
 def _target_problem(target: Any) -> str | None:
@@ -209,9 +230,13 @@ def _target_problem(target: Any) -> str | None:
     return refusal
 
 
-def check_resumable(path: str | os.PathLike, module: nn.Module) -> None:
-    """Refuse to resume `module`'s run from a checkpoint of another model, naming both."""
-    checkpoint = load_checkpoint(path)
+def check_resumable(
+    path: str | os.PathLike, module: nn.Module, also_allowed: Collection[str] = ()
+) -> None:
+    """Refuse to resume `module`'s run from a checkpoint of another model, naming both.
+
+    `also_allowed`: the targets the resuming run's own config names (see `load_checkpoint`)."""
+    checkpoint = load_checkpoint(path, also_allowed=also_allowed)
     stored, hparams = checkpoint["hyper_parameters"]["config"], checkpoint["hyper_parameters"]
     ours = getattr(module, "hparams", {}).get("config", {})
 
