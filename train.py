@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from training.build import build_datamodule, build_module, write_config
-from training.callbacks import MetricsPlot
+from training.callbacks import MetricsPlot, StepTimer
 from training.checkpoints import (
     AtomicCheckpointIO,
     export_backbone,
@@ -30,6 +31,7 @@ from training.checkpoints import (
     find_resume,
     load_checkpoint,
 )
+from training.devices import resolve_device_defaults
 from training.errors import CheckpointError, ConfigError, NonFiniteLossError
 from training.launch import multirun_job
 from training.report import print_summary, quiet_lightning, user_errors
@@ -59,6 +61,7 @@ def _callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str) -> li
             enable_version_counter=False,
         ),
         MetricsPlot(output_dir / "metrics.png"),
+        StepTimer(),
     ]
     for key, spec in options.items():
         if spec is None or (key == "progress_bar" and not cfg.trainer.enable_progress_bar):
@@ -109,10 +112,15 @@ def _plugins(cfg: DictConfig) -> list[Any]:
     return plugins
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit, test the best checkpoint, export its backbone; return the final metrics."""
+def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
+    """Fit, test the best checkpoint, export its backbone; return the final metrics.
+
+    `extra_callbacks` (what the training benchmark and tests measure with) run before the run's
+    own callbacks at every hook.
+    """
     output_dir = Path(cfg.paths.output_dir)
     quiet_lightning()
+    resolve_device_defaults(cfg)  # precision, determinism, cuDNN autotuning: from the device
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
@@ -122,7 +130,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = [instantiate(spec) for spec in cfg.logger.values() if spec is not None]
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        callbacks=_callbacks(cfg, output_dir, monitor, mode),
+        callbacks=[*extra_callbacks, *_callbacks(cfg, output_dir, monitor, mode)],
         logger=loggers or False,
         plugins=_plugins(cfg),
         default_root_dir=output_dir,  # where Lightning's SLURM requeue saves hpc_ckpt_<n>.ckpt
@@ -159,6 +167,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "fit_seconds": fit_seconds,
         "train_images_per_second": _images_per_second(trainer, datamodule, fit_seconds),
     }
+    timer = next(c for c in trainer.callbacks if isinstance(c, StepTimer))
+    if cfg.compile and timer.warmup_seconds is not None:
+        result["compile_warmup_seconds"] = timer.warmup_seconds
     if cfg.export_backbone and best and trainer.is_global_zero:
         weights = load_checkpoint(best)["state_dict"]
         path = export_backbone(
