@@ -103,7 +103,12 @@ class ProgressBar(RichProgressBar):
     A value logged with `self.log(..., prog_bar=True, on_step=True)` is read from the device
     at every step, which makes the host wait for the GPU; `TaskModule` instead reads its step
     loss once every `log_every_n_steps` steps, and this bar shows the last value read.
+    It redraws at most `refresh_rate` times a second (Lightning's default is 100): drawing
+    holds the GIL, which the main thread needs to launch the next step's kernels.
     """
+
+    def __init__(self, refresh_rate: int = 10, **kwargs: Any) -> None:
+        super().__init__(refresh_rate=refresh_rate, **kwargs)
 
     def get_metrics(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
         return {**super().get_metrics(trainer, module), **getattr(module, "step_values", {})}

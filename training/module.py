@@ -79,7 +79,8 @@ class NonFiniteGuard:
         flags = torch.stack([(first_step >= 0), ~torch.isfinite(state)]).to(device, dtype)
         trainer = module._trainer
         if trainer is not None and trainer.world_size > 1:  # every rank raises, or none
-            flags = trainer.strategy.reduce(flags, reduce_op=torch.distributed.ReduceOp.MAX)
+            # (not the strategy's `reduce`: it adds a barrier, which blocks the host)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         if extra is None:
             extra = torch.full((), torch.nan, device=device)
         record = torch.stack([v.to(device, dtype) for v in (first_step, first_value, extra)])
@@ -198,15 +199,16 @@ class TaskModule(L.LightningModule):
         # After the optimiser step. Every log_every_n_steps optimiser steps: one read of the
         # device for the check and the step loss (`global_step` counts optimiser steps, so with
         # gradient accumulation the same step is seen several times and checked once).
-        every = self.trainer.log_every_n_steps
-        if not every or self.global_step % every or self._guard.checked_step == self.global_step:
+        every, step = self.trainer.log_every_n_steps, self.global_step
+        if not every or not step or step % every or self._guard.checked_step == step:
             return
         loss = self.check_finite(extra=self._last_loss)
         self.step_values = {"train/loss": loss}
         # The step axis and `epoch` column of Lightning's own logging of step values.
         metrics = {"train/loss_step": loss, "epoch": self.current_epoch}
-        for logger in self.loggers:
+        for logger in self.loggers:  # as Lightning's logger connector does
             logger.log_metrics(metrics, step=self.global_step - 1)
+            logger.save()
 
     def on_validation_epoch_start(self) -> None:
         # Weights that became non-finite since the last check are neither validated nor saved.
