@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ def _callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str) -> li
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from training.callbacks import MetricsPlot
+    from training.callbacks import MetricsPlot, StepTimer
 
     options = OmegaConf.to_container(cfg.callbacks, resolve=True)
     checkpoint = options.pop("checkpoint", None) or {}
@@ -51,6 +52,7 @@ def _callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str) -> li
             enable_version_counter=False,
         ),
         MetricsPlot(output_dir / "metrics.png"),
+        StepTimer(),
     ]
     for key, spec in options.items():
         if spec is None or (key == "progress_bar" and not cfg.trainer.enable_progress_bar):
@@ -109,8 +111,12 @@ def _plugins(cfg: DictConfig) -> list[Any]:
     return plugins
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit, test the best checkpoint, export its backbone; return the final metrics."""
+def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
+    """Fit, test the best checkpoint, export its backbone; return the final metrics.
+
+    `extra_callbacks` (what the training benchmark and tests measure with) run before the run's
+    own callbacks at every hook.
+    """
     from training.checks import check_config, check_data, check_model
 
     check_config(cfg)  # before the imports below: a mistyped value fails in a second
@@ -119,13 +125,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from training.build import build_datamodule, build_module, write_config
+    from training.callbacks import StepTimer
     from training.checkpoints import check_resumable, export_backbone, load_checkpoint
+    from training.devices import resolve_device_defaults
     from training.errors import NonFiniteLossError
     from training.report import quiet_lightning, route_lightning_logs
 
     output_dir = Path(cfg.paths.output_dir)
     route_lightning_logs()  # under Hydra: into <run dir>/train.log too
     quiet_lightning()
+    resolve_device_defaults(cfg)  # precision, determinism, cuDNN autotuning: from the device
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     check_data(datamodule)
@@ -139,7 +148,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = [instantiate(spec) for spec in cfg.logger.values() if spec is not None]
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        callbacks=_callbacks(cfg, output_dir, monitor, mode),
+        callbacks=[*extra_callbacks, *_callbacks(cfg, output_dir, monitor, mode)],
         logger=loggers or False,
         plugins=_plugins(cfg),
         default_root_dir=output_dir,  # where Lightning's SLURM requeue saves hpc_ckpt_<n>.ckpt
@@ -176,6 +185,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "fit_seconds": fit_seconds,
         "train_images_per_second": _images_per_second(trainer, datamodule, fit_seconds),
     }
+    timer = next(c for c in trainer.callbacks if isinstance(c, StepTimer))
+    if cfg.compile and timer.warmup_seconds is not None:
+        result["compile_warmup_seconds"] = timer.warmup_seconds
     if cfg.export_backbone and best and trainer.is_global_zero:
         weights = load_checkpoint(best)["state_dict"]
         path = export_backbone(

@@ -1,12 +1,17 @@
-"""Callbacks of our own: the loss/metric plot. Everything else is Lightning's."""
+"""Callbacks of our own: the loss/metric plot and a progress bar that reads no device value
+per step. Everything else is Lightning's."""
 
 from __future__ import annotations
 
 import os
+import statistics
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from lightning.pytorch.callbacks import RichProgressBar
 
 from backbones.weights import atomic_path
 
@@ -20,7 +25,8 @@ class MetricsPlot(L.Callback):
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.history: dict[str, list[tuple[int, float]]] = {}
-        self._loss_sum, self._batches = 0.0, 0
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._batches = 0
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._loss_sum, self._batches = 0.0, 0
@@ -34,7 +40,10 @@ class MetricsPlot(L.Callback):
         batch_idx: int,
     ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self._loss_sum += float(loss)
+        if loss is None:  # a skipped step
+            return
+        # Summed on the device: read once per epoch, not once per step (a host sync).
+        self._loss_sum = loss.detach() + self._loss_sum
         self._batches += 1
 
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -47,7 +56,8 @@ class MetricsPlot(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         # Runs after the epoch's validation, so each epoch is plotted once, complete.
         if self._batches:
-            self._record("train/loss", trainer.current_epoch, self._loss_sum / self._batches)
+            mean = float(self._loss_sum) / self._batches
+            self._record("train/loss", trainer.current_epoch, mean)
         if trainer.is_global_zero:
             self.write()
 
@@ -85,3 +95,61 @@ class MetricsPlot(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = {k: [tuple(p) for p in v] for k, v in state_dict["history"].items()}
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's Rich progress bar, showing the module's `step_values` next to the metrics.
+
+    A value logged with `self.log(..., prog_bar=True, on_step=True)` is read from the device
+    at every step, which makes the host wait for the GPU; `TaskModule` instead reads its step
+    loss once every `log_every_n_steps` steps, and this bar shows the last value read.
+    It redraws at most `refresh_rate` times a second (Lightning's default is 100): drawing
+    holds the GIL, which the main thread needs to launch the next step's kernels.
+    """
+
+    def __init__(self, refresh_rate: int = 10, **kwargs: Any) -> None:
+        super().__init__(refresh_rate=refresh_rate, **kwargs)
+
+    def get_metrics(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
+        return {**super().get_metrics(trainer, module), **getattr(module, "step_values", {})}
+
+
+class StepTimer(L.Callback):
+    """Times the first training step against the typical one: the warm-up of `compile=true`.
+
+    The typical step is the median time from one training batch's start to the next (within
+    an epoch, validation excluded), which on a GPU is the device's pace once its queue is full;
+    `warmup_seconds` is how much longer the first step took (tracing and compiling).
+    """
+
+    def __init__(self) -> None:
+        self.first_seconds: float | None = None
+        self.intervals: list[float] = []
+        self._start: float | None = None
+        self._previous: float | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        now = time.perf_counter()
+        if self._previous is not None:
+            self.intervals.append(now - self._previous)
+        self._previous = self._start = now
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.first_seconds is None and self._start is not None:
+            self.first_seconds = time.perf_counter() - self._start
+
+    def on_validation_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._previous = None  # the next interval would include validation
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._previous = None
+
+    @property
+    def step_seconds(self) -> float | None:
+        return statistics.median(self.intervals) if self.intervals else None
+
+    @property
+    def warmup_seconds(self) -> float | None:
+        if self.first_seconds is None:
+            return None
+        return max(0.0, self.first_seconds - (self.step_seconds or 0.0))

@@ -142,4 +142,6 @@ def print_summary(result: dict[str, Any]) -> None:
             f"fit: {result['fit_seconds']:.1f} s, "
             f"{result['train_images_per_second']:.0f} train img/s"
         )
+    if "compile_warmup_seconds" in result:  # the first step traced and compiled the model
+        console.print(f"compile warm-up: {result['compile_warmup_seconds']:.1f} s")
     to_log_file(logging.INFO, console.export_text().rstrip())

@@ -398,8 +398,11 @@ def write_results(
                 f"| {model} | {comparison} | {ratio:.2f} | {target}{' (missed)' if missed else ''} |"
             )
     lines.append("")
+    # `python -m training.bench` keeps its section at the end of the same file.
+    old, marker = (markdown.read_text() if markdown.is_file() else ""), "\n# Training benchmark\n"
+    training = old[old.index(marker) :] if marker in old else ""
     with atomic_path(markdown) as tmp:
-        tmp.write_text("\n".join(lines))
+        tmp.write_text("\n".join(lines) + training)
     _plot(rows, plot, device)
 
 
