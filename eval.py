@@ -6,6 +6,7 @@ validation split reproduces the metric the checkpoint was selected by.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -16,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from training.build import build_datamodule, build_module
 from training.checkpoints import load_checkpoint
 from training.errors import ConfigError
+from training.plots import run_title
+from training.predictions import eval_pictures_dir, write_pictures
 from training.report import print_summary, quiet_lightning, user_errors
 
 
@@ -35,12 +38,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], max_epochs=1)
     run = trainer.validate if cfg.split == "val" else trainer.test
     scores = run(module, datamodule=datamodule, verbose=False)[0]
-    return {
+    result = {
         "metrics": {k: float(v) for k, v in scores.items()},
         "monitor": module.task.monitor,
         "best_score": None,
         "best_model_path": str(cfg.ckpt_path),
     }
+    if cfg.pictures:
+        directory = Path(cfg.output_dir or eval_pictures_dir(cfg.ckpt_path, cfg.split))
+        title = f"{run_title(run_cfg)} · {Path(cfg.ckpt_path).name}"
+        written = write_pictures(trainer, module, datamodule, directory, title, cfg.split)
+        result["pictures"] = [str(p) for p in written]
+    return result
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")

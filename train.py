@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from training.build import build_datamodule, build_module, write_config
-from training.callbacks import MetricsPlot
+from training.callbacks import ExampleInput, MetricsPlot
 from training.checkpoints import (
     AtomicCheckpointIO,
     export_backbone,
@@ -32,6 +32,8 @@ from training.checkpoints import (
 )
 from training.errors import CheckpointError, ConfigError, NonFiniteLossError
 from training.launch import multirun_job
+from training.plots import best_epoch, run_title
+from training.predictions import write_pictures
 from training.report import print_summary, quiet_lightning, user_errors
 
 
@@ -58,7 +60,8 @@ def _callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str) -> li
             save_top_k=1,
             enable_version_counter=False,
         ),
-        MetricsPlot(output_dir / "metrics.png"),
+        MetricsPlot(output_dir / "metrics.png", run_title(cfg), monitor, mode),
+        ExampleInput(),  # the model summary's FLOPs
     ]
     for key, spec in options.items():
         if spec is None or (key == "progress_bar" and not cfg.trainer.enable_progress_bar):
@@ -148,12 +151,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.test_after_fit and best:
         tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
         metrics.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})
+    plot = next(c for c in trainer.callbacks if isinstance(c, MetricsPlot))
+    best_at = best_epoch(plot.history.get(monitor, ()), mode) if best else None
     result: dict[str, Any] = {
         "metrics": metrics,
         "monitor": monitor,
+        "mode": mode,
         "best_score": float(checkpoint.best_model_score)
         if checkpoint.best_model_score is not None
         else None,
+        "best_epoch": best_at[0] + 1 if best_at else None,  # counted from 1
+        "monitor_history": plot.history.get(monitor, []),  # (epoch from 0, value)
         "best_model_path": best,
         "output_dir": str(output_dir),
         "fit_seconds": fit_seconds,
@@ -165,6 +173,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             weights, Path(best).parent / "backbone.safetensors", cfg.backbone.name
         )
         result["backbone_weights"] = str(path)
+    if cfg.pictures and best and trainer.is_global_zero:  # of the best checkpoint
+        module.load_state_dict(load_checkpoint(best)["state_dict"])
+        result["pictures"] = [
+            str(p) for p in write_pictures(trainer, module, datamodule, output_dir, run_title(cfg))
+        ]
     return result
 
 
@@ -178,8 +191,10 @@ def _images_per_second(trainer: L.Trainer, datamodule, seconds: float) -> float:
 def main(cfg: DictConfig) -> float | None:
     # A multirun job's error must not end the sweep: it is logged and raised for Hydra to record.
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    with multirun_job() if multirun else user_errors():
+    with multirun_job() if multirun else user_errors() as job:
         result = train(cfg)
+        if job is not None:  # the job's row in the sweep summary
+            job.finish(result)
     if rank_zero_only.rank == 0:  # DDP: rank 0 reports (and its return value is the one used)
         print_summary(result)
     return result["best_score"]  # what Hydra sweepers (Optuna) optimise

@@ -40,6 +40,7 @@ TINY = [
     "trainer.enable_model_summary=false",
     "callbacks=none",
     "test_after_fit=false",
+    "pictures=false",  # tests/test_predictions.py checks them
     "export_backbone=false",
 ]
 

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from backbones import IMAGENET_MEAN, IMAGENET_STD
+
 from .base import TaskDataModule
 
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
@@ -289,6 +291,8 @@ class ShapesDataModule(TaskDataModule):
     """
 
     tasks = ("classification", "segmentation", "detection")
+    # The images are normalised with ImageNet's statistics, whatever the backbone.
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
 
     def __init__(
         self,
@@ -315,6 +319,8 @@ class ShapesDataModule(TaskDataModule):
             max_shapes=max_shapes,
             seed=seed,
             cache=cache,
+            mean=self.mean,
+            std=self.std,
         )
         self.splits = {
             "train": ShapesDataset("train", num_train, augment=augment, **common),
