@@ -17,6 +17,8 @@ from training.predictions import (
     Sample,
     denormalise,
     eval_pictures_dir,
+    per_class_metric,
+    plot_per_class,
     plot_predictions,
     sample_indices,
 )
@@ -149,3 +151,24 @@ def test_detections_below_the_threshold_are_not_drawn() -> None:
     assert [t.get_text() for t in truth.texts] == ["circle"]
     assert [t.get_text() for t in predicted.texts] == ["circle 0.90", "star 0.50"]
     assert len(predicted.patches) == 2
+
+
+def test_per_class_ap_averages_to_torchmetrics_map() -> None:
+    """AP and AP50 per class, read from the precision array, average to COCO's map / map_50."""
+    metric = per_class_metric("detection", num_classes=3)
+    boxes = torch.tensor([[0.0, 0, 20, 20], [20, 20, 30, 34], [5, 5, 25, 25]])
+    targets = [{"boxes": boxes, "labels": torch.tensor([0, 1, 1])}]
+    # IoUs 0.52 (a match at IoU 0.50 only), 0.73, 0.82
+    shifted = boxes + torch.tensor([[4.0, 3, 4, 3], [2, 1, 2, 1], [2, 1, 2, 1]])
+    scores = torch.tensor([0.9, 0.4, 0.8])
+    predictions = [{"boxes": shifted, "labels": torch.tensor([0, 1, 1]), "scores": scores}]
+    metric.update(predictions, targets)
+    values = metric.compute()
+    figure = plot_per_class("detection", values, ["circle", "star", "ring"], "title", "val")
+    axis = figure.axes[0]
+    ap, ap50 = ([p.get_width() for p in bars] for bars in axis.containers)
+    assert len(ap) == len(ap50) == 2  # ring has no boxes: no bar
+    assert "no boxes of this class" in [t.get_text() for t in axis.texts]
+    assert sum(ap) / 2 == pytest.approx(float(values["map"]), abs=1e-6)
+    assert sum(ap50) / 2 == pytest.approx(float(values["map_50"]), abs=1e-6)
+    assert 0 < min(ap) < max(ap50) <= 1
