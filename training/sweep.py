@@ -20,13 +20,16 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from backbones.weights import atomic_path
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 RESULT_FILE = "result.json"
 FILES = ("summary.csv", "summary.md", "summary.png")
@@ -101,13 +104,11 @@ def ranked(results: list[JobResult]) -> list[JobResult]:
     return sorted(results, key=key)
 
 
-def varying(results: list[JobResult]) -> tuple[list[str], list[str]]:
-    """The overrides every job shares, and the keys whose values differ between jobs."""
+def shared_overrides(results: list[JobResult]) -> list[str]:
+    """The overrides every job has: the tables show each job's others, what it varies."""
     if not results:
-        return [], []
-    shared = set.intersection(*(set(r.overrides) for r in results))
-    keys = [o.split("=", 1)[0] for r in results for o in r.overrides if o not in shared]
-    return sorted(shared), list(dict.fromkeys(keys))
+        return []
+    return sorted(set.intersection(*(set(r.overrides) for r in results)))
 
 
 def short(override: str) -> str:
@@ -125,7 +126,7 @@ def table_rows(
 ) -> tuple[list[str], list[list[str]]]:
     """The summary table for people (header, rows), ranked, with the overrides that differ;
     checkpoint paths relative to `sweep_dir` when they are inside it."""
-    shared, _ = varying(results)
+    shared = shared_overrides(results)
     monitors = {r.monitor for r in results if r.monitor}
     score_name = f"best {next(iter(monitors))}" if len(monitors) == 1 else "best score"
     header = ["job", "status", "overrides", score_name, "best epoch", "time", "best checkpoint"]
@@ -155,7 +156,7 @@ def table_rows(
 
 def _write_csv(path: Path, results: list[JobResult]) -> None:
     """One row per job, ranked, plain values (numbers as numbers, full paths) for tools."""
-    shared, _ = varying(results)
+    shared = shared_overrides(results)
     fields = ["job", "status", "overrides", "monitor", "best_score", "best_epoch", "seconds"]
     fields += ["best_checkpoint", "error"]
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
@@ -185,7 +186,7 @@ def write_summary(sweep_dir: str | os.PathLike, optuna: bool = False) -> list[Pa
     header, rows = table_rows(results, sweep_dir)
     csv_path, md_path, png_path = (sweep_dir / name for name in FILES)
     _write_csv(csv_path, results)
-    shared, _ = varying(results)
+    shared = shared_overrides(results)
     failed = sum(r.status != "ok" for r in results)
     lines = [
         f"# Sweep {sweep_dir}: {len(results)} jobs, {failed} failed",
@@ -222,14 +223,14 @@ def write_summary(sweep_dir: str | os.PathLike, optuna: bool = False) -> list[Pa
     return written
 
 
-def plot_sweep(results: list[JobResult], optuna: bool, name: str) -> Any:
+def plot_sweep(results: list[JobResult], optuna: bool, name: str) -> Figure:
     """Best score per job (bars, best on top), the monitored metric per epoch of every job, and,
     for Optuna, each trial's score in order with the best so far."""
     from .plots import pyplot
 
     plt = pyplot()
     order = ranked(results)
-    shared, _ = varying(results)
+    shared = shared_overrides(results)
     panels = 3 if optuna else 2
     figure, axes = plt.subplots(
         1, panels, figsize=(7 * panels, max(3.5, 0.45 * len(order) + 1.8)), layout="constrained"
