@@ -91,7 +91,8 @@ def test_curves_read_for_one_and_for_a_hundred_epochs(epochs: int, tmp_path: Pat
         ticks = [t for t in axis.get_xticks() if axis.get_xlim()[0] <= t <= axis.get_xlim()[1]]
         assert ticks and all(float(t).is_integer() for t in ticks), ticks  # no half epochs
         assert axis.get_xlim()[1] >= epochs
-    assert metric_axis.get_ylim() == (-0.02, 1.02)  # fractions on their whole scale
+    bottom, top = metric_axis.get_ylim()
+    assert top == 1.02 and -0.03 < bottom <= 0  # fractions on their whole scale
     losses = [line for line in loss_axis.lines if line.get_label().endswith("loss")]
     assert len(losses) == 2
     if epochs == 1:
@@ -103,6 +104,13 @@ def test_curves_read_for_one_and_for_a_hundred_epochs(epochs: int, tmp_path: Pat
     assert lr_axis.lines[0].get_label() == "lr"
     save_figure(figure, tmp_path / "metrics.png")
     assert_drawn(tmp_path / "metrics.png", panels=3, size=(1600, 460))
+
+
+def test_low_scores_get_the_height_of_the_panel() -> None:
+    """A short detection run's mAP of 0.01-0.03 is not squashed against a 0-1 axis."""
+    values = {"val/map": [(0, 0.01), (1, 0.03)], "val/map_50": [(0, 0.02), (1, 0.08)]}
+    metric_axis = plot_curves(values, {}, monitor="val/map").axes[1]
+    assert metric_axis.get_ylim()[1] == pytest.approx(1.2 * 0.08)
 
 
 def test_curves_without_history_say_so() -> None:
@@ -131,6 +139,6 @@ def test_class_bars_mark_classes_missing_from_the_split(tmp_path: Path) -> None:
     axis = figure.axes[0]
     assert [round(p.get_width(), 3) for p in axis.patches] == [0.9, 0.3]
     assert "not in the data" in [t.get_text() for t in axis.texts]
-    assert axis.get_legend().get_texts()[0].get_text() == "mean 0.600"  # over known classes
+    assert axis.get_legend().get_texts()[0].get_text() == "mean IoU: 0.600"  # over known classes
     save_figure(figure, tmp_path / "per_class_iou.png")
     assert_drawn(tmp_path / "per_class_iou.png", panels=1)

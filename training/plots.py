@@ -121,7 +121,10 @@ def plot_curves(
         _plot_epochs(metric_axis, points, key, markers, bold=key == monitor)
     values = [v for s in metrics.values() for _, v in s if math.isfinite(v)]
     if values and min(values) >= 0.0 and max(values) <= 1.0:
-        metric_axis.set_ylim(-0.02, 1.02)  # fractions: the whole scale, comparable across runs
+        # Fractions from 0: the whole scale where a run gets far, else room to see low scores
+        # (a short detection run's mAP of 0.03)
+        top = 1.02 if max(values) > 0.5 else max(0.05, 1.2 * max(values))
+        metric_axis.set_ylim(-0.02 * top, top)
     metric_title = "validation"
     if best is not None:
         epoch, value = best
@@ -244,7 +247,9 @@ def plot_class_bars(
             for row in rows[~known]:
                 axis.text(0.01, row, missing, va="center", color="gray", fontsize="small")
             mean = numbers[known].mean() if known.any() else float("nan")
-            axis.axvline(mean, color="black", linestyle="--", linewidth=1, label=f"mean {mean:.3f}")
+            axis.axvline(
+                mean, color="black", linestyle="--", linewidth=1, label=f"mean {label}: {mean:.3f}"
+            )
     axis.set_yticks(rows, class_names)
     axis.invert_yaxis()  # class 0 on top, as in the legend of the predictions
     axis.set_xlim(0, 1.08)
