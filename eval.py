@@ -46,7 +46,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     if cfg.pictures:
         directory = Path(cfg.output_dir or eval_pictures_dir(cfg.ckpt_path, cfg.split))
-        title = f"{run_title(run_cfg)} · {Path(cfg.ckpt_path).name}"
+        title = f"{run_title(run_cfg)}\n{Path(*Path(cfg.ckpt_path).parts[-3:])}"  # run/dir/file
         written = write_pictures(trainer, module, datamodule, directory, title, cfg.split)
         result["pictures"] = [str(p) for p in written]
     return result

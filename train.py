@@ -175,9 +175,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         result["backbone_weights"] = str(path)
     if cfg.pictures and best and trainer.is_global_zero:  # of the best checkpoint
         module.load_state_dict(load_checkpoint(best)["state_dict"])
-        result["pictures"] = [
-            str(p) for p in write_pictures(trainer, module, datamodule, output_dir, run_title(cfg))
-        ]
+        title = f"{run_title(cfg)}\nbest checkpoint: epoch {result['best_epoch']}, "
+        title += f"{monitor} {result['best_score']:.4f}"
+        written = write_pictures(trainer, module, datamodule, output_dir, title)
+        result["pictures"] = [str(p) for p in written]
     return result
 
 

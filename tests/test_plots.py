@@ -128,7 +128,7 @@ def test_confusion_matrix_counts_and_recall(tmp_path: Path) -> None:
         "star (0%)",
     ]
     assert sorted(t.get_text() for t in axis.texts) == ["1", "2", "8", "9"]  # zero cells blank
-    assert axis.get_title() == "confusion matrix, 20 images, accuracy 85.0%"
+    assert axis.get_title() == "confusion matrix: 20 images, accuracy 85.0%"
     save_figure(figure, tmp_path / "confusion_matrix.png")
     assert_drawn(tmp_path / "confusion_matrix.png", panels=1)  # the colorbar is not a panel
 

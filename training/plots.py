@@ -190,7 +190,9 @@ def class_colours(count: int) -> list[tuple[float, float, float]]:
     return [tuple(palette[i])[:3] for i in range(count)]  # type: ignore[misc]
 
 
-def plot_confusion_matrix(matrix: Any, class_names: Sequence[str], title: str = "") -> Figure:
+def plot_confusion_matrix(
+    matrix: Any, class_names: Sequence[str], title: str = "", caption: str = "confusion matrix"
+) -> Figure:
     """Rows: true class (with its recall), columns: predicted; cells coloured by row share."""
     import numpy as np
 
@@ -215,7 +217,7 @@ def plot_confusion_matrix(matrix: Any, class_names: Sequence[str], title: str = 
                     axis.text(j, i, str(counts[i, j]), ha="center", va="center", color=colour)
     accuracy = np.trace(counts) / max(1, counts.sum())
     axis.set(xlabel="predicted class", ylabel="true class (recall)")
-    axis.set_title(f"confusion matrix, {counts.sum()} images, accuracy {accuracy:.1%}")
+    axis.set_title(f"{caption}: {counts.sum()} images, accuracy {accuracy:.1%}")
     figure.suptitle(title)
     return figure
 

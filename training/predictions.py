@@ -100,7 +100,9 @@ def plot_per_class(
 ) -> Figure:
     """The task's per-class view from the computed `per_class_metric` value."""
     if task == "classification":
-        return plot_confusion_matrix(values.cpu(), class_names, title)
+        return plot_confusion_matrix(
+            values.cpu(), class_names, title, f"confusion matrix, {split} split"
+        )
     if task == "segmentation":
         iou = values.cpu().tolist()
         return plot_class_bars({"IoU": iou}, class_names, title, f"IoU per class, {split} split")
@@ -134,7 +136,8 @@ def write_pictures(
     title: str,
     split: str = "val",
 ) -> list[Path]:
-    """predictions.png and the per-class view of `module` on `split`, written to `directory`.
+    """predictions.png and the per-class view of `module` on `split`, written to `directory`;
+    `title` names the run and the checkpoint (`training.plots.run_title` and a line).
 
     Also logged as TensorBoard images where the trainer has a TensorBoard logger. Returns the
     paths written.
@@ -156,7 +159,7 @@ def write_pictures(
 
     names = list(datamodule.class_names)
     mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
-    subtitle = f"{title}\n{split} split"
+    subtitle = f"{title} · {split} split"
     figures = {
         "predictions.png": plot_predictions(task, samples, names, mean, std, subtitle),
         PER_CLASS_FILE[task]: plot_per_class(task, metric.compute(), names, title, split),
