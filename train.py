@@ -148,11 +148,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
+    # Read before trainer.test: it restores the callbacks' state of the best checkpoint too.
+    plot = next(c for c in trainer.callbacks if isinstance(c, MetricsPlot))
+    history = list(plot.history.get(monitor, []))
+    best_at = best_epoch(history, mode) if best else None
     if cfg.test_after_fit and best:
         tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
         metrics.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})
-    plot = next(c for c in trainer.callbacks if isinstance(c, MetricsPlot))
-    best_at = best_epoch(plot.history.get(monitor, ()), mode) if best else None
     result: dict[str, Any] = {
         "metrics": metrics,
         "monitor": monitor,
@@ -161,7 +163,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if checkpoint.best_model_score is not None
         else None,
         "best_epoch": best_at[0] + 1 if best_at else None,  # counted from 1
-        "monitor_history": plot.history.get(monitor, []),  # (epoch from 0, value)
+        "monitor_history": history,  # (epoch from 0, value)
         "best_model_path": best,
         "output_dir": str(output_dir),
         "fit_seconds": fit_seconds,
