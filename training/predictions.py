@@ -341,10 +341,14 @@ def _detection_panels(
             heading,
         ),
     )
+    height, width = picture.shape[:2]
+    # A label's height and a width it may take, in pixels of the image (a panel is ~2 inches
+    # for any image size): labels closer than this are moved down a line, not drawn over.
+    line, span = 0.09 * height, 0.45 * width
     for axis, boxes, labels, scores, name in boxes_of:
         axis.imshow(picture, interpolation="nearest")
         axis.set_title(name, fontsize=9)
-        width = picture.shape[1]
+        placed: list[tuple[float, float]] = []
         pairs = zip(torch.as_tensor(boxes).tolist(), labels.tolist(), strict=True)
         for i, (box, label) in enumerate(pairs):
             x0, y0, x1, y1 = box
@@ -358,9 +362,12 @@ def _detection_panels(
             text = class_names[label] if label < len(class_names) else str(label)
             if scores is not None:
                 text += f" {scores[i]:.2f}"
+            x, y = min(max(x0, 0), width - 1), max(y0, 0)  # inside the box, at its top left
+            while any(abs(x - px) < span and abs(y - py) < line for px, py in placed):
+                y += line
+            placed.append((x, y))
             axis.text(
-                min(max(x0, 0), width - 1), max(y0 - 1, 0), text, fontsize=7, color="white",
-                va="bottom", clip_on=True,
+                x, y, text, fontsize=7, color="white", va="top", clip_on=True,
                 bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "linewidth": 0},
             )  # fmt: skip
         if scores is not None and not len(boxes):
