@@ -29,7 +29,8 @@ def _callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str) -> li
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from training.callbacks import MetricsPlot, StepTimer
+    from training.callbacks import ExampleInput, MetricsPlot, StepTimer
+    from training.plots import run_title
 
     options = OmegaConf.to_container(cfg.callbacks, resolve=True)
     checkpoint = options.pop("checkpoint", None) or {}
@@ -51,7 +52,8 @@ def _callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str) -> li
             save_top_k=1,
             enable_version_counter=False,
         ),
-        MetricsPlot(output_dir / "metrics.png"),
+        MetricsPlot(output_dir / "metrics.png", run_title(cfg), monitor, mode),
+        ExampleInput(),  # the model summary's FLOPs
         StepTimer(),
     ]
     for key, spec in options.items():
@@ -125,10 +127,12 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     from hydra.utils import instantiate
 
     from training.build import build_datamodule, build_module, write_config
-    from training.callbacks import StepTimer
+    from training.callbacks import MetricsPlot, StepTimer
     from training.checkpoints import check_resumable, export_backbone, load_checkpoint
     from training.devices import resolve_device_defaults
     from training.errors import NonFiniteLossError
+    from training.plots import best_epoch, run_title
+    from training.predictions import write_pictures
     from training.report import quiet_lightning, route_lightning_logs
 
     output_dir = Path(cfg.paths.output_dir)
@@ -171,15 +175,22 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
+    # Read before trainer.test: it restores the callbacks' state of the best checkpoint too.
+    plot = next(c for c in trainer.callbacks if isinstance(c, MetricsPlot))
+    history = list(plot.history.get(monitor, []))
+    best_at = best_epoch(history, mode) if best else None
     if cfg.test_after_fit and best:
         tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
         metrics.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})
     result: dict[str, Any] = {
         "metrics": metrics,
         "monitor": monitor,
+        "mode": mode,
         "best_score": float(checkpoint.best_model_score)
         if checkpoint.best_model_score is not None
         else None,
+        "best_epoch": best_at[0] + 1 if best_at else None,  # counted from 1
+        "monitor_history": history,  # (epoch from 0, value)
         "best_model_path": best,
         "output_dir": str(output_dir),
         "fit_seconds": fit_seconds,
@@ -194,6 +205,12 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
             weights, Path(best).parent / "backbone.safetensors", cfg.backbone.name
         )
         result["backbone_weights"] = str(path)
+    if cfg.pictures and best and trainer.is_global_zero:  # of the best checkpoint
+        module.load_state_dict(load_checkpoint(best)["state_dict"])
+        title = f"{run_title(cfg)}\nbest checkpoint: epoch {result['best_epoch']}, "
+        title += f"{monitor} {result['best_score']:.4f}"
+        written = write_pictures(trainer, module, datamodule, output_dir, title)
+        result["pictures"] = [str(p) for p in written]
     return result
 
 
@@ -217,8 +234,10 @@ def main(cfg: DictConfig) -> float | None:
         context = multirun_job()
     else:
         context = user_errors()
-    with context:
+    with context as job:
         result = train(cfg)
+        if job is not None:  # the job's row in the sweep summary
+            job.finish(result)
     from lightning.pytorch.utilities import rank_zero_only
 
     if rank_zero_only.rank == 0:  # DDP: rank 0 reports (and its return value is the one used)

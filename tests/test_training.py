@@ -39,6 +39,7 @@ TINY = [
     "trainer.log_every_n_steps=1",
     "trainer.num_sanity_val_steps=0",
     "test_after_fit=false",
+    "pictures=false",  # tests/test_predictions.py checks them
 ]
 
 

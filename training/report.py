@@ -137,6 +137,8 @@ def print_summary(result: dict[str, Any]) -> None:
     console.print(f"{label}: {result['best_model_path'] or 'none (no checkpoint was written)'}")
     if result.get("backbone_weights"):
         console.print(f"backbone weights: {result['backbone_weights']}")
+    if result.get("pictures"):
+        console.print(f"pictures: {', '.join(result['pictures'])}")
     if "fit_seconds" in result:
         console.print(
             f"fit: {result['fit_seconds']:.1f} s, "

@@ -81,6 +81,10 @@ class TaskDataModule(L.LightningDataModule):
     """
 
     tasks: tuple[str, ...] = ()
+    # The per-channel statistics the images are normalised with, which pictures undo; None
+    # when the images arrive in [0, 1].
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     def __init__(self, task: str, batch_size: int = 32, num_workers: int | str = "auto") -> None:
         super().__init__()

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from backbones import IMAGENET_MEAN, IMAGENET_STD
+
 from .base import TaskDataModule
 
 log = logging.getLogger(__name__)
@@ -375,6 +377,8 @@ class ShapesDataModule(TaskDataModule):
     """
 
     tasks = ("classification", "segmentation", "detection")
+    # The images are normalised with ImageNet's statistics, whatever the backbone.
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
 
     def __init__(
         self,
@@ -401,6 +405,8 @@ class ShapesDataModule(TaskDataModule):
             max_shapes=max_shapes,
             seed=seed,
             cache=cache,
+            mean=self.mean,
+            std=self.std,
         )
         self.splits = {
             "train": ShapesDataset("train", num_train, augment=augment, **common),
