@@ -5,11 +5,13 @@ model = create("resnet50")                # returns {"C3": ..., "C4": ..., "C5":
 """
 
 from . import convnext, densenet, efficientnet, mobilenet, resnet, vgg  # noqa: F401  (register the families)
-from ._base import (
-    Backbone,
-    ClassifierCfg,
-    FeatureInfo,
-    create,
+from .contract import Backbone, ClassifierCfg, FeatureInfo
+from .factory import create
+from .fuse import fuse_batchnorm
+from .registry import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    get_entry,
     input_normalization,
     list_backbones,
     register_backbone,
@@ -17,12 +19,16 @@ from ._base import (
 from .weights import WeightsError, convert
 
 __all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "Backbone",
     "ClassifierCfg",
     "FeatureInfo",
     "WeightsError",
     "convert",
     "create",
+    "fuse_batchnorm",
+    "get_entry",
     "input_normalization",
     "list_backbones",
     "register_backbone",

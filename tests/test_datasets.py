@@ -17,8 +17,7 @@ from omegaconf import DictConfig, open_dict
 from PIL import Image
 
 import train as train_script
-from backbones import input_normalization, list_backbones
-from backbones._base import IMAGENET_MEAN, IMAGENET_STD
+from backbones import IMAGENET_MEAN, IMAGENET_STD, input_normalization, list_backbones
 from training.build import build_datamodule
 from training.datasets import (
     _CIFAR10,

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets, tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from backbones._base import IMAGENET_MEAN, IMAGENET_STD
+from backbones import IMAGENET_MEAN, IMAGENET_STD
 
 from .build import ConfigError
 from .data import TaskDataModule
