@@ -164,7 +164,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, inference mode; "
         f"{args.repeats} alternating rounds after {args.warmup} warm-up rounds",
         f"- torch.compile options {bench.COMPILE_OPTIONS}; ONNX Runtime: all graph "
-        "optimisations, intra-op threads = torch's",
+        "optimisations, intra-op threads = torch's, no spinning",
         f"- {allocator}",
     ]
     for line in header[2:]:

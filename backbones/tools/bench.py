@@ -7,7 +7,7 @@ init, converted into ours):
 - ours compiled: `torch.compile` with inductor's freezing (weights become constants, so the
   compiler folds and prepacks them; the mode meant for inference),
 - ONNX Runtime (CPU): ours exported by `tools.export` (dynamo exporter), run by a session
-  with every graph optimisation and torch's intra-op thread count.
+  with every graph optimisation, torch's intra-op thread count, and no spinning idle threads.
 PyTorch variants take channels_last inputs and weights (what one picks for CNN inference on
 CPU, and with bf16 on GPU); ONNX Runtime takes NCHW, the only layout an ONNX graph has, and
 picks its own blocked layout inside. Before anything is timed, each variant's output on the
@@ -194,6 +194,9 @@ def onnxruntime_session(model: Backbone, example: torch.Tensor) -> Callable[[], 
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
+        # idle workers sleep instead of spinning, so they take no cores from the variant timed
+        # next (torch's OpenMP threads spin only briefly)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = onnxruntime.InferenceSession(
             str(path), options, providers=["CPUExecutionProvider"]
         )
