@@ -162,7 +162,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         f"- {processor}, {torch.get_num_threads()} threads; {versions}",
         f"- batch {args.batch} x 3 x {args.size} x {args.size}, "
         f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, inference mode; "
-        f"{args.repeats} alternating rounds after {args.warmup} warm-up rounds",
+        f"{args.repeats} alternating rounds after {args.warmup} warm-up rounds; "
+        f"{'CUDA events' if device.type == 'cuda' else args.clock + ' clock'}",
         f"- torch.compile options {bench.COMPILE_OPTIONS}; ONNX Runtime: all graph "
         "optimisations, intra-op threads = torch's, no spinning",
         f"- {allocator}",
@@ -179,6 +180,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         keys,
         warmup=args.warmup,
         repeats=args.repeats,
+        clock=args.clock,
         log=lambda line: console.print(line, highlight=False, soft_wrap=True),
         # rewritten after every model, so an interrupted run keeps what it measured
         after_model=lambda rows: bench.write_results(rows, header, markdown, plot, device.type),
@@ -263,6 +265,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="comma-separated subset of torchvision,eager,fused,compile,onnxruntime (default: "
         "all; on cuda all but onnxruntime)",
+    )
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="CPU timing: wall clock, or this process's CPU time (not inflated by other "
+        "processes' load; use with --threads 1)",
     )
     p.add_argument("--out-dir", default="benchmarks", help="where RESULTS.md and the PNG go")
     p.set_defaults(func=cmd_bench)

@@ -33,10 +33,10 @@ def test_bench_command_writes_results(tmp_path: Path, monkeypatch: pytest.Monkey
     # the compiler's own backend would take minutes here; dynamo with the eager backend still
     # traces our model and goes through the same check and timing
     monkeypatch.setattr(bench, "compile_model", lambda m: torch.compile(m, backend="eager"))
-    args = ["bench", "--models", "resnet18", "--batch", "1", "--size", "64"]
+    args = ["bench", "--models", "resnet18", "--batch", "1", "--size", "64", "--clock", "cpu"]
     assert main([*args, "--repeats", "1", "--warmup", "0", "--out-dir", str(tmp_path)]) == 0
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "mallopt(M_MMAP_MAX=0" in text and "## cpu" in text
+    assert "mallopt(M_MMAP_MAX=0" in text and "## cpu" in text and "; cpu clock" in text
     assert "| model | variant | input | ms / batch | img/s | vs torchvision eager |" in text
     rows = _table_rows(text, "resnet18")
     assert list(rows) == LABELS

@@ -19,7 +19,8 @@ the median with the interquartile range.
 CPU timings are set up against allocator noise: glibc's malloc returns large blocks to the
 system and maps them afresh (page faults on every large activation), which swings a model by
 20-60% between repeats. `set_up_allocator` keeps freed memory in the heap instead (mallopt).
-On GPU: CUDA events, bf16 autocast, no ONNX Runtime.
+On a machine shared with other work, `clock="cpu"` with one thread times each variant's own
+compute. On GPU: CUDA events, bf16 autocast, no ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -255,10 +256,16 @@ def variants(
     return found
 
 
-def _cpu_timer(run: Callable[[], object]) -> float:
+def _wall_timer(run: Callable[[], object]) -> float:
     start = time.perf_counter()
     run()
     return (time.perf_counter() - start) * 1e3
+
+
+def _cpu_timer(run: Callable[[], object]) -> float:
+    start = time.process_time()
+    run()
+    return (time.process_time() - start) * 1e3
 
 
 def _cuda_timer(run: Callable[[], object]) -> float:
@@ -278,14 +285,19 @@ def measure(
     keys: list[str],
     warmup: int = 3,
     repeats: int = 10,
+    clock: str = "wall",
     log: Callable[[str], None] = print,
     after_model: Callable[[list[Row]], None] | None = None,
 ) -> list[Row]:
     """Time the variants `keys` of every model: one `Row` each.
 
-    `after_model(rows so far)` runs after each model, e.g. to save partial results.
+    On CPU, `clock="cpu"` times with the process's CPU time instead of the wall clock: other
+    processes' load does not inflate it, and with one thread it is the compute time (with more,
+    it also counts the threads' waits). `after_model(rows so far)` runs after each model, e.g.
+    to save partial results.
     """
-    timer = _cuda_timer if device.type == "cuda" else _cpu_timer
+    timers = {"cuda": _cuda_timer, "wall": _wall_timer, "cpu": _cpu_timer}
+    timer = timers["cuda" if device.type == "cuda" else clock]
     rows: list[Row] = []
     for name in names:
         runs = variants(name, batch, size, device, keys)
