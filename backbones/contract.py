@@ -158,7 +158,7 @@ class Backbone(nn.Module):
 
     def train(self, mode: bool = True) -> Backbone:
         if mode and has_folded_norms(self):  # checked first, so a refusal changes nothing
-            raise RuntimeError(fused_training_error(self))
+            raise RuntimeError(fused_training_error(type(self).__name__))
         super().train(mode)
         if mode:
             frozen = [self] if self.norm_eval else self._frozen_modules()

@@ -30,14 +30,14 @@ class FoldedBatchNorm(nn.Identity):
 
     def train(self, mode: bool = True) -> FoldedBatchNorm:
         if mode:
-            raise RuntimeError(fused_training_error(self))
+            raise RuntimeError(fused_training_error("model"))  # the model's class is unknown here
         return super().train(mode)
 
 
-def fused_training_error(model: nn.Module) -> str:
-    """The message for `.train()` on a model whose BatchNorms were folded."""
+def fused_training_error(what: str) -> str:
+    """The message for `.train()` on a model (`what`: its class name) with folded BatchNorms."""
     return (
-        f"this {type(model).__name__} was fuse()d for inference: its BatchNorms are folded into "
+        f"this {what} was fuse()d for inference: its BatchNorms are folded into "
         "the convolutions and cannot be trained. Build a new model to train."
     )
 
