@@ -27,6 +27,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from training.build import build_datamodule, build_module
     from training.checkpoints import find_best, load_checkpoint
     from training.errors import ConfigError
+    from training.plots import run_title
+    from training.predictions import eval_pictures_dir, write_pictures
     from training.report import quiet_lightning, route_lightning_logs
 
     if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.ckpt_path is None:
@@ -52,12 +54,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], max_epochs=1)
     run = trainer.validate if cfg.split == "val" else trainer.test
     scores = run(module, datamodule=datamodule, verbose=False)[0]
-    return {
+    result = {
         "metrics": {k: float(v) for k, v in scores.items()},
         "monitor": module.task.monitor,
         "best_score": None,
         "best_model_path": str(path),
     }
+    if cfg.pictures:
+        directory = Path(cfg.output_dir or eval_pictures_dir(path, cfg.split))
+        title = f"{run_title(run_cfg)}\n{Path(*path.parts[-3:])}"  # run/dir/file
+        written = write_pictures(trainer, module, datamodule, directory, title, cfg.split)
+        result["pictures"] = [str(p) for p in written]
+    return result
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")

@@ -10,7 +10,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +31,8 @@ def _callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str) -> li
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from training.callbacks import MetricsPlot
+    from training.callbacks import ExampleInput, MetricsPlot, StepTimer
+    from training.plots import run_title
 
     options = OmegaConf.to_container(cfg.callbacks, resolve=True)
     checkpoint = options.pop("checkpoint", None) or {}
@@ -53,7 +54,9 @@ def _callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str) -> li
             save_top_k=1,
             enable_version_counter=False,
         ),
-        MetricsPlot(output_dir / "metrics.png"),
+        MetricsPlot(output_dir / "metrics.png", run_title(cfg), monitor, mode),
+        ExampleInput(),  # the model summary's FLOPs
+        StepTimer(),
     ]
     for key, spec in options.items():
         if spec is None or (key == "progress_bar" and not cfg.trainer.enable_progress_bar):
@@ -144,8 +147,12 @@ def _requeue_signal_ignored(plugins: list[Any]) -> Iterator[None]:
         signal.signal(slurm[0].requeue_signal, previous)
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit, test the best checkpoint, export its backbone; return the final metrics."""
+def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
+    """Fit, test the best checkpoint, export its backbone; return the final metrics.
+
+    `extra_callbacks` (what the training benchmark and tests measure with) run before the run's
+    own callbacks at every hook.
+    """
     from training.checks import check_config, check_data, check_model
 
     check_config(cfg)  # before the imports below: a mistyped value fails in a second
@@ -154,13 +161,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from training.build import build_datamodule, build_module, write_config
+    from training.callbacks import MetricsPlot, StepTimer
     from training.checkpoints import check_resumable, export_backbone, load_checkpoint
+    from training.devices import resolve_device_defaults
     from training.errors import NonFiniteLossError
+    from training.plots import best_epoch, run_title
+    from training.predictions import write_pictures
     from training.report import quiet_lightning, route_lightning_logs
 
     output_dir = Path(cfg.paths.output_dir)
     route_lightning_logs()  # under Hydra: into <run dir>/train.log too
     quiet_lightning()
+    resolve_device_defaults(cfg)  # precision, determinism, cuDNN autotuning: from the device
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     check_data(datamodule)
@@ -178,7 +190,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     plugins = _plugins(cfg)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        callbacks=callbacks,
+        callbacks=[*extra_callbacks, *callbacks],
         logger=loggers or False,
         plugins=plugins,
         default_root_dir=output_dir,  # where Lightning's SLURM requeue saves hpc_ckpt_<n>.ckpt
@@ -207,26 +219,43 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         checkpoint = trainer.checkpoint_callback
         best = checkpoint.best_model_path
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
+        # Read before trainer.test: it restores the callbacks' state of the best checkpoint too.
+        plot = next(c for c in trainer.callbacks if isinstance(c, MetricsPlot))
+        history = list(plot.history.get(monitor, []))
+        best_at = best_epoch(history, mode) if best else None
         if cfg.test_after_fit and best:
             tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
             metrics.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})
         result: dict[str, Any] = {
             "metrics": metrics,
             "monitor": monitor,
+            "mode": mode,
             "best_score": float(checkpoint.best_model_score)
             if checkpoint.best_model_score is not None
             else None,
+            "best_epoch": best_at[0] + 1 if best_at else None,  # counted from 1
+            "monitor_history": history,  # (epoch from 0, value)
             "best_model_path": best,
             "output_dir": str(output_dir),
             "fit_seconds": fit_seconds,
             "train_images_per_second": _images_per_second(trainer, datamodule, fit_seconds),
         }
-        if cfg.export_backbone and best and trainer.is_global_zero:
+        timer = next(c for c in trainer.callbacks if isinstance(c, StepTimer))
+        if cfg.compile and timer.warmup_seconds is not None:
+            result["compile_warmup_seconds"] = timer.warmup_seconds
+        if best and trainer.is_global_zero and (cfg.export_backbone or cfg.pictures):
             weights = load_checkpoint(best, also_allowed=_own_targets(cfg))["state_dict"]
+        if cfg.export_backbone and best and trainer.is_global_zero:
             path = export_backbone(
                 weights, Path(best).parent / "backbone.safetensors", cfg.backbone.name
             )
             result["backbone_weights"] = str(path)
+        if cfg.pictures and best and trainer.is_global_zero:  # of the best checkpoint
+            module.load_state_dict(weights)
+            title = f"{run_title(cfg)}\nbest checkpoint: epoch {result['best_epoch']}, "
+            title += f"{monitor} {result['best_score']:.4f}"
+            written = write_pictures(trainer, module, datamodule, output_dir, title)
+            result["pictures"] = [str(p) for p in written]
     return result
 
 
@@ -250,8 +279,10 @@ def main(cfg: DictConfig) -> float | None:
         context = multirun_job()
     else:
         context = user_errors()
-    with context:
+    with context as job:
         result = train(cfg)
+        if job is not None:  # the job's row in the sweep summary
+            job.finish(result)
     from lightning.pytorch.utilities import rank_zero_only
 
     if rank_zero_only.rank == 0:  # DDP: rank 0 reports (and its return value is the one used)

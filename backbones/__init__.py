@@ -5,14 +5,13 @@ model = create("resnet50")                # returns {"C3": ..., "C4": ..., "C5":
 """
 
 from . import convnext, densenet, efficientnet, mobilenet, resnet, vgg  # noqa: F401  (register the families)
-from ._base import (
+from .contract import Backbone, ClassifierCfg, FeatureInfo, FeatureInfoList
+from .factory import create
+from .fuse import fuse_batchnorm
+from .registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    Backbone,
-    ClassifierCfg,
-    FeatureInfo,
-    FeatureInfoList,
-    create,
+    get_entry,
     input_normalization,
     list_backbones,
     register_backbone,
@@ -29,6 +28,8 @@ __all__ = [
     "WeightsError",
     "convert",
     "create",
+    "fuse_batchnorm",
+    "get_entry",
     "input_normalization",
     "list_backbones",
     "register_backbone",

@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from . import create, list_backbones
-from ._base import get_entry
+from .registry import get_entry
+from .tools.bench import BenchError
 from .tools.export import FORMATS, ExportError
 from .weights import SOURCES, WeightsError, fetch_weights
 
@@ -126,6 +127,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     import torchvision
 
     from .tools import bench
+    from .tools.export import require_onnx
     from .tools.summary import check_size, meta_backbone
 
     allocator = bench.set_up_allocator()  # before the large allocations
@@ -135,42 +137,55 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available; use --device cpu")
     device = torch.device(args.device)
+    allowed = bench.CUDA_VARIANTS if device.type == "cuda" else tuple(bench.VARIANTS)
+    keys = args.variants.split(",") if args.variants else list(allowed)
+    unknown = [key for key in keys if key not in allowed]
+    if unknown:
+        raise ValueError(
+            f"--variants: {', '.join(unknown)} not available on {device.type}; choose from "
+            f"{','.join(allowed)}"
+        )
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     processor = platform.processor() or platform.machine()
     if device.type == "cuda":
         processor = torch.cuda.get_device_name()
+    versions = f"torch {torch.__version__}, torchvision {torchvision.__version__}"
+    if "onnxruntime" in keys:
+        require_onnx()  # one clear error before anything is built
+        import onnxruntime
+
+        versions += f", onnxruntime {onnxruntime.__version__}"
     header = [
         f"`{' '.join(['python -m backbones bench', *map(shlex.quote, sys.argv[2:])])}`",
         "",
-        f"- {device.type}: {processor}, {torch.get_num_threads()} threads; torch "
-        f"{torch.__version__}, torchvision {torchvision.__version__}",
-        f"- batch {args.batch} x 3 x {args.size} x {args.size}, fp32 on CPU / bf16 autocast on "
-        f"GPU, inference mode; {args.repeats} alternating rounds after {args.warmup} warm-up "
-        "rounds",
+        f"- {processor}, {torch.get_num_threads()} threads; {versions}",
+        f"- batch {args.batch} x 3 x {args.size} x {args.size}, "
+        f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, inference mode; "
+        f"{args.repeats} alternating rounds after {args.warmup} warm-up rounds; "
+        f"{'CUDA events' if device.type == 'cuda' else args.clock + ' clock'}",
+        f"- torch.compile options {bench.COMPILE_OPTIONS}; ONNX Runtime: all graph "
+        "optimisations, intra-op threads = torch's, no spinning",
         f"- {allocator}",
-        "- same weights for ours and torchvision (converted); timm with its own random init",
     ]
     for line in header[2:]:
         console.print(line, highlight=False)
     out = Path(args.out_dir)
     markdown, plot = out / "RESULTS.md", out / f"throughput_{device.type}.png"
-    rows, _ = bench.measure(
+    rows = bench.measure(
         names,
         args.batch,
         args.size,
         device,
+        keys,
         warmup=args.warmup,
         repeats=args.repeats,
-        compile=args.compile,
+        clock=args.clock,
         log=lambda line: console.print(line, highlight=False, soft_wrap=True),
         # rewritten after every model, so an interrupted run keeps what it measured
-        after_model=lambda rows, peak: bench.write_results(
-            rows, peak, header, markdown, plot, device.type
-        ),
+        after_model=lambda rows: bench.write_results(rows, header, markdown, plot, device.type),
     )
-    for model, comparison, ratio, target in bench.ratios(rows):
-        console.print(f"{model:20s} {comparison:36s} {ratio:5.2f}  (target {target})")
+    console.print("\n".join(bench.table(rows)), highlight=False, soft_wrap=True)
     console.print(f"[green]wrote[/] {markdown} and {plot}")
 
 
@@ -230,23 +245,41 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_export)
 
     p = commands.add_parser(
-        "bench", help="img/s of ours vs torchvision vs timm; writes RESULTS.md and a plot"
+        "bench",
+        help="img/s of torchvision eager vs ours eager/fused/compiled/ONNX Runtime; writes "
+        "RESULTS.md and a plot",
     )
-    p.add_argument("--models", default="resnet50,mobilenet_v3_large", help="comma-separated")
+    p.add_argument(
+        "--models",
+        default="resnet50,mobilenet_v3_large,efficientnet_b0,densenet121",
+        help="comma-separated",
+    )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     p.add_argument("--repeats", type=int, default=10, help="timed rounds (median, quartiles)")
     p.add_argument("--threads", type=int, default=None, help="default: torch's")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile (GPU)")
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated subset of torchvision,eager,fused,compile,onnxruntime (default: "
+        "all; on cuda all but onnxruntime)",
+    )
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="CPU timing: wall clock, or this process's CPU time (not inflated by other "
+        "processes' load; use with --threads 1)",
+    )
     p.add_argument("--out-dir", default="benchmarks", help="where RESULTS.md and the PNG go")
     p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, WeightsError, FileNotFoundError, ExportError) as e:
+    except (ValueError, WeightsError, FileNotFoundError, ExportError, BenchError) as e:
         console.print(f"[red]error:[/] {e}", highlight=False)
         return 1
     return 0

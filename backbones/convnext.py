@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import DEFAULT_OUT_FEATURES, Backbone, ClassifierCfg, Rules, register_backbone
+from .contract import DEFAULT_OUT_FEATURES, Backbone, ClassifierCfg, Rules
 from .layers import DropPath, LayerFn, LayerNorm2d, drop_path_rates
+from .registry import register_backbone
 
 LayerNorm2d6 = partial(LayerNorm2d, eps=1e-6)
 # torchvision's `block.<i>` (a Sequential with permutes in it) -> our names

@@ -9,17 +9,11 @@ from functools import partial
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-from ._base import (
-    DEFAULT_OUT_FEATURES,
-    Backbone,
-    Rules,
-    _keep_norm_stats_on_recompute,
-    register_backbone,
-)
-from .layers import ConvNormAct, LayerFn, memory_format_of
+from .contract import DEFAULT_OUT_FEATURES, Backbone, Rules, keep_norm_stats_on_recompute
+from .layers import ConvNormAct, LayerFn
+from .registry import register_backbone
 
 ReLU = partial(nn.ReLU, inplace=True)
 
@@ -51,15 +45,14 @@ class DenseLayer(nn.Module):
         self.memory_efficient = memory_efficient
 
     def bottleneck(self, *features: torch.Tensor) -> torch.Tensor:
-        # one tensor: the block's shared buffer (see DenseBlock), nothing to concatenate
-        x = features[0] if len(features) == 1 else torch.cat(features, dim=1)  # (B, C_in, H, W)
+        x = torch.cat(features, dim=1)  # (B, sum of the inputs' channels, H, W)
         return self.conv1(self.act1(self.norm1(x)))  # (B, bn_size * growth_rate, H, W)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         if self.memory_efficient and torch.is_grad_enabled():
             # The recomputation runs norm1 in train mode again: keep its running statistics
             # from being updated twice for one batch.
-            context_fn = partial(_keep_norm_stats_on_recompute, self.norm1)
+            context_fn = partial(keep_norm_stats_on_recompute, self.norm1)
             x = checkpoint(self.bottleneck, *features, use_reentrant=False, context_fn=context_fn)
         else:
             x = self.bottleneck(*features)
@@ -87,34 +80,10 @@ class DenseBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            features = [x]
-            for layer in self.layers:
-                features.append(layer(features))
-            return torch.cat(features, dim=1)  # (B, C + num_layers * growth_rate, H, W)
-        # Without autograd, one buffer of the block's output size is shared (Pleiss et al.
-        # 2017): each layer reads the channels written so far, a view, and writes its own,
-        # instead of a concatenation of a longer list for every layer. (With autograd, later
-        # writes would change a buffer that earlier layers saved for their backward pass.)
-        batch, channels, height, width = x.shape
-        growth = self.layers[0].conv2.out_channels
-        memory_format = memory_format_of(x)
-        out = torch.empty(
-            (batch, channels + len(self.layers) * growth, height, width),
-            dtype=x.dtype,
-            device=x.device,
-            memory_format=memory_format,
-        )
-        out[:, :channels] = x
+        features = [x]
         for layer in self.layers:
-            features = out[:, :channels]  # (B, channels, H, W), strided
-            if isinstance(layer.norm1, _BatchNorm):
-                # BatchNorm's CPU kernel is several times slower on a strided view than a copy
-                # and itself; fuse() replaces it by a clamp, which reads the view directly
-                features = features.contiguous(memory_format=memory_format)
-            out[:, channels : channels + growth] = layer([features])
-            channels += growth
-        return out  # (B, C + num_layers * growth_rate, H, W)
+            features.append(layer(features))
+        return torch.cat(features, dim=1)  # (B, C + num_layers * growth_rate, H, W)
 
 
 class Transition(nn.Sequential):

@@ -11,7 +11,7 @@ from functools import partial
 
 from torch import nn
 
-from ._base import DEFAULT_OUT_FEATURES, Backbone, ClassifierCfg, register_backbone
+from .contract import DEFAULT_OUT_FEATURES, Backbone, ClassifierCfg
 from .layers import (
     BatchNorm2dTF,
     ConvNormAct,
@@ -22,6 +22,7 @@ from .layers import (
     make_divisible,
 )
 from .mobilenet import init_weights, timm_rules, torchvision_block_rules, torchvision_rules
+from .registry import register_backbone
 
 SiLU = partial(nn.SiLU, inplace=True)
 

@@ -24,13 +24,6 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return rounded
 
 
-def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """channels_last for a 4-D tensor laid out that way (and not also contiguous), else contiguous."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 class ConvNormAct(nn.Module):
     """Conv2d -> norm -> activation, with 'same' padding for odd kernels.
 
@@ -185,22 +178,6 @@ class GroupNorm(nn.GroupNorm):
 BatchNorm2dTF = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01)
 
 
-class Residual(nn.Module):
-    """`act(branch + shortcut)`, summed in place into the branch output (one memory pass less).
-
-    A module rather than an inline `+=` so that `Backbone.fuse()` can find the sum and run it,
-    with the activation, inside the convolution that ends the branch.
-    """
-
-    def __init__(self, act_layer: LayerFn | None = None) -> None:
-        super().__init__()
-        self.act = act_layer() if act_layer is not None else nn.Identity()
-
-    def forward(self, branch: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-        branch += shortcut
-        return self.act(branch)
-
-
 class InvertedResidual(nn.Module):
     """Expand 1x1 -> depthwise kxk -> squeeze-excite -> project 1x1 (+ identity if shapes allow).
 
@@ -255,10 +232,10 @@ class InvertedResidual(nn.Module):
             expanded_channels, out_channels, 1, norm_layer=norm_layer, act_layer=None
         )
         self.drop_path = DropPath(drop_path)
-        self.residual = Residual()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.project(self.se(self.depthwise(self.expand(x))))
         if self.has_shortcut:
-            out = self.residual(self.drop_path(out), x)
+            out = self.drop_path(out)
+            out += x  # in place: one memory pass less in these memory-bound nets
         return out

@@ -15,7 +15,7 @@ from itertools import groupby, islice
 
 from torch import nn
 
-from ._base import DEFAULT_OUT_FEATURES, Backbone, ClassifierCfg, Rules, register_backbone
+from .contract import DEFAULT_OUT_FEATURES, Backbone, ClassifierCfg, Rules
 from .layers import (
     BatchNorm2dTF,
     ConvNormAct,
@@ -24,6 +24,7 @@ from .layers import (
     SqueezeExcite,
     make_divisible,
 )
+from .registry import register_backbone
 
 ReLU = partial(nn.ReLU, inplace=True)
 ReLU6 = partial(nn.ReLU6, inplace=True)

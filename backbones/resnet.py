@@ -13,8 +13,9 @@ from functools import partial
 import torch
 from torch import nn
 
-from ._base import DEFAULT_OUT_FEATURES, Backbone, Rules, register_backbone
-from .layers import ConvNormAct, DropPath, LayerFn, Residual, drop_path_rates
+from .contract import DEFAULT_OUT_FEATURES, Backbone, Rules
+from .layers import ConvNormAct, DropPath, LayerFn, drop_path_rates
+from .registry import register_backbone
 
 ReLU = partial(nn.ReLU, inplace=True)
 
@@ -44,11 +45,12 @@ class BasicBlock(nn.Module):
         self.conv2 = ConvNormAct(channels, out_channels, 3, norm_layer=norm_layer, act_layer=None)
         self.shortcut = _shortcut(in_channels, out_channels, stride, norm_layer)
         self.drop_path = DropPath(drop_path)
-        self.residual = Residual(act_layer=ReLU)
+        self.act = ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.drop_path(self.conv2(self.conv1(x)))
-        return self.residual(out, self.shortcut(x))
+        out += self.shortcut(x)  # in place, as torchvision: one memory pass less
+        return self.act(out)
 
 
 class Bottleneck(nn.Module):
@@ -76,11 +78,12 @@ class Bottleneck(nn.Module):
         self.conv3 = ConvNormAct(width, out_channels, 1, norm_layer=norm_layer, act_layer=None)
         self.shortcut = _shortcut(in_channels, out_channels, stride, norm_layer)
         self.drop_path = DropPath(drop_path)
-        self.residual = Residual(act_layer=ReLU)
+        self.act = ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.drop_path(self.conv3(self.conv2(self.conv1(x))))
-        return self.residual(out, self.shortcut(x))
+        out += self.shortcut(x)  # in place, as torchvision: one memory pass less
+        return self.act(out)
 
 
 def _shortcut(in_channels: int, out_channels: int, stride: int, norm_layer: LayerFn) -> nn.Module:

@@ -17,8 +17,9 @@ from functools import partial
 
 from torch import nn
 
-from ._base import DEFAULT_OUT_FEATURES, Backbone, ClassifierCfg, Rules, register_backbone
+from .contract import DEFAULT_OUT_FEATURES, Backbone, ClassifierCfg, Rules
 from .layers import ConvNormAct, LayerFn
+from .registry import register_backbone
 
 ReLU = partial(nn.ReLU, inplace=True)
 WIDTHS = (64, 128, 256, 512, 512)  # channels of the five blocks

@@ -23,7 +23,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ._base import Backbone, Rules, get_entry
+from .contract import Backbone, Rules
+from .registry import get_entry
 
 StateDict = dict[str, torch.Tensor]
 Pretrained = str | os.PathLike | Mapping[str, torch.Tensor]

@@ -41,7 +41,7 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
             ):
                 uniform(module.weight, 0.5, 1.5)
                 uniform(module.bias, -0.2, 0.2)
-            if isinstance(module, nn.BatchNorm2d):
+            if isinstance(module, nn.BatchNorm2d) and module.running_mean is not None:
                 uniform(module.running_mean, -0.2, 0.2)
                 uniform(module.running_var, 0.5, 1.5)
         for name, param in model.named_parameters():

@@ -14,8 +14,7 @@ import torchvision
 from torch import nn
 from torchvision import models as tvm
 
-from backbones import convert, create, list_backbones
-from backbones._base import get_entry
+from backbones import convert, create, get_entry, list_backbones
 
 from .conftest import max_rel_error, randomize_norms
 

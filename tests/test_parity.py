@@ -7,8 +7,7 @@ import timm
 import torch
 import torchvision
 
-from backbones import convert, list_backbones
-from backbones._base import get_entry
+from backbones import convert, get_entry, list_backbones
 from heads import build_classifier
 
 from .conftest import max_rel_error, num_params, randomize_norms

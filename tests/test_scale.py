@@ -21,6 +21,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
+from PIL import Image
 
 import train as train_script
 from training.checkpoints import load_checkpoint
@@ -41,6 +42,7 @@ TINY = [
     "trainer.enable_model_summary=false",
     "callbacks=none",
     "test_after_fit=false",
+    "pictures=false",  # tests/test_predictions.py checks them
     "export_backbone=false",
 ]
 
@@ -96,6 +98,30 @@ def test_failing_job_does_not_stop_the_sweep(
 
 
 @pytest.mark.slow
+def test_a_sweep_with_a_failed_job_is_summarised(
+    basic_sweep: tuple[Path, subprocess.CompletedProcess],
+) -> None:
+    """Hydra skips on_multirun_end when a job fails; the summary is still written, both rows."""
+    tmp_path, done = basic_sweep
+    sweep = tmp_path / "sweep"
+    with (sweep / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["job"], r["status"], r["overrides"]) for r in rows] == [
+        ("1", "ok", "optim.lr=0.001"),  # as Hydra writes the swept value
+        ("0", "failed", "optim.lr=-1"),
+    ]
+    passed = jobs(tmp_path)[1]
+    assert rows[0]["best_checkpoint"] == str(passed / "checkpoints" / "best.ckpt")
+    assert (rows[0]["best_epoch"], rows[0]["monitor"]) == ("1", "val/acc")
+    with (passed / "metrics.csv").open() as f:
+        logged = [float(row["val/acc"]) for row in csv.DictReader(f) if row["val/acc"]]
+    assert float(rows[0]["best_score"]) == pytest.approx(max(logged))
+    assert rows[1]["error"] == "ValueError: Invalid learning rate: -1"
+    assert (sweep / "summary.md").is_file() and (sweep / "summary.png").is_file()
+    assert "summary.md" in done.stdout and "Invalid learning rate: -1" in done.stdout
+
+
+@pytest.mark.slow
 def test_ddp_in_a_multirun(
     basic_sweep: tuple[Path, subprocess.CompletedProcess], tmp_path: Path
 ) -> None:
@@ -144,6 +170,10 @@ def test_optuna_trials_on_submitit_local(tmp_path: Path) -> None:
     assert "name: optuna" in optimization
     best = float(re.search(r"best_value: ([\d.]+)", optimization).group(1))
     assert best == pytest.approx(max(scores))
+    with (tmp_path / "sweep" / "summary.csv").open() as f:  # the jobs ran in other processes
+        summarised = [float(row["best_score"]) for row in csv.DictReader(f)]
+    assert summarised == sorted(summarised, reverse=True) and summarised[0] == pytest.approx(best)
+    assert Image.open(tmp_path / "sweep" / "summary.png").text["Panels"] == "3"  # + history
 
 
 def hydra_config(*overrides: str) -> DictConfig:

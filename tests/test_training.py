@@ -39,6 +39,7 @@ TINY = [
     "trainer.log_every_n_steps=1",
     "trainer.num_sanity_val_steps=0",
     "test_after_fit=false",
+    "pictures=false",  # tests/test_predictions.py checks them
 ]
 
 
@@ -276,8 +277,27 @@ def test_fast_dev_run(overrides: tuple[str, ...], tmp_path: Path) -> None:
     assert all(math.isfinite(v) for v in result["metrics"].values())
 
 
+@pytest.mark.slow
+def test_compile_trains_end_to_end(tmp_path: Path) -> None:
+    cfg = config(tmp_path, *TINY, "compile=true", "trainer.max_epochs=1")
+    result = train_script.train(cfg)
+    assert all(math.isfinite(v) for v in result["metrics"].values())
+    assert result["compile_warmup_seconds"] >= 0  # reported (the first step compiled)
+    # Compiled in place: the checkpoint keys are the plain model's (no `_orig_mod.`).
+    keys = load_checkpoint(result["best_model_path"])["state_dict"].keys()
+    assert set(keys) == set(build_module(cfg, build_datamodule(cfg)).state_dict())
+
+
+def _all_finite(checkpoint: dict) -> bool:
+    return all(
+        torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point()
+    )
+
+
+# Every step, or every 3 steps: a later check still names the first non-finite step.
+@pytest.mark.parametrize("every", [1, 3])
 def test_non_finite_loss_stops_with_the_step(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    every: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = {"n": 0}
     loss = Classification.loss
@@ -288,14 +308,53 @@ def test_non_finite_loss_stops_with_the_step(
         return value * float("nan") if calls["n"] > 6 else value  # 4 train + 2 val batches
 
     monkeypatch.setattr(Classification, "loss", poisoned)
-    cfg = config(tmp_path, *TINY, "trainer.max_epochs=3")
-    with pytest.raises(NonFiniteLossError, match=r"became nan at step 4 .*last good checkpoint"):
+    cfg = config(tmp_path, *TINY, "trainer.max_epochs=3", f"trainer.log_every_n_steps={every}")
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"became nan at step 4 \(epoch 1, batch 0\); .*last good checkpoint is .*last.ckpt",
+    ):
         train_script.train(cfg)
     last = load_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 4
-    assert all(
-        torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point()
-    )
+    assert _all_finite(last)
+
+
+class PoisonWeights(L.Callback):
+    """After optimiser step `step`, a NaN weight: what a diverging update leaves behind."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(module.parameters())[0] = float("nan")
+
+
+def test_non_finite_weights_are_never_saved_or_called_good(tmp_path: Path) -> None:
+    # Steps 1-4 are epoch 0, 5-8 epoch 1; the checks run at steps 3 and 6 and before each
+    # validation. The weights break at the last step of epoch 1, after the step-6 check.
+    cfg = config(tmp_path, *TINY, "trainer.max_epochs=3", "trainer.log_every_n_steps=3")
+    first = next(iter(build_module(cfg, build_datamodule(cfg)).named_parameters()))[0]
+    with pytest.raises(
+        NonFiniteLossError,
+        match=rf"weights are no longer finite at step 8 \(finite at step 6\): {first}; .*"
+        r"the last good checkpoint is .*last.ckpt",
+    ):
+        train_script.train(cfg, extra_callbacks=[PoisonWeights(step=8)])
+    checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
+    for name in ("last.ckpt", "best.ckpt"):  # both from epoch 0: epoch 1 was never saved
+        checkpoint = load_checkpoint(checkpoints / name)
+        assert checkpoint["global_step"] == 4 and _all_finite(checkpoint), name
+
+
+def test_no_checkpoint_is_written_with_non_finite_weights(tmp_path: Path) -> None:
+    cfg = config(tmp_path, *TINY)
+    module = build_module(cfg, build_datamodule(cfg))
+    with torch.no_grad():
+        module.model.backbone.stem.norm.running_var[3] = float("inf")  # buffers count too
+    with pytest.raises(NonFiniteLossError, match=r"no longer finite .*: model\.backbone\.stem"):
+        module.on_save_checkpoint({})
 
 
 def test_bad_checkpoints(tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ from backbones.weights import atomic_path
 from .data.base import TaskDataModule
 from .errors import ConfigError
 from .module import TaskModule
-from .small_convs import use_tiny_map_weight_grads
 from .tasks import get_task
 
 
@@ -45,8 +44,6 @@ def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
         backbone.requires_grad_(False)
     model = instantiate(cfg.head.model)(backbone=backbone, num_classes=num_classes)
     set_bn_momentum(model, cfg.get("bn_momentum"))
-    if cfg.get("tiny_map_conv_grads", False) and not cfg.get("compile", False):
-        use_tiny_map_weight_grads(model)  # the compiler generates its own kernels
     return model
 
 

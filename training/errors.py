@@ -25,4 +25,5 @@ class CheckpointError(UserError, ValueError):
 
 
 class NonFiniteLossError(UserError, RuntimeError):
-    """The training loss became NaN or infinite; the message names the step."""
+    """The training loss, or a weight after an optimiser step, became NaN or infinite; the
+    message names the step (or the weights)."""

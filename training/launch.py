@@ -13,15 +13,18 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, read_write
 
 from .report import is_user_error, user_message
+from .sweep import JobResult, one_line, write_job_result
 
 if TYPE_CHECKING:
     from optuna.trial import Trial
@@ -66,8 +69,18 @@ def job_command(argv: list[str], hydra: DictConfig) -> list[str]:
     ]
 
 
+class JobRecord:
+    """What `multirun_job` yields: the job's `train()` result goes in with `finish`."""
+
+    def __init__(self) -> None:
+        self.result: dict[str, Any] | None = None
+
+    def finish(self, result: dict[str, Any]) -> None:
+        self.result = result
+
+
 @contextmanager
-def multirun_job() -> Iterator[None]:
+def multirun_job() -> Iterator[JobRecord]:
     """Run one job of a multirun so that DDP works in it and a failure stays in it.
 
     - Lightning starts the ranks > 0 as `python <sys.argv> hydra.run.dir=<HydraConfig run.dir>`:
@@ -77,21 +90,30 @@ def multirun_job() -> Iterator[None]:
     - What DDP leaves in this process (the process group, `MASTER_PORT` and the rank variables
       Lightning sets in `os.environ`, the watcher of the ranks it started) is undone, so the
       next job starts clean on a fresh port.
+    - Rank 0 writes `<run dir>/result.json` (`training.sweep`), ok or failed, for the sweep
+      summary; `finish` the yielded record with `train()`'s result.
     """
     hydra = HydraConfig.get()
     argv, environ, run_dir = sys.argv, dict(os.environ), hydra.run.dir
     sys.argv = job_command(argv, hydra)
     with read_write(hydra.run):
         hydra.run.dir = hydra.runtime.output_dir
+    record, error, start = JobRecord(), None, time.perf_counter()
     try:
-        yield
-    except Exception as error:
-        if is_user_error(error):
-            log.error("error: %s", user_message(error))
+        yield record
+    except Exception as caught:
+        if is_user_error(caught):
+            log.error("error: %s", user_message(caught))
         else:
             log.exception("the job failed")
+        error = caught
+        raise
+    except BaseException as caught:  # KeyboardInterrupt, SystemExit: a failed job too
+        error = caught
         raise
     finally:
+        if rank_zero_only.rank == 0:
+            _write_result(hydra, record, error, time.perf_counter() - start)
         sys.argv = argv
         with read_write(hydra.run):
             hydra.run.dir = run_dir
@@ -100,6 +122,31 @@ def multirun_job() -> Iterator[None]:
             torch.distributed.destroy_process_group()
         os.environ.clear()
         os.environ.update(environ)
+
+
+def _write_result(
+    hydra: DictConfig, record: JobRecord, error: BaseException | None, seconds: float
+) -> None:
+    common = {"job": hydra.job.num, "overrides": list(hydra.overrides.task), "seconds": seconds}
+    result = record.result
+    if result is None:
+        reason = one_line(error) if error is not None else "stopped before train() returned"
+        outcome = JobResult(status="failed", error=reason, **common)
+    else:
+        outcome = JobResult(
+            status="ok",
+            monitor=result["monitor"],
+            mode=result.get("mode", "max"),
+            best_score=result["best_score"],
+            best_epoch=result.get("best_epoch"),
+            best_checkpoint=result["best_model_path"] or None,
+            history=result.get("monitor_history", []),
+            **common,
+        )
+    try:
+        write_job_result(hydra.runtime.output_dir, outcome)
+    except OSError as problem:  # the job's own outcome matters more than its summary row
+        log.warning("could not write the job's result file: %s", problem)
 
 
 def _retire_rank_watchers(timeout: float = 60.0) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
+from torch.nn.utils import get_total_norm
 
 from .errors import NonFiniteLossError
 from .tasks import get_task
@@ -33,6 +34,82 @@ class WarmupCosine:
         progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
         cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return self.final_ratio + (1 - self.final_ratio) * cosine
+
+
+class NonFiniteGuard:
+    """Notices a NaN/inf training loss on the device, without a host sync per step.
+
+    `update` records, on the loss's device, the step and value of the first non-finite loss;
+    `check` reads that record together with the norm of every weight (parameters and
+    floating buffers, e.g. BatchNorm statistics) in one host sync and raises
+    `NonFiniteLossError` naming the step, or the weights that are no longer finite.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.first_step: torch.Tensor | None = None  # -1 until a loss is not finite
+        self.first_value: torch.Tensor | None = None
+        self.batches: dict[int, tuple[int, int]] = {}  # step -> (epoch, batch) since the check
+        self.checked_step = -1
+
+    def update(self, loss: torch.Tensor, step: int, epoch: int, batch_idx: int) -> None:
+        loss = loss.detach()
+        if self.first_step is None or self.first_step.device != loss.device:
+            self.first_step = torch.full((), -1, dtype=torch.int64, device=loss.device)
+            self.first_value = torch.zeros((), device=loss.device)
+        new = ~torch.isfinite(loss) & (self.first_step < 0)
+        self.first_step = torch.where(new, step, self.first_step)
+        self.first_value = torch.where(new, loss.float(), self.first_value)
+        self.batches.setdefault(step, (epoch, batch_idx))
+
+    def check(self, module: L.LightningModule, extra: torch.Tensor | None = None) -> float:
+        """One host sync; raises if something is not finite, else returns `extra` as a float."""
+        weights = [t.detach() for t in (*module.parameters(), *module.buffers())]
+        weights = [t for t in weights if t.is_floating_point()]
+        device = weights[0].device if weights else torch.device("cpu")
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # exact step numbers
+        # The largest magnitude: NaN if any weight is NaN, inf if any is infinite.
+        state = get_total_norm(weights, float("inf")) if weights else torch.zeros((), device=device)
+        if self.first_step is None:  # no training step yet
+            self.first_step = torch.full((), -1, dtype=torch.int64, device=device)
+            self.first_value = torch.zeros((), device=device)
+        first_step, first_value = self.first_step, self.first_value
+        flags = torch.stack([(first_step >= 0), ~torch.isfinite(state)]).to(device, dtype)
+        trainer = module._trainer
+        if trainer is not None and trainer.world_size > 1:  # every rank raises, or none
+            # (not the strategy's `reduce`: it adds a barrier, which blocks the host)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        if extra is None:
+            extra = torch.full((), torch.nan, device=device)
+        record = torch.stack([v.to(device, dtype) for v in (first_step, first_value, extra)])
+        values = torch.cat([flags, record])
+        bad_loss, bad_weights, step, value, extra_value = values.tolist()
+        step, global_step = int(step), module.global_step
+        if bad_loss:
+            where = (
+                f" at step {step} (epoch {self.batches[step][0]}, batch {self.batches[step][1]})"
+                if step in self.batches
+                else " in another process"
+            )
+            raise NonFiniteLossError(
+                f"the training loss became {value}{where}; lower optim.lr, set "
+                "trainer.gradient_clip_val, or use precision=32-true"
+            )
+        if bad_weights:
+            named = [*module.named_parameters(), *module.named_buffers()]
+            names = [n for n, t in named if t.is_floating_point() and not t.isfinite().all()]
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            since = f" (finite at step {self.checked_step})" if self.checked_step >= 0 else ""
+            raise NonFiniteLossError(
+                f"the weights are no longer finite at step {global_step}{since}: "
+                f"{shown or 'in another process'}; lower optim.lr, set "
+                "trainer.gradient_clip_val, or use precision=32-true"
+            )
+        self.checked_step = global_step
+        self.batches.clear()
+        return extra_value
 
 
 class TaskModule(L.LightningModule):
@@ -78,6 +155,10 @@ class TaskModule(L.LightningModule):
         self.backbone_lr_mult = backbone_lr_mult
         self.channels_last = channels_last
         self.compile_model = compile
+        self._guard = NonFiniteGuard()
+        self._last_loss: torch.Tensor | None = None
+        # Read by the progress bar: the step values read from the device at the last check.
+        self.step_values: dict[str, float] = {}
         metrics = self.task.metrics(num_classes)
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
@@ -99,18 +180,57 @@ class TaskModule(L.LightningModule):
         x, target = batch
         losses = self.task.training_losses(self, x, target)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"the training loss became {loss.item()} at step {self.global_step} "
-                f"(epoch {self.current_epoch}, batch {batch_idx}); lower optim.lr, set "
-                "trainer.gradient_clip_val, or use precision=32-true"
-            )
-        # len(x): a detection batch is a list, from which Lightning would infer a wrong size
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(x))
+        self._guard.update(loss, self.global_step, self.current_epoch, batch_idx)
+        # Epoch means only: a value logged on step is read back by the host every step (the
+        # progress bar) or every log_every_n_steps; `on_train_batch_end` logs the step loss
+        # with the one read that the non-finite check makes anyway. len(x): a detection batch
+        # is a list, from which Lightning would infer a wrong size.
+        self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, batch_size=len(x))
         if len(losses) > 1:  # the detectors' parts: classification, box regression, ...
             for name, value in losses.items():
                 self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(x))
+        self._last_loss = loss.detach()
         return loss
+
+    def on_train_start(self) -> None:
+        self._guard.reset()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After the optimiser step. Every log_every_n_steps optimiser steps: one read of the
+        # device for the check and the step loss (`global_step` counts optimiser steps, so with
+        # gradient accumulation the same step is seen several times and checked once).
+        every, step = self.trainer.log_every_n_steps, self.global_step
+        if not every or not step or step % every or self._guard.checked_step == step:
+            return
+        loss = self.check_finite(extra=self._last_loss)
+        self.step_values = {"train/loss": loss}
+        # The step axis and `epoch` column of Lightning's own logging of step values.
+        metrics = {"train/loss_step": loss, "epoch": self.current_epoch}
+        for logger in self.loggers:  # as Lightning's logger connector does
+            logger.log_metrics(metrics, step=self.global_step - 1)
+            logger.save()
+
+    def on_validation_epoch_start(self) -> None:
+        # Weights that became non-finite since the last check are neither validated nor saved.
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self._check_unless_checked()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Every checkpoint (best, last, a SLURM requeue's) holds finite weights, so the one
+        # on disk is always the last good one.
+        self._check_unless_checked()
+
+    def _check_unless_checked(self) -> None:
+        if self._guard.checked_step != self.global_step:  # no optimiser step since the check
+            self.check_finite()
+
+    def check_finite(self, extra: torch.Tensor | None = None) -> float:
+        """Raise `NonFiniteLossError` if a training loss since the last check, or a parameter or
+        floating buffer now, is NaN or infinite; one host sync (all ranks agree under DDP).
+
+        Returns `extra` (e.g. the last loss) as a float, read in the same sync (NaN if None).
+        """
+        return self._guard.check(self, extra)
 
     def _evaluate(self, batch: tuple[Any, Any], stage: str) -> None:
         x, target = batch

@@ -137,9 +137,13 @@ def print_summary(result: dict[str, Any]) -> None:
     console.print(f"{label}: {result['best_model_path'] or 'none (no checkpoint was written)'}")
     if result.get("backbone_weights"):
         console.print(f"backbone weights: {result['backbone_weights']}")
+    if result.get("pictures"):
+        console.print(f"pictures: {', '.join(result['pictures'])}")
     if "fit_seconds" in result:
         console.print(
             f"fit: {result['fit_seconds']:.1f} s, "
             f"{result['train_images_per_second']:.0f} train img/s"
         )
+    if "compile_warmup_seconds" in result:  # the first step traced and compiled the model
+        console.print(f"compile warm-up: {result['compile_warmup_seconds']:.1f} s")
     to_log_file(logging.INFO, console.export_text().rstrip())

@@ -1,42 +1,70 @@
-"""Inference speed of our backbones against torchvision's and timm's, side by side in one process.
+"""Inference speed of a backbone run the ways a user would deploy it, side by side in one process.
 
-Every implementation runs the features part only (torchvision: `features`, or the children up
-to the last stage; timm: `forward_features`; ours: C5) on the same input; ours and
-torchvision's share weights (torchvision's random init, converted) and are checked to compute
-the same output (torchvision's DenseNet gets the final ReLU its `forward` applies, which our C5
-includes; see `_like_ours`). After warm-up runs, the
-variants of one model are timed in alternation (the order reversed every round), so load from
-other processes hits them alike; tables give the median with the interquartile range.
+The variants of one model, all computing our C5 from the same weights (torchvision's random
+init, converted into ours):
+- torchvision eager: torchvision's `features` (plus the ReLU DenseNet applies in `forward`),
+- ours eager, ours fused (`fuse()`: BatchNorm folded into the convs),
+- ours compiled: `torch.compile` with inductor's freezing (weights become constants, so the
+  compiler folds and prepacks them; the mode meant for inference),
+- ONNX Runtime (CPU): ours exported by `tools.export` (dynamo exporter), run by a session
+  with every graph optimisation, torch's intra-op thread count, and no spinning idle threads.
+PyTorch variants take channels_last inputs and weights (what one picks for CNN inference on
+CPU, and with bf16 on GPU); ONNX Runtime takes NCHW, the only layout an ONNX graph has, and
+picks its own blocked layout inside. Before anything is timed, each variant's output on the
+timed input is compared with ours eager (and the ONNX file at two shapes by the export);
+a variant that disagrees stops the benchmark. After warm-up the variants run in alternation,
+the order reversed every round, so load from other processes hits them alike; tables give
+the median with the interquartile range.
 
 CPU timings are set up against allocator noise: glibc's malloc returns large blocks to the
 system and maps them afresh (page faults on every large activation), which swings a model by
 20-60% between repeats. `set_up_allocator` keeps freed memory in the heap instead (mallopt).
-On GPU: CUDA events, bf16 autocast, channels_last, optional torch.compile.
+On a machine shared with other work, `clock="cpu"` with one thread times each variant's own
+compute. On GPU: CUDA events, bf16 autocast, no ONNX Runtime.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import ctypes.util
 import platform
 import statistics
+import tempfile
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from .._base import create, get_entry
+from ..contract import Backbone
+from ..factory import create
+from ..registry import get_entry
 from ..weights import atomic_path, convert
-from .summary import meta_backbone, summarize
+from .export import export
+
+# variant key -> label in the tables
+VARIANTS = {
+    "torchvision": "torchvision eager",
+    "eager": "ours eager",
+    "fused": "ours fused",
+    "compile": "ours torch.compile",
+    "onnxruntime": "ours ONNX Runtime",
+}
+CUDA_VARIANTS = ("torchvision", "eager", "fused", "compile")
+COMPILE_OPTIONS = {"freezing": True}  # inductor: parameters become constants (inference only)
+# max |variant - ours eager| / max |ours eager| on the timed input
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+
+class BenchError(RuntimeError):
+    """A variant does not compute what ours eager computes; the message says by how much."""
 
 
 def set_up_allocator() -> str:
@@ -64,51 +92,32 @@ def set_up_allocator() -> str:
 class Variant:
     """One way of running one model: a callable on a prepared input."""
 
-    model: str
-    implementation: str  # torchvision, timm, ours
-    setting: str  # contiguous, channels_last, fused + channels_last, bf16 ...
-    run: Callable[[], object]
+    key: str  # a key of VARIANTS
+    layout: str  # the input the callable takes
+    run: Callable[[], torch.Tensor]  # -> C5
     times_ms: list[float]
+    max_rel_diff: float = 0.0  # against ours eager, on the timed input
 
 
 @dataclass(frozen=True)
 class Row:
     model: str
-    implementation: str
-    setting: str
+    variant: str  # a label of VARIANTS
+    layout: str
     median_ms: float
     q1_ms: float
     q3_ms: float
     images_per_s: float
-    peak_mib: float | None
-    gflops_per_image: float
-    params_m: float
-    peak_fraction: float  # achieved FLOP/s over the matmul peak
-
-
-def _timm_features(name: str) -> nn.Module:
-    import timm
-
-    model = timm.create_model(get_entry(name).sources["timm"])
-
-    class ForwardFeatures(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.model.forward_features(x)
-
-    return ForwardFeatures()
+    speedup: float | None  # img/s over torchvision eager's, when that was timed
+    max_rel_diff: float
 
 
 def build_implementations(name: str) -> dict[str, nn.Module]:
-    """{implementation: eval-mode features module}; ours gets torchvision's weights."""
+    """{"eager": ours, "torchvision": its features}, in eval mode with the same weights."""
     torch.manual_seed(0)
     ours = create(name, out_features=("C5",)).eval()
-    built = {"ours": ours}
-    sources = get_entry(name).sources
-    if "torchvision" in sources:
+    built: dict[str, nn.Module] = {"eager": ours}
+    if "torchvision" in get_entry(name).sources:
         import torchvision
 
         reference = torchvision.models.get_model(name).eval()
@@ -120,9 +129,7 @@ def build_implementations(name: str) -> dict[str, nn.Module]:
                 if k.startswith("backbone.")
             }
         )
-        built["torchvision"] = _like_ours(_features_of(reference), ours, name)
-    if "timm" in sources:
-        built["timm"] = _timm_features(name).eval()
+        built["torchvision"] = like_ours(_features_of(reference), ours, name)
     return built
 
 
@@ -132,7 +139,7 @@ def _features_of(reference: nn.Module) -> nn.Module:
     return nn.Sequential(*list(reference.children())[:-2])
 
 
-def _like_ours(features: nn.Module, ours: nn.Module, name: str) -> nn.Module:
+def like_ours(features: nn.Module, ours: nn.Module, name: str) -> nn.Module:
     """torchvision's features, extended where needed to compute exactly what our C5 is.
 
     Our C5 is what the classifier pools, so it ends with the final norm's activation; where
@@ -144,7 +151,7 @@ def _like_ours(features: nn.Module, ours: nn.Module, name: str) -> nn.Module:
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected, theirs = ours(x)["C5"], features(x)
-    for candidate, extended in ((theirs, features), (theirs.relu(), _WithReLU(features))):
+    for candidate, extended in ((theirs, features), (theirs.relu(), WithReLU(features))):
         if candidate.shape == expected.shape and torch.allclose(
             candidate, expected, rtol=1e-4, atol=1e-5
         ):
@@ -155,7 +162,7 @@ def _like_ours(features: nn.Module, ours: nn.Module, name: str) -> nn.Module:
     )
 
 
-class _WithReLU(nn.Module):
+class WithReLU(nn.Module):
     """torchvision features followed by the ReLU its `forward` applies (DenseNet)."""
 
     def __init__(self, features: nn.Module) -> None:
@@ -166,64 +173,99 @@ class _WithReLU(nn.Module):
         return torch.relu_(self.features(x))
 
 
-class _PeakMemory(TorchDispatchMode):
-    """Peak bytes of the tensors allocated while active (views share their base's storage)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, list[int]] = {}  # data_ptr -> [bytes, live tensors on it]
-        self.current = self.peak = 0
-
-    def _release(self, pointer: int) -> None:
-        entry = self.live[pointer]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.current -= entry[0]
-            del self.live[pointer]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, tuple | list) else (out,):
-            if not isinstance(tensor, torch.Tensor) or tensor.is_mkldnn:
-                continue
-            pointer = tensor.untyped_storage().data_ptr()
-            if pointer not in self.live:
-                self.live[pointer] = [tensor.untyped_storage().nbytes(), 0]
-                self.current += self.live[pointer][0]
-                self.peak = max(self.peak, self.current)
-            self.live[pointer][1] += 1
-            weakref.finalize(tensor, self._release, pointer)
-        return out
+def compile_model(model: nn.Module) -> nn.Module:
+    """`torch.compile` as a user deploying for inference would call it."""
+    return torch.compile(model, options=COMPILE_OPTIONS)
 
 
-def peak_memory_mib(run: Callable[[], object], device: torch.device) -> float:
-    """Peak memory of the tensors one run allocates (CPU: traced; CUDA: the allocator's)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        run()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    mode = _PeakMemory()
-    with mode:
-        run()
-    return mode.peak / 2**20
+def onnxruntime_session(model: Backbone, example: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Export `model` with `tools.export` (checked against eager at two shapes), load it into a
+    tuned ONNX Runtime session, and return a callable that computes C5 of `example` with it."""
+    import onnxruntime
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        for check in export(model, path, example, format="onnx"):
+            if check.max_rel_diff > TOLERANCE[torch.float32]:
+                raise BenchError(
+                    f"the ONNX export of {type(model).__name__} differs from eager at input "
+                    f"{check.shape}: max relative difference {check.max_rel_diff:.2e}"
+                )
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        # idle workers sleep instead of spinning, so they take no cores from the variant timed
+        # next (torch's OpenMP threads spin only briefly)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = onnxruntime.InferenceSession(
+            str(path), options, providers=["CPUExecutionProvider"]
+        )
+    inputs = {"image": example.contiguous().numpy()}
+    return lambda: torch.from_numpy(session.run(["C5"], inputs)[0])
 
 
-def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
-    """Achieved GFLOP/s of a large square matmul: the machine's practical compute peak."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    timer = _cuda_timer if device.type == "cuda" else _cpu_timer
-    times = [timer(lambda: torch.mm(a, b)) for _ in range(7)][2:]
-    return 2 * n**3 / (statistics.median(times) / 1e3) / 1e9
+def variants(
+    name: str, batch: int, size: int, device: torch.device, keys: list[str]
+) -> list[Variant]:
+    """The variants `keys` of model `name`, each checked against ours eager on the timed input."""
+    implementations = build_implementations(name)
+    ours = implementations["eager"]
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    layout = "bf16 channels_last" if cuda else "fp32 channels_last"
+    cl = torch.channels_last
+    found: list[Variant] = []
+    if "onnxruntime" in keys:  # exported from the contiguous model, before anything changes it
+        found.append(Variant("onnxruntime", "fp32 NCHW", onnxruntime_session(ours, x), []))
+    x = x.to(device, memory_format=cl)
+    ours.to(device, memory_format=cl)
+
+    def eager(model: nn.Module) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            autocast = torch.autocast("cuda", dtype) if cuda else contextlib.nullcontext()
+            with torch.inference_mode(), autocast:
+                output = model(x)
+            return output["C5"] if isinstance(output, dict) else output
+
+        return run
+
+    for key in keys:
+        if key == "eager":
+            found.append(Variant(key, layout, eager(ours), []))
+        elif key == "torchvision" and "torchvision" in implementations:
+            theirs = implementations["torchvision"].to(device, memory_format=cl)
+            found.append(Variant(key, layout, eager(theirs), []))
+        elif key == "fused":
+            found.append(Variant(key, layout, eager(copy.deepcopy(ours).fuse()), []))
+        elif key == "compile":
+            found.append(Variant(key, layout, eager(compile_model(ours)), []))
+    found.sort(key=lambda v: list(VARIANTS).index(v.key))
+    reference = eager(ours)().float()
+    scale = reference.abs().max().item()
+    for variant in found:
+        output = variant.run()  # also compiles, for the compiled variant
+        variant.max_rel_diff = (output.float() - reference).abs().max().item() / scale
+        if variant.max_rel_diff > TOLERANCE[dtype]:
+            raise BenchError(
+                f"{name}: {VARIANTS[variant.key]} differs from ours eager by "
+                f"{variant.max_rel_diff:.2e} (max relative difference; tolerance "
+                f"{TOLERANCE[dtype]:.0e}): it would time a different computation"
+            )
+    return found
 
 
-def _cpu_timer(run: Callable[[], object]) -> float:
+def _wall_timer(run: Callable[[], object]) -> float:
     start = time.perf_counter()
     run()
     return (time.perf_counter() - start) * 1e3
+
+
+def _cpu_timer(run: Callable[[], object]) -> float:
+    start = time.process_time()
+    run()
+    return (time.process_time() - start) * 1e3
 
 
 def _cuda_timer(run: Callable[[], object]) -> float:
@@ -235,171 +277,115 @@ def _cuda_timer(run: Callable[[], object]) -> float:
     return start.elapsed_time(end)
 
 
-def variants(
-    name: str, batch: int, size: int, device: torch.device, compile: bool = False
-) -> list[Variant]:
-    """Every implementation of `name` in each setting worth comparing on `device`."""
-    implementations = build_implementations(name)
-    x = torch.randn(batch, 3, size, size, device=device)
-    found = []
-
-    def add(implementation: str, setting: str, model: nn.Module, inp: torch.Tensor) -> None:
-        def run() -> object:
-            with torch.inference_mode():
-                if device.type == "cuda":
-                    with torch.autocast("cuda", dtype=torch.bfloat16):
-                        return model(inp)
-                return model(inp)
-
-        found.append(Variant(name, implementation, setting, run, []))
-
-    cl = torch.channels_last
-    for implementation, model in implementations.items():
-        model = model.to(device)
-        if device.type == "cuda":  # the fast settings only: bf16, channels_last
-            model = model.to(memory_format=cl)
-            add(implementation, "bf16 channels_last", model, x.to(memory_format=cl))
-            if compile:
-                add(implementation, "bf16 channels_last compiled", torch.compile(model), x)
-        else:
-            add(implementation, "contiguous", model, x)
-            add(
-                implementation,
-                "channels_last",
-                copy.deepcopy(model).to(memory_format=cl),
-                x.to(memory_format=cl),
-            )
-        if implementation == "ours":
-            fused = copy.deepcopy(implementations["ours"]).to(device).fuse()
-            setting = "fused bf16 channels_last" if device.type == "cuda" else "fused channels_last"
-            add(implementation, setting, fused, x.to(memory_format=cl))
-    return found
-
-
 def measure(
     names: list[str],
     batch: int,
     size: int,
     device: torch.device,
+    keys: list[str],
     warmup: int = 3,
     repeats: int = 10,
-    compile: bool = False,
+    clock: str = "wall",
     log: Callable[[str], None] = print,
-    after_model: Callable[[list[Row], float], None] | None = None,
-) -> tuple[list[Row], float]:
-    """Time every variant of every model: one `Row` each, and the matmul peak in GFLOP/s.
+    after_model: Callable[[list[Row]], None] | None = None,
+) -> list[Row]:
+    """Time the variants `keys` of every model: one `Row` each.
 
-    `after_model(rows so far, peak)` runs after each model, e.g. to save partial results.
+    On CPU, `clock="cpu"` times with the process's CPU time instead of the wall clock: other
+    processes' load does not inflate it, and with one thread it is the compute time (with more,
+    it also counts the threads' waits). `after_model(rows so far)` runs after each model, e.g.
+    to save partial results.
     """
-    timer = _cuda_timer if device.type == "cuda" else _cpu_timer
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    peak = matmul_peak_gflops(device, dtype)
-    log(f"matmul peak ({dtype}, {device.type}): {peak:.0f} GFLOP/s")
-    rows = []
+    timers = {"cuda": _cuda_timer, "wall": _wall_timer, "cpu": _cpu_timer}
+    timer = timers["cuda" if device.type == "cuda" else clock]
+    rows: list[Row] = []
     for name in names:
-        levels = summarize(name, size)
-        flops = sum(level.flops for level in levels)  # per image
-        with torch.device("meta"):
-            params = sum(p.numel() for p in meta_backbone(name).parameters())
-        runs = variants(name, batch, size, device, compile)
+        runs = variants(name, batch, size, device, keys)
         for _ in range(warmup):
             for variant in runs:
                 variant.run()
         for round_ in range(repeats):
             for variant in runs if round_ % 2 == 0 else reversed(runs):
                 variant.times_ms.append(timer(variant.run))
+        baseline = next((v for v in runs if v.key == "torchvision"), None)
         for variant in runs:
-            q1, median, q3 = statistics.quantiles(variant.times_ms, n=4)
+            q1, median, q3 = _quartiles(variant.times_ms)
             row = Row(
                 model=name,
-                implementation=variant.implementation,
-                setting=variant.setting,
+                variant=VARIANTS[variant.key],
+                layout=variant.layout,
                 median_ms=median,
                 q1_ms=q1,
                 q3_ms=q3,
                 images_per_s=batch / median * 1e3,
-                peak_mib=peak_memory_mib(variant.run, device),
-                gflops_per_image=flops / 1e9,
-                params_m=params / 1e6,
-                peak_fraction=flops * batch / (median / 1e3) / 1e9 / peak,
+                speedup=statistics.median(baseline.times_ms) / median if baseline else None,
+                max_rel_diff=variant.max_rel_diff,
             )
             rows.append(row)
             log(
-                f"{name:20s} {row.implementation:12s} {row.setting:28s} "
-                f"{row.median_ms:8.1f} ms  {row.images_per_s:7.1f} img/s"
+                f"{name:20s} {row.variant:20s} {row.median_ms:8.1f} ms  "
+                f"{row.images_per_s:7.1f} img/s  {_ratio(row.speedup)}"
             )
         del runs
         if after_model is not None:
-            after_model(rows, peak)
-    return rows, peak
+            after_model(rows)
+    return rows
 
 
-def ratios(rows: list[Row]) -> list[tuple[str, str, float, str]]:
-    """(model, comparison, ratio, target) for the targets of the issue, per model."""
-    found = []
-    by_model: dict[str, dict[tuple[str, str], Row]] = {}
-    for row in rows:
-        by_model.setdefault(row.model, {})[(row.implementation, row.setting)] = row
-    for model, cells in by_model.items():
-        if ("torchvision", "contiguous") not in cells:
-            continue
-        for setting in ("contiguous", "channels_last"):
-            ours, theirs = cells[("ours", setting)], cells[("torchvision", setting)]
-            found.append(
-                (
-                    model,
-                    f"ours / torchvision, {setting}",
-                    ours.images_per_s / theirs.images_per_s,
-                    ">= 0.97",
-                )
-            )
-        best = max(cells[("torchvision", s)].images_per_s for s in ("contiguous", "channels_last"))
-        fused = cells[("ours", "fused channels_last")]
-        # the fused target is for networks with BatchNorm to fold
-        target = ">= 1.15" if _has_batchnorm(model) else "none (no BatchNorm)"
-        found.append((model, "ours fused / torchvision's best", fused.images_per_s / best, target))
-    return found
+def _quartiles(times: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile); one time is all three."""
+    if len(times) == 1:
+        return times[0], times[0], times[0]
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return q1, statistics.median(times), q3
 
 
-def _has_batchnorm(name: str) -> bool:
-    return any(isinstance(m, nn.BatchNorm2d) for m in meta_backbone(name).modules())
+def _ratio(speedup: float | None) -> str:
+    return f"{speedup:.2f}x" if speedup is not None else "-"
+
+
+def table(rows: list[Row]) -> list[str]:
+    """The Markdown table of `rows`."""
+    lines = [
+        "| model | variant | input | ms / batch | img/s | vs torchvision eager | max rel diff |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.model} | {r.variant} | {r.layout} | {r.median_ms:.1f} "
+            f"[{r.q1_ms:.1f}-{r.q3_ms:.1f}] | {r.images_per_s:.1f} | {_ratio(r.speedup)} | "
+            f"{r.max_rel_diff:.1e} |"
+        )
+    return lines
 
 
 def write_results(
-    rows: list[Row], peak: float, header: list[str], markdown: Path, plot: Path, device: str
+    rows: list[Row], header: list[str], markdown: Path, plot: Path, device: str
 ) -> None:
-    """The Markdown table (one section per device) and the img/s vs GFLOPs / params plot."""
-    lines = ["# Backbone inference benchmark", "", *header, ""]
-    lines += [
+    """This device's section of the Markdown file (other devices' sections are kept) and the
+    plot of img/s relative to torchvision eager."""
+    section = [
         f"## {device}",
         "",
-        f"Matmul peak: {peak:.0f} GFLOP/s. ms per batch: median [interquartile range]; peak "
-        "memory: the tensors one forward pass allocates (weights excluded); GFLOP/s as a "
-        "fraction of the matmul peak. GFLOPs are those of the network as written; a fused "
-        "model does fewer (Winograd 3x3 convs, pools before 1x1 convs), so its fraction is "
-        "nominal and can pass 100%.",
+        *header,
         "",
-        "| model | implementation | setting | ms / batch | img/s | peak memory | GFLOPs / img | params | % of matmul peak |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "ms per batch: median [interquartile range]; max rel diff: max |variant - ours eager| / "
+        "max |ours eager| on the timed input, checked before timing.",
+        "",
+        *table(rows),
     ]
-    for r in rows:
-        memory = f"{r.peak_mib:,.0f} MiB" if r.peak_mib is not None else "-"
-        lines.append(
-            f"| {r.model} | {r.implementation} | {r.setting} | {r.median_ms:.1f} "
-            f"[{r.q1_ms:.1f}-{r.q3_ms:.1f}] | {r.images_per_s:.1f} | {memory} | "
-            f"{r.gflops_per_image:.3g} | {r.params_m:.1f}M | {100 * r.peak_fraction:.0f}% |"
-        )
-    if device == "cpu":
-        lines += ["", "Targets (img/s ratios of the medians above):", ""]
-        lines += ["| model | comparison | ratio | target |", "|---|---|---:|---|"]
-        for model, comparison, ratio, target in ratios(rows):
-            missed = target.startswith(">=") and ratio < float(target.split()[-1])
-            lines.append(
-                f"| {model} | {comparison} | {ratio:.2f} | {target}{' (missed)' if missed else ''} |"
-            )
-    lines.append("")
+    # `python -m training.bench` keeps its section at the end of the same file.
+    old, marker = (markdown.read_text() if markdown.is_file() else ""), "\n# Training benchmark\n"
+    old, training = (
+        (old[: old.index(marker)], old[old.index(marker) :]) if marker in old else (old, "")
+    )
+    sections = {device: "\n".join(section)}
+    for part in old.split("\n## ")[1:]:  # keep the other devices' sections
+        other = part.split("\n", 1)[0].strip()
+        sections.setdefault(other, "## " + part.rstrip())
+    text = "# Backbone inference benchmark\n\n" + "\n\n".join(sections[d] for d in sorted(sections))
     with atomic_path(markdown) as tmp:
-        tmp.write_text("\n".join(lines))
+        tmp.write_text(text + "\n" + training)
     _plot(rows, plot, device)
 
 
@@ -409,35 +395,21 @@ def _plot(rows: list[Row], path: Path, device: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    best: dict[tuple[str, str], Row] = {}  # (model, implementation) -> fastest setting
-    for row in rows:
-        key = (row.model, row.implementation if "fused" not in row.setting else "ours fused")
-        if key not in best or row.images_per_s > best[key].images_per_s:
-            best[key] = row
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
-    markers = {"torchvision": "o", "timm": "s", "ours": "^", "ours fused": "*"}
-    for axis, attribute, label in (
-        (axes[0], "gflops_per_image", "GFLOPs per image"),
-        (axes[1], "params_m", "parameters (millions)"),
-    ):
-        for implementation, marker in markers.items():
-            points = [r for (_, i), r in best.items() if i == implementation]
-            axis.scatter(
-                [getattr(r, attribute) for r in points],
-                [r.images_per_s for r in points],
-                marker=marker,
-                label=implementation,
-                s=60 if marker != "*" else 120,
-            )
-        for (model, implementation), r in best.items():
-            if implementation == "ours":
-                axis.annotate(model, (getattr(r, attribute), r.images_per_s), fontsize=8)
-        axis.set_xscale("log")
-        axis.set_yscale("log")
-        axis.set_xlabel(label)
-        axis.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel(f"images / s ({device}, best setting of each)")
-    axes[0].legend()
+    models = list(dict.fromkeys(r.model for r in rows))
+    labels = [label for label in VARIANTS.values() if any(r.variant == label for r in rows)]
+    width = 0.8 / len(labels)
+    fig, axis = plt.subplots(figsize=(max(6, 1.6 * len(models) * len(labels) / 3), 4.5))
+    for i, label in enumerate(labels):
+        cells = {r.model: r for r in rows if r.variant == label}
+        xs = [m + (i - (len(labels) - 1) / 2) * width for m in range(len(models))]
+        # without torchvision eager there is nothing to compare with: no bar
+        heights = [(cells[m].speedup or 0.0) if m in cells else 0.0 for m in models]
+        axis.bar(xs, heights, width, label=label)
+    axis.axhline(1.0, color="black", linewidth=0.8)
+    axis.set_xticks(range(len(models)), models)
+    axis.set_ylabel(f"img/s relative to torchvision eager ({device})")
+    axis.legend(fontsize=8)
+    axis.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.export import Dim, ExportedProgram
 
-from .._base import Backbone
+from ..contract import Backbone
 
 FORMATS = ("onnx", "pt2")
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from .._base import Backbone, _tensors, create
+from ..contract import Backbone
+from ..factory import create
 
 aten = torch.ops.aten
 _CONV_OPS = {aten.convolution, aten._convolution}
@@ -82,17 +84,10 @@ class ReceptiveFieldMode(TorchDispatchMode):
     def field(self, tensor: torch.Tensor) -> Field:
         return self.fields[id(tensor)]
 
-    def _known(self, tensor: torch.Tensor) -> Field | None:
-        # a view of a tracked tensor (e.g. a slice of a buffer written in place) sees its base
-        for candidate in (tensor, tensor._base):
-            if candidate is not None and id(candidate) in self.fields:
-                return self.fields[id(candidate)]
-        return None
-
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        known = [f for t in _tensors((args, kwargs)) if (f := self._known(t)) is not None]
+        known = [self.fields[id(t)] for t in _tensors((args, kwargs)) if id(t) in self.fields]
         if not known:
             return out  # weights, constants
         field = known[0]
@@ -112,26 +107,12 @@ class ReceptiveFieldMode(TorchDispatchMode):
         for tensor in _tensors(out):
             self.fields[id(tensor)] = field
             self._alive.append(tensor)
-        for written in _written(func, args, kwargs):
-            # an in-place write into a view (a DenseNet block's shared buffer): the base holds
-            # pixels of every field written into it so far, as a concatenation would
-            base = written._base
-            if base is not None:
-                old = self.fields.get(id(base))
-                self.fields[id(base)] = field if old is None else old.merge(field)
-                self._alive.append(base)
         return out
 
 
-def _written(func: object, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    """The tensors an op writes in place (its schema's mutable arguments)."""
-    written = []
-    for index, argument in enumerate(func._schema.arguments):
-        if argument.alias_info is not None and argument.alias_info.is_write:
-            value = args[index] if index < len(args) else kwargs.get(argument.name)
-            if isinstance(value, torch.Tensor):
-                written.append(value)
-    return written
+def _tensors(obj: object) -> list[torch.Tensor]:
+    """The tensors in nested containers (an op's arguments or outputs)."""
+    return [leaf for leaf in tree_leaves(obj) if isinstance(leaf, torch.Tensor)]
 
 
 def _reduces_space(op: object, args: tuple) -> bool:
@@ -244,4 +225,4 @@ def receptive_field(module: nn.Module, height: int, width: int, in_chans: int = 
     x = torch.empty(1, in_chans, height, width, device="meta")
     with torch.no_grad(), ReceptiveFieldMode(x) as fields:
         out = module(x)
-    return fields.field(next(_tensors(out)))
+    return fields.field(_tensors(out)[0])

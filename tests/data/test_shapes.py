@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -19,18 +21,49 @@ def test_a_sample_is_a_function_of_seed_split_and_index() -> None:
 
 
 def test_the_cache_returns_the_drawn_samples() -> None:
-    cached = ShapesDataset("train", 6, task="segmentation", image_size=32, cache=True)
-    drawn = ShapesDataset("train", 6, task="segmentation", image_size=32)
+    cached = ShapesDataset("train", 6, task="detection", image_size=32, cache=True)
+    drawn = ShapesDataset("train", 6, task="detection", image_size=32)
     for _ in range(2):  # the first pass draws and stores, the second reads the cache
         for i in range(6):
             a, b = cached.scene(i), drawn.scene(i)
             assert torch.equal(a.image, b.image) and torch.equal(a.boxes, b.boxes)
             assert a.mask.dtype == torch.int64 and torch.equal(a.mask, b.mask)
             assert a.label == b.label and torch.equal(a.labels, b.labels)
-    assert sorted(cached._cache) == list(range(6))
-    assert all(s.mask.dtype == torch.uint8 for s in cached._cache.values())
-    assert ShapesDataModule("segmentation", num_train=4).splits["train"]._cache == {}
+    assert cached._cache.filled.all() and cached._cache.masks.dtype == torch.uint8
+    # 32 px: float32 image, uint8 mask, 4 padded boxes and labels, count and label, flag
+    assert cached._cache.nbytes == 6 * (3 * 32 * 32 * 4 + 32 * 32 + 4 * 4 * 4 + 4 * 8 + 2 * 8 + 1)
+    assert not ShapesDataModule("segmentation", num_train=4).splits["train"]._cache.filled.any()
     assert ShapesDataModule("segmentation", num_train=4, cache=False).splits["train"]._cache is None
+
+
+def _no_drawing(self: ShapesDataset, index: int) -> Scene:
+    raise AssertionError(f"scene {index} drawn again")
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 2 worker processes")
+def test_workers_share_the_cache_so_no_scene_is_drawn_twice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dataset = ShapesDataset("train", 8, task="segmentation", image_size=32, cache=True)
+    dataset.share_memory_()
+    assert all(t.is_shared() for t in dataset._cache.tensors())
+    first = list(DataLoader(dataset, batch_size=2, num_workers=2))  # the workers draw
+    assert dataset._cache.filled.all()  # ... and the main process sees what they stored
+    monkeypatch.setattr(ShapesDataset, "_draw", _no_drawing)  # new workers inherit this
+    second = list(DataLoader(dataset, batch_size=2, num_workers=2))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, second, strict=True))
+    assert torch.equal(dataset[5][1], first[2][1][1])  # the main process reads it too
+
+
+def test_a_cache_that_does_not_fit_in_shared_memory_stays_per_process(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    dataset = ShapesDataset("train", 8, image_size=32, cache=True)
+    usage = shutil.disk_usage("/dev/shm")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    dataset.share_memory_()
+    assert not dataset._cache.filled.is_shared()
+    assert "does not fit twice in /dev/shm (0 MB free)" in caplog.text
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 2 worker processes")

@@ -1,7 +1,8 @@
 """What every data module shares: the task check, the loaders, the base of the disk datasets.
 
-`TaskDataModule` serves one task (chosen by the head) and owns the DataLoaders; subclasses
-fill `splits` and give `num_classes`. `DiskDataModule` adds what every real dataset needs:
+`TaskDataModule` serves one task (chosen by the head) and owns the DataLoaders (their worker
+count, pinned memory and persistent workers follow the trainer's device, see `loader_workers`);
+subclasses fill `splits` and give `num_classes`. `DiskDataModule` adds what every real dataset needs:
 a `root` checked (and, where torchvision can, downloaded) before the model is built, with one
 message that shows the expected layout; the transform presets of `training.data.transforms`,
 normalised with the backbone's statistics; and a seeded hold-out for datasets that have no
@@ -19,6 +20,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
@@ -38,33 +40,86 @@ def detection_collate(batch: list) -> tuple[list[torch.Tensor], list[dict]]:
     return list(images), list(targets)
 
 
+MAX_AUTO_WORKERS = 8  # per GPU: what a DataLoader needs to keep one GPU fed on most data
+
+
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. a SLURM allocation)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def loader_workers(num_workers: int | str, on_cuda: bool, devices: int = 1) -> int:
+    """The DataLoader worker processes for `num_workers` ("auto" or a count >= 0).
+
+    "auto" is 0 when training on the CPU: the model's kernels use every core, and loading in
+    the main process cost 1-3% of a step in `python -m training.bench` (a worker would take a
+    core from the model). On a GPU the main process only launches kernels, so the cores are
+    shared among the node's GPUs, one left for each main process, at most `MAX_AUTO_WORKERS`.
+    """
+    if num_workers == "auto":
+        if not on_cuda:
+            return 0
+        return max(1, min(MAX_AUTO_WORKERS, usable_cpus() // max(1, devices) - 1))
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ConfigError(
+            f"data.num_workers must be 'auto' or an integer >= 0, got {num_workers!r}"
+        )
+    return num_workers
+
+
 class TaskDataModule(L.LightningDataModule):
     """Data for one task, chosen by the head; subclasses give `num_classes`, the one source of
-    truth, and fill `splits` ("train", "val", "test"), in `__init__` or `setup`."""
+    truth, and fill `splits` ("train", "val", "test"), in `__init__` or `setup`.
+
+    The loaders take their settings from the trainer the module is attached to: on a CUDA
+    device pinned memory (asynchronous copies to the GPU) and, with `num_workers="auto"`,
+    worker processes (see `loader_workers`); workers persist across epochs. A dataset with a
+    `share_memory_()` method (the shapes scene cache) is moved to shared memory before its
+    workers start, so that what one worker stores every process reads.
+    """
 
     tasks: tuple[str, ...] = ()
+    # The per-channel statistics the images are normalised with, which pictures undo; None
+    # when the images arrive in [0, 1].
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
-    def __init__(self, task: str, batch_size: int = 32, num_workers: int = 0) -> None:
+    def __init__(self, task: str, batch_size: int = 32, num_workers: int | str = "auto") -> None:
         super().__init__()
         if task not in self.tasks:
             raise ConfigError(
                 f"data module {type(self).__name__} serves the tasks {list(self.tasks)}, "
                 f"not {task!r}: pick a head for one of those tasks or another data config"
             )
+        loader_workers(num_workers, on_cuda=False)  # a bad value fails here, not at fit
         self.task = task
         self.batch_size, self.num_workers = batch_size, num_workers
         self.splits: dict[str, Dataset] = {}
+
+    def _on_cuda(self) -> tuple[bool, int]:
+        """(training on CUDA, devices per node) of the attached trainer; (False, 1) without one."""
+        trainer = self.trainer
+        if trainer is None:
+            return False, 1
+        return isinstance(trainer.accelerator, CUDAAccelerator), trainer.num_devices
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if not self.splits:
             self.setup()
         dataset = self.splits[split]
+        on_cuda, devices = self._on_cuda()
+        workers = loader_workers(self.num_workers, on_cuda, devices)
+        if workers and hasattr(dataset, "share_memory_"):
+            dataset.share_memory_()
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=on_cuda,
             collate_fn=detection_collate if self.task == "detection" else None,
             drop_last=shuffle and len(dataset) > self.batch_size,
         )
@@ -94,7 +149,8 @@ class DiskDataModule(TaskDataModule):
         root: the dataset folder (see each subclass's layout).
         download: fetch the dataset with torchvision when it is not under root.
         image_size: side of the square training crops (and of the eval images).
-        batch_size, num_workers: DataLoader settings.
+        batch_size, num_workers: DataLoader settings (`num_workers`: "auto" or a count, see
+            `loader_workers`).
         mean, std: per-channel normalisation; `build_datamodule` passes the backbone's.
     """
 
@@ -110,7 +166,7 @@ class DiskDataModule(TaskDataModule):
         download: bool = False,
         image_size: int = 224,
         batch_size: int = 32,
-        num_workers: int = 0,
+        num_workers: int | str = "auto",
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:

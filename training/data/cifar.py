@@ -100,7 +100,7 @@ cifar-10-batches-py/
         download: bool = False,
         image_size: int = 32,
         batch_size: int = 128,
-        num_workers: int = 0,
+        num_workers: int | str = "auto",
         val_fraction: float = 0.1,
         seed: int = 0,
         crop_scale: Sequence[float] = (0.35, 1.0),

@@ -55,7 +55,7 @@ class ImageFolderDataModule(DiskDataModule):
         root: str | Path,
         image_size: int = 224,
         batch_size: int = 32,
-        num_workers: int = 0,
+        num_workers: int | str = "auto",
         skip_bad_files: bool = False,
         crop_scale: Sequence[float] = (0.08, 1.0),
         crop_pct: float = 0.875,

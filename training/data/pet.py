@@ -52,7 +52,7 @@ oxford-iiit-pet/
         download: bool = False,
         image_size: int = 224,
         batch_size: int = 32,
-        num_workers: int = 0,
+        num_workers: int | str = "auto",
         val_fraction: float = 0.1,
         seed: int = 0,
         crop_scale: Sequence[float] = (0.08, 1.0),

@@ -1,7 +1,8 @@
 """Synthetic "shapes": coloured shapes on textured backgrounds, generated from (seed, index).
 
 Every sample is a pure function of `(seed, split, index)`: no disk, no download, the same
-image in every epoch and in every DataLoader worker. One scene serves all three tasks: the
+image in every epoch and in every DataLoader worker. Drawn scenes are kept in a `SceneCache`
+(in shared memory when the loader has workers), so each is drawn once per run. One scene serves all three tasks: the
 class of the largest shape (classification), a per-pixel class map (segmentation, 0 is the
 background) and a box per visible shape (detection). Colours are drawn independently of the
 class, so only the geometry tells shapes apart. `ShapesDataset` draws the scenes;
@@ -10,14 +11,21 @@ class, so only the geometry tells shapes apart. `ShapesDataset` draws the scenes
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass, replace
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from backbones import IMAGENET_MEAN, IMAGENET_STD
+
 from .base import TaskDataModule
+
+log = logging.getLogger(__name__)
 
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
 SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -84,6 +92,82 @@ class Scene:
     label: int  # class of the shape with the largest visible area
 
 
+class SceneCache:
+    """Every scene of a split in preallocated tensors, filled as scenes are first drawn.
+
+    Images stay float32 (the drawn values, so cached and drawn samples are identical), masks
+    uint8 (class ids fit in a byte), boxes and their labels padded to `max_shapes`. After
+    `share_memory_()` the tensors live in shared memory: a scene that one DataLoader worker
+    draws is read by every other worker and by the main process, in every later epoch (with
+    per-process caches, each worker would draw every scene again).
+    """
+
+    def __init__(self, length: int, image_size: int, max_shapes: int) -> None:
+        self.images = torch.empty(length, 3, image_size, image_size)
+        self.masks = torch.empty(length, image_size, image_size, dtype=torch.uint8)
+        self.boxes = torch.empty(length, max_shapes, 4)
+        self.labels = torch.empty(length, max_shapes, dtype=torch.int64)
+        self.counts = torch.empty(length, dtype=torch.int64)  # boxes of each scene
+        self.label = torch.empty(length, dtype=torch.int64)
+        self.filled = torch.zeros(length, dtype=torch.bool)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (
+            self.images,
+            self.masks,
+            self.boxes,
+            self.labels,
+            self.counts,
+            self.label,
+            self.filled,
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in self.tensors())
+
+    def share_memory_(self) -> SceneCache:
+        """Move to shared memory (a no-op when there already); warns and stays per process
+        when /dev/shm has too little space (writing past it would kill the process)."""
+        if self.filled.is_shared():
+            return self
+        free = shutil.disk_usage("/dev/shm").free if Path("/dev/shm").is_dir() else None
+        if free is not None and free < 2 * self.nbytes:
+            log.warning(
+                "the shapes scene cache (%.0f MB) does not fit twice in /dev/shm (%.0f MB "
+                "free): each DataLoader worker keeps its own copy and draws its scenes again",
+                self.nbytes / 2**20,
+                free / 2**20,
+            )
+            return self
+        for tensor in self.tensors():
+            tensor.share_memory_()
+        return self
+
+    def __contains__(self, index: int) -> bool:
+        return bool(self.filled[index])
+
+    def put(self, index: int, scene: Scene) -> None:
+        count = len(scene.labels)
+        self.images[index] = scene.image
+        self.masks[index] = scene.mask
+        self.boxes[index, :count] = scene.boxes
+        self.labels[index, :count] = scene.labels
+        self.counts[index] = count
+        self.label[index] = scene.label
+        self.filled[index] = True  # last: a reader in another process sees a whole scene
+
+    def get(self, index: int) -> Scene:
+        count = int(self.counts[index])
+        return Scene(
+            image=self.images[index],  # a view: callers build new tensors from it
+            mask=self.masks[index].long(),
+            boxes=self.boxes[index, :count].clone(),
+            labels=self.labels[index, :count].clone(),
+            label=int(self.label[index]),
+        )
+
+
 class ShapesDataset(Dataset):
     """Scenes of 1-`max_shapes` shapes; one large shape, smaller distractors under it.
 
@@ -101,9 +185,10 @@ class ShapesDataset(Dataset):
             mirror images) to each sample, drawn from torch's random generator (seeded per
             DataLoader worker by Lightning). No label depends on orientation, so every scene
             gives 8 training views; use it on the train split only.
-        cache: keep every generated scene in memory (about 52 KB per 64 px scene; per
-            process, so each DataLoader worker holds its own copy). Drawing a scene costs
-            ~1.2 ms at 64 px, a tenth of a training step's time per image on 2 CPU cores.
+        cache: keep every drawn scene in a `SceneCache` (about 53 KB per 64 px scene,
+            allocated for the whole split up front; `share_memory_()` shares it with the
+            DataLoader workers). Drawing a scene costs ~1.2 ms at 64 px, a tenth of a training
+            step's time per image on 2 CPU cores.
     """
 
     def __init__(
@@ -138,7 +223,7 @@ class ShapesDataset(Dataset):
         self.image_size, self.classes = image_size, tuple(classes)
         self.min_shapes, self.max_shapes, self.seed = min_shapes, max_shapes, seed
         self.augment = augment
-        self._cache: dict[int, Scene] | None = {} if cache else None
+        self._cache = SceneCache(length, image_size, max_shapes) if cache else None
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
 
@@ -152,11 +237,14 @@ class ShapesDataset(Dataset):
         if self._cache is None:
             return self._draw(index)
         if index not in self._cache:
-            scene = self._draw(index)
-            # Class ids fit in a byte: the mask takes 1/8 of the memory while cached.
-            self._cache[index] = replace(scene, mask=scene.mask.to(torch.uint8))
-        cached = self._cache[index]
-        return replace(cached, mask=cached.mask.long())
+            self._cache.put(index, self._draw(index))
+        return self._cache.get(index)
+
+    def share_memory_(self) -> ShapesDataset:
+        """Put the scene cache in shared memory (before DataLoader workers start)."""
+        if self._cache is not None:
+            self._cache.share_memory_()
+        return self
 
     def _draw(self, index: int) -> Scene:
         rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
@@ -282,13 +370,15 @@ class ShapesDataModule(TaskDataModule):
         seed: the dataset seed (independent of the training seed).
         augment: random rotations by 90 degrees and mirror images of the training scenes
             (labels follow; validation and test are never augmented).
-        cache: keep generated scenes in memory after their first use (about 52 KB per
-            64 px scene, in every process that draws them); the same samples, ~10% faster
+        cache: keep drawn scenes in memory after their first use (about 53 KB per 64 px
+            scene, one copy shared by the DataLoader workers); the same samples, ~10% faster
             training from the second epoch on.
-        batch_size, num_workers: DataLoader settings.
+        batch_size, num_workers: DataLoader settings (`num_workers`: "auto" or a count).
     """
 
     tasks = ("classification", "segmentation", "detection")
+    # The images are normalised with ImageNet's statistics, whatever the backbone.
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
 
     def __init__(
         self,
@@ -304,7 +394,7 @@ class ShapesDataModule(TaskDataModule):
         augment: bool = True,
         cache: bool = True,
         batch_size: int = 64,
-        num_workers: int = 0,
+        num_workers: int | str = "auto",
     ) -> None:
         super().__init__(task, batch_size, num_workers)
         common = dict(
@@ -315,6 +405,8 @@ class ShapesDataModule(TaskDataModule):
             max_shapes=max_shapes,
             seed=seed,
             cache=cache,
+            mean=self.mean,
+            std=self.std,
         )
         self.splits = {
             "train": ShapesDataset("train", num_train, augment=augment, **common),

@@ -1,0 +1,279 @@
+"""The backbone contract: a stem plus stages returning a dict of named levels.
+
+What every family builds on and every head relies on: `FeatureInfo` (a level's name,
+channels and stride), `Backbone` (level bookkeeping, `out_features`, freezing, `norm_eval`,
+grad checkpointing) and `ClassifierCfg` (the reference classifier, as data for the heads).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
+
+from .fuse import fuse_batchnorm, fused_training_error, has_folded_norms
+from .layers import LayerFn
+
+DEFAULT_OUT_FEATURES = ("C3", "C4", "C5")
+
+# (regex fully matching a source key, replacement in our key space or None to drop the key)
+Rules = tuple[tuple[str, str | None], ...]
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """One pyramid level: its name `C<k>`, channel count and stride (2**k)."""
+
+    name: str
+    channels: int
+    stride: int
+
+
+class FeatureInfoList(list[FeatureInfo]):
+    """`Backbone.feature_info`: every level the backbone has, answering timm's questions too.
+
+    It is a list of `FeatureInfo`, fine to coarse. Like timm's `FeatureInfo` of a
+    `features_only` model, `channels()`, `reduction()` (the stride) and `get_dicts()` describe
+    the levels the backbone returns (`out_features`), in the order `forward` returns them,
+    or, given `idx`, the levels at those list positions. So code written for timm's feature
+    extractors reads ours unchanged; `heads.FeatureList` returns the maps as a list.
+    """
+
+    def __init__(self, out_features: Sequence[str]) -> None:
+        super().__init__()
+        self.out_features = tuple(out_features)
+
+    def get(self, key: str, idx: int | Sequence[int] | None = None) -> object:
+        """timm's accessor: `key` of the returned levels, of level `idx`, or of each of `idx`."""
+        if isinstance(idx, int):
+            return self.get_dicts(idx=idx)[key]
+        return [info[key] for info in self.get_dicts(idx=idx)]
+
+    def get_dicts(
+        self, keys: Sequence[str] | None = None, idx: int | Sequence[int] | None = None
+    ) -> list[dict[str, object]] | dict[str, object]:
+        """timm's dicts (`num_chs`, `reduction`, plus our level `name`) of the returned levels,
+        of level `idx` (one dict) or of each of `idx`, with only `keys` if given."""
+        if isinstance(idx, int):
+            return self._as_dict(idx, keys)
+        indices = self._returned() if idx is None else idx
+        return [self._as_dict(i, keys) for i in indices]
+
+    def channels(self, idx: int | Sequence[int] | None = None) -> list[int] | int:
+        """Channels of the returned levels, fine to coarse (or of level `idx`)."""
+        return self.get("num_chs", idx)
+
+    def reduction(self, idx: int | Sequence[int] | None = None) -> list[int] | int:
+        """Strides of the returned levels, fine to coarse (or of level `idx`)."""
+        return self.get("reduction", idx)
+
+    def _returned(self) -> list[int]:
+        return [i for i, info in enumerate(self) if info.name in self.out_features]
+
+    def _as_dict(self, index: int, keys: Sequence[str] | None) -> dict[str, object]:
+        info = self[index]
+        full = {"num_chs": info.channels, "reduction": info.stride, "name": info.name}
+        if keys is None:
+            return full
+        unknown = [k for k in keys if k not in full]
+        if unknown:
+            raise KeyError(f"feature_info has no {unknown}; its keys are {list(full)}")
+        return {k: full[k] for k in keys}
+
+
+@dataclass(frozen=True)
+class ClassifierCfg:
+    """The reference classifier of a family, as data for `heads.ClassificationHead`.
+
+    pool -> optional norm -> flatten -> hidden (linear, act, dropout)* -> dropout -> fc;
+    the dropout before `fc` is only there when there are no hidden layers.
+    """
+
+    pool: str = "avg"
+    pool_size: int = 1
+    norm_layer: LayerFn | None = None
+    hidden_channels: tuple[int, ...] = ()
+    act_layer: LayerFn = nn.ReLU
+    dropout: float = 0.0
+
+
+class Backbone(nn.Module):
+    """A stem plus `stages` returning `dict[str, Tensor]` of the requested levels, fine to coarse.
+
+    Subclasses build `self.stem` and `self.stages` and, right after building the module
+    that produces a level, call `self.add_level(channels, stride)`. They end their
+    `__init__` with `self.finalize()`, which drops stages past the coarsest requested level,
+    freezes what `frozen_stages` asks for and validates the settings.
+    """
+
+    # Source library -> rules that turn its classifier state dict into ours; a family whose
+    # rules depend on the variant (e.g. VGG's `features.<i>` numbering, a number of blocks)
+    # sets them per instance.
+    weight_rules: Mapping[str, Rules] = {}
+    # What `heads.build_classifier` puts on top to rebuild the reference classifier; a family
+    # whose variants differ (e.g. in dropout) sets it per instance.
+    classifier_cfg: ClassifierCfg = ClassifierCfg()
+
+    def __init__(
+        self,
+        *,
+        out_features: Sequence[str] = DEFAULT_OUT_FEATURES,
+        in_chans: int = 3,
+        frozen_stages: int = -1,
+        norm_eval: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(out_features, str):
+            out_features = (out_features,)
+        if not isinstance(in_chans, int) or in_chans < 1:
+            raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
+        if not isinstance(frozen_stages, int) or frozen_stages < -1:
+            raise ValueError(
+                "frozen_stages must be -1 (nothing frozen), 0 (the stem) or k > 0 "
+                f"(the stem and the first k stages), got {frozen_stages!r}"
+            )
+        self.out_features = tuple(out_features)
+        self.in_chans = in_chans
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.feature_info = FeatureInfoList(self.out_features)
+        self._level_module: dict[str, int] = {}  # level name -> index in (stem, *stages)
+        self._grad_checkpointing = False
+
+    def add_level(self, channels: int, stride: int) -> None:
+        """Record that the module built last (the stem or the newest stage) outputs a level.
+
+        Called again for the same stride, the later module replaces the earlier one:
+        `Ck` is the last module whose output has stride 2**k.
+        """
+        k = int(math.log2(stride))
+        if 2**k != stride:
+            raise ValueError(f"level strides must be powers of two, got {stride}")
+        name = f"C{k}"
+        built = len(self.stages) if hasattr(self, "stages") else 0
+        if name in self._level_module:
+            self.feature_info[:] = [f for f in self.feature_info if f.name != name]
+        self.feature_info.append(FeatureInfo(name=name, channels=channels, stride=stride))
+        self._level_module[name] = built
+
+    def finalize(self) -> None:
+        """Validate `out_features`, drop unused stages and apply `frozen_stages`."""
+        known = [f.name for f in self.feature_info]
+        unknown = [name for name in self.out_features if name not in known]
+        if unknown or not self.out_features:
+            raise ValueError(
+                f"{type(self).__name__} has levels {known}; out_features={self.out_features} "
+                f"asks for {unknown or 'nothing'}. Choose a non-empty subset of {known}."
+            )
+        if len(set(self.out_features)) != len(self.out_features):
+            raise ValueError(f"out_features has duplicates: {self.out_features}")
+        num_stages = len(self.stages)
+        if self.frozen_stages > num_stages:
+            raise ValueError(
+                f"frozen_stages={self.frozen_stages} but {type(self).__name__} has "
+                f"{num_stages} stages; use -1..{num_stages}"
+            )
+        # Only run (and keep) the stages up to the coarsest requested level.
+        last = max(self._level_module[name] for name in self.out_features)
+        del self.stages[last:]
+        self._taps = {
+            self._level_module[f.name]: f.name
+            for f in self.feature_info
+            if f.name in self.out_features
+        }
+        for module in self._frozen_modules():
+            for param in module.parameters():
+                param.requires_grad_(False)
+        self.train(self.training)
+
+    @property
+    def channels(self) -> dict[str, int]:
+        """Channels of each returned level, fine to coarse."""
+        return {f.name: f.channels for f in self.feature_info if f.name in self.out_features}
+
+    @property
+    def strides(self) -> dict[str, int]:
+        """Stride of each returned level, fine to coarse."""
+        return {f.name: f.stride for f in self.feature_info if f.name in self.out_features}
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        if self.frozen_stages < 0:
+            return []
+        return [self.stem, *self.stages[: self.frozen_stages]]
+
+    def train(self, mode: bool = True) -> Backbone:
+        if mode and has_folded_norms(self):  # checked first, so a refusal changes nothing
+            raise RuntimeError(fused_training_error(type(self).__name__))
+        super().train(mode)
+        if mode:
+            frozen = [self] if self.norm_eval else self._frozen_modules()
+            for module in frozen:
+                for norm in module.modules():
+                    if isinstance(norm, _BatchNorm):
+                        norm.eval()
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each stage in the backward pass instead of storing its activations."""
+        self._grad_checkpointing = enable
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"{type(self).__name__} expects a (batch, {self.in_chans}, height, width) "
+                f"tensor, got shape {tuple(x.shape)}"
+            )
+        features = {}
+        x = self.stem(x)
+        if 0 in self._taps:
+            features[self._taps[0]] = x
+        for index, stage in enumerate(self.stages, start=1):
+            if self._grad_checkpointing and torch.is_grad_enabled():
+                context_fn = partial(keep_norm_stats_on_recompute, stage)
+                x = checkpoint(stage, x, use_reentrant=False, context_fn=context_fn)
+            else:
+                x = stage(x)
+            if index in self._taps:
+                features[self._taps[index]] = x
+        return features
+
+    def fuse(self) -> Backbone:
+        """Fold every BatchNorm that directly follows a conv into it, for inference (eval mode);
+        returns `self` in channels_last. See `backbones.fuse.fuse_batchnorm`."""
+        return fuse_batchnorm(self)
+
+    def input_conv_name(self) -> str:
+        """Qualified name of the first convolution, the one that sees `in_chans` channels."""
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Conv2d):
+                return name
+        raise RuntimeError(f"{type(self).__name__} has no Conv2d")
+
+
+@contextmanager
+def _restore_running_stats(module: nn.Module) -> Iterator[None]:
+    norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for norm, buffers in zip(norms, saved, strict=True):
+                for key, value in buffers.items():
+                    getattr(norm, key).copy_(value)
+
+
+def keep_norm_stats_on_recompute(
+    stage: nn.Module,
+) -> tuple[AbstractContextManager, AbstractContextManager]:
+    """`context_fn` for `torch.utils.checkpoint`: the recomputation leaves norm statistics alone."""
+    # The backward pass re-runs the stage in train mode; without this, every BatchNorm
+    # would update its running statistics a second time for the same batch.
+    return nullcontext(), _restore_running_stats(stage)

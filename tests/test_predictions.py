@@ -1,0 +1,187 @@
+"""Pictures of what a checkpoint predicts, from train.py (after fit) and eval.py, per task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+import eval as eval_script
+import train as train_script
+from training.build import build_datamodule
+from training.data.shapes import ShapesDataModule
+from training.predictions import (
+    PER_CLASS_FILE,
+    Sample,
+    denormalise,
+    eval_pictures_dir,
+    per_class_metric,
+    plot_per_class,
+    plot_predictions,
+    sample_indices,
+)
+
+from .test_plots import assert_drawn
+from .test_training import TINY, config
+
+# One short epoch per task; the validation split holds exactly the images the grid shows.
+RUNS = {
+    # Nothing learns (frozen backbone, lr 0): both epochs score the same, the first is the best
+    # (ties do not replace a checkpoint), and the test of the best checkpoint runs after fit.
+    "classification": [
+        "data.num_val=16",
+        "logger=tensorboard",
+        "linear_probe=true",
+        "optim.lr=0",
+        "scheduler=none",
+        "trainer.max_epochs=2",
+        "test_after_fit=true",
+    ],
+    "segmentation": ["head=fpn", "data.num_val=8"],
+    "detection": [
+        "head=fcos",
+        "head.model.fpn_channels=64",
+        "data.image_size=64",
+        "data.num_val=8",
+        "data.batch_size=8",
+    ],
+}
+# Panels of predictions.png: one per image, or image / truth / prediction, or truth / prediction.
+PANELS = {"classification": 16, "segmentation": 8 * 3, "detection": 8 * 2}
+
+
+@pytest.fixture(scope="module", params=list(RUNS))
+def trained(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, DictConfig, dict]:
+    task = request.param
+    cfg = config(
+        tmp_path_factory.mktemp(task),
+        *TINY,
+        "data.num_train=16",
+        "data.batch_size=16",
+        "trainer.max_epochs=1",
+        "export_backbone=false",
+        *RUNS[task],
+        "pictures=true",
+    )
+    return task, cfg, train_script.train(cfg)
+
+
+def test_train_writes_the_pictures_of_the_best_checkpoint(
+    trained: tuple[str, DictConfig, dict],
+) -> None:
+    task, cfg, result = trained
+    run = Path(cfg.paths.output_dir)
+    assert result["pictures"] == [str(run / "predictions.png"), str(run / PER_CLASS_FILE[task])]
+    assert_drawn(run / "predictions.png", PANELS[task])
+    assert_drawn(run / PER_CLASS_FILE[task], panels=1)
+    assert_drawn(run / "metrics.png", panels=3, size=(1600, 460))
+    assert result["best_epoch"] == 1
+    epochs = 2 if task == "classification" else 1
+    # of the whole run, also after trainer.test restored the best checkpoint's callback state
+    assert [epoch for epoch, _ in result["monitor_history"]] == list(range(epochs))
+
+
+def test_eval_writes_them_beside_the_checkpoints_run(
+    trained: tuple[str, DictConfig, dict], tmp_path: Path
+) -> None:
+    task, cfg, result = trained
+    checkpoint = Path(result["best_model_path"])
+    eval_cfg = config(tmp_path, f"ckpt_path={checkpoint}", "trainer.accelerator=cpu", name="eval")
+    written = eval_script.evaluate(eval_cfg)["pictures"]
+    directory = Path(cfg.paths.output_dir) / "eval" / "best-val"
+    assert eval_pictures_dir(checkpoint, "val") == directory
+    assert written == [str(directory / "predictions.png"), str(directory / PER_CLASS_FILE[task])]
+    assert_drawn(directory / "predictions.png", PANELS[task])
+    assert_drawn(directory / PER_CLASS_FILE[task], panels=1)
+
+
+def test_eval_output_dir_and_split(trained: tuple[str, DictConfig, dict], tmp_path: Path) -> None:
+    task, _, result = trained
+    if task != "classification":
+        pytest.skip("one task is enough for the options")
+    eval_cfg = config(
+        tmp_path,
+        f"ckpt_path={result['best_model_path']}",
+        "trainer.accelerator=cpu",
+        "split=test",
+        f"output_dir={tmp_path / 'pictures'}",
+        name="eval",
+    )
+    eval_script.evaluate(eval_cfg)
+    assert sorted(p.name for p in (tmp_path / "pictures").iterdir()) == [
+        "confusion_matrix.png",
+        "predictions.png",
+    ]
+
+
+def test_tensorboard_gets_the_pictures_too(trained: tuple[str, DictConfig, dict]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    task, cfg, _ = trained
+    if task != "classification":
+        pytest.skip("the classification run logs to TensorBoard")
+    events = EventAccumulator(str(Path(cfg.paths.output_dir) / "tensorboard")).Reload()
+    assert {"val/predictions", "val/confusion_matrix"} <= set(events.Tags()["images"])
+
+
+def test_the_samples_are_fixed_whatever_the_run_seed() -> None:
+    torch.manual_seed(1)
+    first = sample_indices(500, 16)
+    torch.manual_seed(2)
+    assert sample_indices(500, 16) == first
+    assert len(set(first)) == 16 and first == sorted(first) and max(first) < 500
+    assert sample_indices(5, 16) == [0, 1, 2, 3, 4]  # a split smaller than the grid
+
+
+def test_pictures_show_the_real_colours(tmp_path: Path) -> None:
+    """De-normalising with the data module's statistics gives back the drawn scene."""
+    datamodule = build_datamodule(config(tmp_path, "data.image_size=32"))
+    assert isinstance(datamodule, ShapesDataModule)
+    dataset = datamodule.splits["val"]
+    image, _ = dataset[3]
+    shown = denormalise(image, datamodule.mean, datamodule.std)  # (H, W, 3)
+    expected = dataset.scene(3).image.permute(1, 2, 0).numpy()
+    assert abs(shown - expected).max() < 1e-5
+
+
+def test_detections_below_the_threshold_are_not_drawn() -> None:
+    boxes = torch.tensor([[2.0, 2, 20, 20], [4, 4, 30, 30], [1, 1, 9, 9]])
+    sample = Sample(
+        image=torch.zeros(3, 32, 32),
+        target={"boxes": boxes[:1], "labels": torch.tensor([0])},
+        output={
+            "boxes": boxes,
+            "labels": torch.tensor([0, 1, 1]),
+            "scores": torch.tensor([0.9, 0.1, 0.5]),
+        },
+    )
+    figure = plot_predictions("detection", [sample], ["circle", "star"], None, None)
+    truth, predicted = figure.axes
+    assert [t.get_text() for t in truth.texts] == ["circle"]
+    assert [t.get_text() for t in predicted.texts] == ["circle 0.90", "star 0.50"]
+    assert len(predicted.patches) == 2
+
+
+def test_per_class_ap_averages_to_torchmetrics_map() -> None:
+    """AP and AP50 per class, read from the precision array, average to COCO's map / map_50."""
+    metric = per_class_metric("detection", num_classes=3)
+    boxes = torch.tensor([[0.0, 0, 20, 20], [20, 20, 30, 34], [5, 5, 25, 25]])
+    targets = [{"boxes": boxes, "labels": torch.tensor([0, 1, 1])}]
+    # IoUs 0.52 (a match at IoU 0.50 only), 0.73, 0.82
+    shifted = boxes + torch.tensor([[4.0, 3, 4, 3], [2, 1, 2, 1], [2, 1, 2, 1]])
+    scores = torch.tensor([0.9, 0.4, 0.8])
+    predictions = [{"boxes": shifted, "labels": torch.tensor([0, 1, 1]), "scores": scores}]
+    metric.update(predictions, targets)
+    values = metric.compute()
+    figure = plot_per_class("detection", values, ["circle", "star", "ring"], "title", "val")
+    axis = figure.axes[0]
+    ap, ap50 = ([p.get_width() for p in bars] for bars in axis.containers)
+    assert len(ap) == len(ap50) == 2  # ring has no boxes: no bar
+    assert "no boxes of this class" in [t.get_text() for t in axis.texts]
+    assert sum(ap) / 2 == pytest.approx(float(values["map"]), abs=1e-6)
+    assert sum(ap50) / 2 == pytest.approx(float(values["map_50"]), abs=1e-6)
+    assert 0 < min(ap) < max(ap50) <= 1
