@@ -18,11 +18,11 @@ TINY = "trainer.accelerator=cpu data.image_size=16 data.batch_size=2 trainer.log
 
 def test_both_benchmarks_keep_their_sections_of_results_md(tmp_path: Path) -> None:
     results = tmp_path / "RESULTS.md"
-    rows = [Row("resnet18", "ours", "contiguous", 10, 9, 11, 800, None, 1.8, 11.7, 0.5)]
-    write_results(rows, 1.0, ["- inference run"], results, tmp_path / "plot.png", "cpu")
+    rows = [Row("resnet18", "ours eager", "fp32 channels_last", 10, 9, 11, 800, 1.0, 0.0)]
+    write_results(rows, ["- inference run"], results, tmp_path / "plot.png", "cpu")
     update_results(results, ["| first training table |"])
     update_results(results, ["| second training table |"])  # replaces the first
-    write_results(rows, 1.0, ["- inference rerun"], results, tmp_path / "plot.png", "cpu")
+    write_results(rows, ["- inference rerun"], results, tmp_path / "plot.png", "cpu")
     text = results.read_text()
     assert text.startswith("# Backbone inference benchmark") and "inference rerun" in text
     assert text.count(RESULTS_SECTION) == 1 and "first training" not in text

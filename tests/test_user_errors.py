@@ -48,8 +48,10 @@ def error_of(run: Callable[[DictConfig], object], cfg: DictConfig, capsys) -> st
         ("data.batch_size=-4", "data.batch_size=-4 cannot work: it is the number of images per"),
         ("data.num_train=0", "data.num_train=0 cannot work: it is the number of training images, an integer >= 1"),
         ("optim.lr=-1", "optim.lr=-1 cannot work: the learning rate is a number >= 0"),
+        ("optim.lr=nan", "optim.lr=nan cannot work: the learning rate is a number >= 0"),
         ("backbone_lr_mult=-1", "backbone_lr_mult=-1 cannot work: the backbone's learning rate"),
         ("data.num_workers=-1", "data.num_workers=-1 cannot work: it is the number of DataLoader"),
+        ("data.num_workers=many", "data.num_workers=many cannot work: it is the number of DataLoader worker processes (0 loads in the main process), an integer >= 0 or 'auto'"),
         ("data.classes=[circle]", "the classification data has 1 class (circle): there is nothing to tell apart"),
         ("data.batch_size=1", "data.batch_size=1 cannot train the model's 20 BatchNorm layers (e.g. model.backbone.stem.norm)"),
     ],
@@ -57,6 +59,15 @@ def error_of(run: Callable[[DictConfig], object], cfg: DictConfig, capsys) -> st
 def test_config_mistakes(override: str, message: str, tmp_path: Path, capsys) -> None:
     cfg = config(tmp_path, *FAST, override)
     assert error_of(train_script.train, cfg, capsys).startswith(message)
+
+
+def test_the_default_config_passes_the_checks(tmp_path: Path) -> None:
+    """Every default value is one that can work (`data.num_workers: auto` included)."""
+    from training.checks import check_config
+
+    cfg = config(tmp_path)
+    assert cfg.data.num_workers == "auto"
+    check_config(cfg)
 
 
 def test_batch_size_1_with_frozen_batchnorm_trains(tmp_path: Path) -> None:

@@ -18,13 +18,19 @@ if TYPE_CHECKING:  # check_config runs before torch is imported: a mistake costs
 
     from .data.base import TaskDataModule
 
-# (config key, smallest value, what the value is): integers checked when the key is present.
-_AT_LEAST = (
-    ("data.batch_size", 1, "images per batch (per device)"),
-    ("data.num_workers", 0, "DataLoader worker processes (0 loads in the main process)"),
-    ("data.num_train", 1, "training images"),
-    ("data.num_val", 1, "validation images"),
-    ("data.num_test", 1, "test images"),
+# (config key, smallest value, what the value is, words allowed instead): integers checked
+# when the key is present.
+_AT_LEAST: tuple[tuple[str, int, str, tuple[str, ...]], ...] = (
+    ("data.batch_size", 1, "images per batch (per device)", ()),
+    (
+        "data.num_workers",
+        0,
+        "DataLoader worker processes (0 loads in the main process)",
+        ("auto",),
+    ),
+    ("data.num_train", 1, "training images", ()),
+    ("data.num_val", 1, "validation images", ()),
+    ("data.num_test", 1, "test images", ()),
 )
 # (config key, what it is): numbers that must not be negative.
 _NOT_NEGATIVE = (
@@ -36,19 +42,22 @@ _NOT_NEGATIVE = (
 
 def check_config(cfg: DictConfig) -> None:
     """The values of `cfg` that no run can use; before anything is built."""
-    for key, minimum, meaning in _AT_LEAST:
+    for key, minimum, meaning, words in _AT_LEAST:
         value = _select(cfg, key)
-        if value is None:
+        if value is None or value in words:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            also = "".join(f" or {word!r}" for word in words)
             raise ConfigError(
-                f"{key}={value} cannot work: it is the number of {meaning}, an integer >= {minimum}"
+                f"{key}={value} cannot work: it is the number of {meaning}, an integer "
+                f">= {minimum}{also}"
             )
     for key, meaning in _NOT_NEGATIVE:
         value = _select(cfg, key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        # `not value >= 0`: NaN too (it compares false with everything)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
             raise ConfigError(f"{key}={value} cannot work: {meaning} is a number >= 0")
 
 

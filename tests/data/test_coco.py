@@ -113,4 +113,4 @@ def test_fast_dev_run_of_fcos_on_coco(tmp_path: Path) -> None:
         "data.image_size=32",
         "data.batch_size=3",
     )
-    assert {"train/loss_step", "val/map", "val/map_50"} <= set(metrics)
+    assert {"train/loss_epoch", "val/map", "val/map_50"} <= set(metrics)

@@ -104,4 +104,4 @@ def test_fast_dev_run_on_imagefolder(tmp_path: Path) -> None:
     metrics = fast_dev_run(
         tmp_path, "data=imagefolder", f"data.root={root}", "data.image_size=32", "data.batch_size=4"
     )
-    assert {"train/loss_step", "val/acc", "val/f1"} <= set(metrics)
+    assert {"train/loss_epoch", "val/acc", "val/f1"} <= set(metrics)
