@@ -6,7 +6,6 @@ Hydra entry point. Configs live in `configs/` (`python train.py --help` lists th
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import training.cli  # noqa: F401  (what composing the config needs; light, so --help is fast)
 
@@ -67,32 +66,20 @@ def _callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str) -> li
     return callbacks
 
 
-def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
-    from training.checkpoints import find_last, find_resume, load_checkpoint
-    from training.errors import CheckpointError
+def _resolve_resume(cfg: DictConfig) -> tuple[Path, str | None]:
+    """The run directory and the checkpoint to go on from (see `training.runs`): a resumed run
+    writes into its own directory again, and one that is finished is refused."""
+    from training.checkpoints import load_checkpoint
+    from training.runs import check_unfinished, resolve_resume
 
-    if cfg.ckpt_path is None:
-        # A requeued SLURM job (signalled before its time limit, or preempted) is the same Hydra
-        # job in the same run directory: it goes on from the newest checkpoint there.
-        requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
-        path = find_resume(output_dir) if requeued else None
-    elif cfg.ckpt_path == "last":  # this run directory's own checkpoint, else the newest run's
-        path = find_resume(output_dir) or find_last(
-            (cfg.paths.outputs, cfg.paths.multirun), cfg.run_name, exclude=output_dir
-        )
-    elif Path(cfg.ckpt_path).is_dir():  # a run directory
-        path = find_resume(cfg.ckpt_path)
-        if path is None:
-            raise CheckpointError(
-                f"ckpt_path={cfg.ckpt_path}: the directory holds no checkpoints/last.ckpt "
-                "(nor hpc_ckpt_<n>.ckpt); pass a run directory or a .ckpt file"
-            )
-    else:
-        path = Path(cfg.ckpt_path)
-    if path is None:
-        return None
-    load_checkpoint(path, also_allowed=_own_targets(cfg))  # missing, unreadable: a clear error
-    return str(path)
+    resume = resolve_resume(cfg)
+    if resume.checkpoint is None:
+        return resume.run_dir, None
+    # missing, unreadable, naming code: a clear error before anything is built
+    checkpoint = load_checkpoint(resume.checkpoint, also_allowed=_own_targets(cfg))
+    if cfg.ckpt_path is not None:  # asked for by hand (a requeued SLURM job just goes on)
+        check_unfinished(checkpoint, resume, cfg.trainer.max_epochs)
+    return resume.run_dir, str(resume.checkpoint)
 
 
 def _own_targets(cfg: DictConfig) -> set[str]:
@@ -169,7 +156,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     from training.predictions import write_pictures
     from training.report import quiet_lightning, route_lightning_logs
 
-    output_dir = Path(cfg.paths.output_dir)
+    output_dir, ckpt_path = _resolve_resume(cfg)
+    if output_dir != Path(cfg.paths.output_dir):  # a resumed run's own directory
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
     route_lightning_logs()  # under Hydra: into <run dir>/train.log too
     quiet_lightning()
     resolve_device_defaults(cfg)  # precision, determinism, cuDNN autotuning: from the device
@@ -178,7 +168,6 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     check_data(datamodule)
     module = build_module(cfg, datamodule)
     check_model(module, datamodule)
-    ckpt_path = _resolve_ckpt_path(cfg, output_dir)
     if ckpt_path is not None:
         check_resumable(ckpt_path, module, also_allowed=_own_targets(cfg))
 
