@@ -66,20 +66,17 @@ def _callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str) -> li
     return callbacks
 
 
-def _resolve_resume(cfg: DictConfig) -> tuple[Path, str | None]:
-    """The run directory and the checkpoint to go on from (see `training.runs`): a resumed run
-    writes into its own directory again, and one that is finished is refused."""
+def _check_resume(cfg: DictConfig, run_dir: Path, ckpt_path: str) -> None:
+    """Refuse a resume that changes what the checkpoint fixes, or of a finished run."""
+    from training.build import plain_config
     from training.checkpoints import load_checkpoint
-    from training.runs import check_unfinished, resolve_resume
+    from training.runs import Resume, check_unchanged, check_unfinished
 
-    resume = resolve_resume(cfg)
-    if resume.checkpoint is None:
-        return resume.run_dir, None
-    # missing, unreadable, naming code: a clear error before anything is built
-    checkpoint = load_checkpoint(resume.checkpoint, also_allowed=_own_targets(cfg))
+    checkpoint = load_checkpoint(ckpt_path, also_allowed=_own_targets(cfg))
+    stored = checkpoint["hyper_parameters"]["config"]
+    check_unchanged(stored, plain_config(cfg), Path(ckpt_path))
     if cfg.ckpt_path is not None:  # asked for by hand (a requeued SLURM job just goes on)
-        check_unfinished(checkpoint, resume, cfg.trainer.max_epochs)
-    return resume.run_dir, str(resume.checkpoint)
+        check_unfinished(checkpoint, Resume(run_dir, Path(ckpt_path)), cfg.trainer.max_epochs)
 
 
 def _own_targets(cfg: DictConfig) -> set[str]:
@@ -146,6 +143,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
 
     import lightning as L
     from hydra.utils import instantiate
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from training.build import build_datamodule, build_module, write_config
     from training.callbacks import MetricsPlot, StepTimer
@@ -155,8 +153,12 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     from training.plots import best_epoch, run_title
     from training.predictions import write_pictures
     from training.report import quiet_lightning, route_lightning_logs
+    from training.runs import resolve_resume
 
-    output_dir, ckpt_path = _resolve_resume(cfg)
+    # The run directory and the checkpoint to go on from (see `training.runs`): a resumed run
+    # writes into its own directory again.
+    output_dir, checkpoint_file = resolve_resume(cfg)
+    ckpt_path = None if checkpoint_file is None else str(checkpoint_file)
     if output_dir != Path(cfg.paths.output_dir):  # a resumed run's own directory
         with open_dict(cfg):
             cfg.paths.output_dir = str(output_dir)
@@ -170,6 +172,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     check_model(module, datamodule)
     if ckpt_path is not None:
         check_resumable(ckpt_path, module, also_allowed=_own_targets(cfg))
+        _check_resume(cfg, output_dir, ckpt_path)
 
     monitor, mode = module.task.monitor, module.task.mode
     loggers = [instantiate(spec) for spec in cfg.logger.values() if spec is not None]
@@ -197,6 +200,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
             else "no checkpoint was written yet"
         )
         raise NonFiniteLossError(f"{error}; {kept}") from None
+    except SIGTERMException:  # a SystemExit, with status 0: a stopped run would look finished
+        raise SystemExit(_stopped(trainer, output_dir)) from None
     except Exception as error:
         if trainer.received_sigterm:  # SLURM ends the job (requeued, out of time, cancelled)
             # and its SIGTERM killed the DataLoader workers first: not a failure of the run,
@@ -246,6 +251,20 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
             written = write_pictures(trainer, module, datamodule, output_dir, title)
             result["pictures"] = [str(p) for p in written]
     return result
+
+
+def _stopped(trainer: L.Trainer, output_dir: Path) -> str:
+    """What a run stopped by SIGTERM (a preemption, `kill`) says: where and how to go on."""
+    from training.checkpoints import find_resume
+
+    last = find_resume(output_dir)
+    kept = (
+        f"the last checkpoint is {last}; resume with `python train.py ckpt_path={output_dir}`"
+        if last is not None
+        else "no checkpoint was written yet"
+    )
+    where = f"step {trainer.global_step} (epoch {trainer.current_epoch})"
+    return f"error: the run was stopped by SIGTERM at {where}; {kept}"
 
 
 def _images_per_second(trainer: L.Trainer, datamodule, seconds: float) -> float:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import datetime
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,14 +16,14 @@ import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import train as train_script
 from training.checkpoints import load_checkpoint
-from training.errors import CheckpointError
-from training.runs import new_run_dir, resolve_resume
+from training.errors import CheckpointError, ConfigError
+from training.runs import check_unchanged, new_run_dir, resolve_resume
 
-from .test_training import CONFIGS, LEARNABLE, TINY, config
+from .test_training import CONFIGS, LEARNABLE, ROOT, TINY, config
 
 RUN = "resnet18-classification"
 
@@ -65,6 +68,9 @@ def test_resume_continues_the_run_in_its_directory_with_its_best(tmp_path: Path)
     for key, value in exported.items():
         assert torch.equal(value, best["state_dict"][f"model.backbone.{key}"]), key
     assert "test/acc" in result["metrics"]
+    # config.yaml and the checkpoints record what ran: the resumed run's 3 epochs
+    assert OmegaConf.load(run_dir / "config.yaml").trainer.max_epochs == 3
+    assert last["hyper_parameters"]["config"]["trainer"]["max_epochs"] == 3
     # ckpt_path=<run dir> names the same run
     named = run(tmp_path, "trainer.max_epochs=4", f"ckpt_path={run_dir}", name="t2")
     assert resolve_resume(named).run_dir == run_dir
@@ -96,6 +102,38 @@ def test_a_finished_run_is_not_resumed(tmp_path: Path) -> None:
         with pytest.raises(CheckpointError, match=r"is finished \(1 of trainer.max_epochs=1 "):
             train_script.train(cfg)
     assert exported.stat().st_mtime_ns == before
+    # What the checkpoint fixes may not change on resume (Lightning would restore it silently).
+    changed = run(tmp_path, "trainer.max_epochs=2", "optim.lr=1e-4", "ckpt_path=last", name="t2")
+    with pytest.raises(ConfigError, match=r"^optim\.lr=0\.0001 differs from 0\.001, what the run"):
+        train_script.train(changed)
+    assert exported.stat().st_mtime_ns == before
+
+
+def test_what_cannot_change_on_resume() -> None:
+    stored = {
+        "optim": {"_target_": "torch.optim.AdamW", "lr": 0.002},
+        "scheduler": {"name": "cosine", "warmup_epochs": 1},
+        "backbone_lr_mult": 1.0,
+        "trainer": {"max_epochs": 4, "accelerator": "cpu"},
+        "data": {"num_workers": 0},
+    }
+    fine = {**stored, "trainer": {"max_epochs": 4, "accelerator": "gpu"}, "data": {}}
+    check_unchanged(stored, fine, Path("last.ckpt"))
+    for key, value, message in [
+        (
+            "optim",
+            {"_target_": "torch.optim.SGD", "lr": 0.002},
+            r"optim\._target_=torch\.optim\.SGD",
+        ),
+        ("scheduler", {"name": "none"}, r"scheduler\.name=none differs from cosine, .*\(and 1 more"),
+        ("backbone_lr_mult", 0.1, r"backbone_lr_mult=0\.1 differs from 1\.0"),
+        ("trainer", {"max_epochs": 8}, r"trainer\.max_epochs=8 differs from 4"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            check_unchanged(stored, {**stored, key: value}, Path("last.ckpt"))
+    # Without a schedule the loop reads max_epochs afresh: a longer run is allowed.
+    flat = {**stored, "scheduler": {"name": "none"}}
+    check_unchanged(flat, {**flat, "trainer": {"max_epochs": 8}}, Path("last.ckpt"))
 
 
 def fake_run(run_dir: Path, mtime: float, checkpoint: bool = True) -> Path:
@@ -173,3 +211,35 @@ class FrozenNow(datetime.datetime):
     @classmethod
     def now(cls, tz: Any = None) -> FrozenNow:
         return cls(2026, 1, 1)
+
+
+def test_sigterm_exits_non_zero_naming_the_last_checkpoint(tmp_path: Path) -> None:
+    """A preemption's SIGTERM mid-fit: exit status 1 and where to go on from, not status 0."""
+    run_dir = tmp_path / "run"
+    overrides = [o for o in TINY if not o.startswith(("data.num_train", "data.batch_size"))]
+    command = [
+        sys.executable,
+        "train.py",
+        *overrides,
+        "data.num_train=256",
+        "data.batch_size=4",  # 64 steps an epoch: the signal arrives mid-epoch
+        "trainer.max_epochs=50",
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        deadline = time.monotonic() + 600
+        while not last.is_file() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not last.is_file():
+            process.kill()
+        assert last.is_file(), f"no epoch ended: {process.communicate()[1][-2000:]}"
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert "the run was stopped by SIGTERM at step" in stderr
+    assert f"the last checkpoint is {last}; resume with" in stderr

@@ -172,3 +172,46 @@ def check_unfinished(checkpoint: dict[str, Any], resume: Resume, max_epochs: int
         "train on, start a new run from its weights (backbone.pretrained=<run dir>/checkpoints/"
         "backbone.safetensors) or, with scheduler=none, resume with a larger trainer.max_epochs"
     )
+
+
+# What a resumed run takes from its checkpoint, so its config may not say otherwise: the
+# optimiser's and the schedule's state (Lightning restores them over what the config builds).
+FIXED_ON_RESUME = ("optim", "scheduler", "backbone_lr_mult")
+
+
+def check_unchanged(stored: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse a resume whose config changes what the checkpoint fixes (see `FIXED_ON_RESUME`).
+
+    `trainer.max_epochs` may grow or shrink with `scheduler=none` (the loop reads it afresh); a
+    schedule's length is fixed when the run starts, so under one it may not change. Compares
+    plain values only: nothing is built from the stored config.
+    """
+    keys = [*FIXED_ON_RESUME]
+    if (stored.get("scheduler") or {}).get("name", "none") != "none":
+        keys.append("trainer.max_epochs")
+    old, new = _flat(stored), _flat(current)
+    changed = [
+        key
+        for key in sorted(old)  # an option newer than the checkpoint is no change
+        if any(key == k or key.startswith(f"{k}.") for k in keys) and old.get(key) != new.get(key)
+    ]
+    if not changed:
+        return
+    first = changed[0]
+    more = f" (and {len(changed) - 1} more: {', '.join(changed[1:])})" if len(changed) > 1 else ""
+    raise ConfigError(
+        f"{first}={new.get(first)} differs from {old.get(first)}, what the run resumed from "
+        f"{checkpoint} was started with{more}: the optimizer, the scheduler, backbone_lr_mult "
+        "and (under a scheduler) trainer.max_epochs cannot change on resume. Resume with the "
+        "run's values (its config.yaml), or start a new run from its weights"
+    )
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as {dotted key: leaf value}."""
+    if isinstance(node, dict):
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            flat.update(_flat(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: node}
