@@ -30,17 +30,19 @@ def _callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str) -> li
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from training.callbacks import ExampleInput, MetricsPlot, StepTimer
+    from training.callbacks import ExampleInput, MetricsPlot, StepTimer, TopKCheckpoints
     from training.plots import run_title
 
     options = OmegaConf.to_container(cfg.callbacks, resolve=True)
     checkpoint = options.pop("checkpoint", None) or {}
+    top_k = checkpoint.pop("save_top_k", 1)
     callbacks: list[L.Callback] = [
         ModelCheckpoint(  # best by the task's metric; trainer.checkpoint_callback
             dirpath=output_dir / "checkpoints",
             filename="best",
             monitor=monitor,
             mode=mode,
+            save_top_k=min(top_k, 1) if top_k >= 0 else 1,  # one file, one name: the best
             auto_insert_metric_name=False,
             enable_version_counter=False,
             **checkpoint,
@@ -57,6 +59,8 @@ def _callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str) -> li
         ExampleInput(),  # the model summary's FLOPs
         StepTimer(),
     ]
+    if top_k > 1 or top_k == -1:  # k best (-1: every epoch's), named by epoch and metric
+        callbacks.append(TopKCheckpoints(output_dir / "checkpoints", monitor, mode, top_k))
     for key, spec in options.items():
         if spec is None or (key == "progress_bar" and not cfg.trainer.enable_progress_bar):
             continue

@@ -125,7 +125,11 @@ def test_what_cannot_change_on_resume() -> None:
             {"_target_": "torch.optim.SGD", "lr": 0.002},
             r"optim\._target_=torch\.optim\.SGD",
         ),
-        ("scheduler", {"name": "none"}, r"scheduler\.name=none differs from cosine, .*\(and 1 more"),
+        (
+            "scheduler",
+            {"name": "none"},
+            r"scheduler\.name=none differs from cosine, .*\(and 1 more",
+        ),
         ("backbone_lr_mult", 0.1, r"backbone_lr_mult=0\.1 differs from 1\.0"),
         ("trainer", {"max_epochs": 8}, r"trainer\.max_epochs=8 differs from 4"),
     ]:
@@ -243,3 +247,19 @@ def test_sigterm_exits_non_zero_naming_the_last_checkpoint(tmp_path: Path) -> No
     assert "Traceback" not in stderr
     assert "the run was stopped by SIGTERM at step" in stderr
     assert f"the last checkpoint is {last}; resume with" in stderr
+
+
+def test_save_top_k_keeps_k_checkpoints_named_by_epoch_and_metric(tmp_path: Path) -> None:
+    """k = 2 of 3 epochs (val/acc 1.0, 0.9, 0.8): the two best by name, best.ckpt the best."""
+    cfg = run(tmp_path, "trainer.max_epochs=3", "callbacks.checkpoint.save_top_k=2")
+    result = train_script.train(cfg, extra_callbacks=[FallingScore()])
+    checkpoints = Path(result["output_dir"]) / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == [
+        "best.ckpt",
+        "epoch=0-val_acc=1.0000.ckpt",
+        "epoch=1-val_acc=0.9000.ckpt",
+        "last.ckpt",
+    ]
+    assert Path(result["best_model_path"]) == checkpoints / "best.ckpt"
+    assert load_checkpoint(checkpoints / "best.ckpt")["epoch"] == 0
+    assert load_checkpoint(checkpoints / "epoch=1-val_acc=0.9000.ckpt")["epoch"] == 1
