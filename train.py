@@ -6,7 +6,6 @@ Hydra entry point. Configs live in `configs/` (`python train.py --help` lists th
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import training.cli  # noqa: F401  (what composing the config needs; light, so --help is fast)
 
@@ -31,17 +30,19 @@ def _callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str) -> li
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from training.callbacks import ExampleInput, MetricsPlot, StepTimer
+    from training.callbacks import ExampleInput, MetricsPlot, StepTimer, TopKCheckpoints
     from training.plots import run_title
 
     options = OmegaConf.to_container(cfg.callbacks, resolve=True)
     checkpoint = options.pop("checkpoint", None) or {}
+    top_k = checkpoint.pop("save_top_k", 1)
     callbacks: list[L.Callback] = [
         ModelCheckpoint(  # best by the task's metric; trainer.checkpoint_callback
             dirpath=output_dir / "checkpoints",
             filename="best",
             monitor=monitor,
             mode=mode,
+            save_top_k=min(top_k, 1) if top_k >= 0 else 1,  # one file, one name: the best
             auto_insert_metric_name=False,
             enable_version_counter=False,
             **checkpoint,
@@ -58,6 +59,8 @@ def _callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str) -> li
         ExampleInput(),  # the model summary's FLOPs
         StepTimer(),
     ]
+    if top_k > 1 or top_k == -1:  # k best (-1: every epoch's), named by epoch and metric
+        callbacks.append(TopKCheckpoints(output_dir / "checkpoints", monitor, mode, top_k))
     for key, spec in options.items():
         if spec is None or (key == "progress_bar" and not cfg.trainer.enable_progress_bar):
             continue
@@ -67,32 +70,17 @@ def _callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str) -> li
     return callbacks
 
 
-def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
-    from training.checkpoints import find_last, find_resume, load_checkpoint
-    from training.errors import CheckpointError
+def _check_resume(cfg: DictConfig, run_dir: Path, ckpt_path: str) -> None:
+    """Refuse a resume that changes what the checkpoint fixes, or of a finished run."""
+    from training.build import plain_config
+    from training.checkpoints import load_checkpoint
+    from training.runs import Resume, check_unchanged, check_unfinished
 
-    if cfg.ckpt_path is None:
-        # A requeued SLURM job (signalled before its time limit, or preempted) is the same Hydra
-        # job in the same run directory: it goes on from the newest checkpoint there.
-        requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
-        path = find_resume(output_dir) if requeued else None
-    elif cfg.ckpt_path == "last":  # this run directory's own checkpoint, else the newest run's
-        path = find_resume(output_dir) or find_last(
-            (cfg.paths.outputs, cfg.paths.multirun), cfg.run_name, exclude=output_dir
-        )
-    elif Path(cfg.ckpt_path).is_dir():  # a run directory
-        path = find_resume(cfg.ckpt_path)
-        if path is None:
-            raise CheckpointError(
-                f"ckpt_path={cfg.ckpt_path}: the directory holds no checkpoints/last.ckpt "
-                "(nor hpc_ckpt_<n>.ckpt); pass a run directory or a .ckpt file"
-            )
-    else:
-        path = Path(cfg.ckpt_path)
-    if path is None:
-        return None
-    load_checkpoint(path, also_allowed=_own_targets(cfg))  # missing, unreadable: a clear error
-    return str(path)
+    checkpoint = load_checkpoint(ckpt_path, also_allowed=_own_targets(cfg))
+    stored = checkpoint["hyper_parameters"]["config"]
+    check_unchanged(stored, plain_config(cfg), Path(ckpt_path))
+    if cfg.ckpt_path is not None:  # asked for by hand (a requeued SLURM job just goes on)
+        check_unfinished(checkpoint, Resume(run_dir, Path(ckpt_path)), cfg.trainer.max_epochs)
 
 
 def _own_targets(cfg: DictConfig) -> set[str]:
@@ -159,6 +147,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
 
     import lightning as L
     from hydra.utils import instantiate
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from training.build import build_datamodule, build_module, write_config
     from training.callbacks import MetricsPlot, StepTimer
@@ -168,8 +157,15 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     from training.plots import best_epoch, run_title
     from training.predictions import write_pictures
     from training.report import quiet_lightning, route_lightning_logs
+    from training.runs import resolve_resume
 
-    output_dir = Path(cfg.paths.output_dir)
+    # The run directory and the checkpoint to go on from (see `training.runs`): a resumed run
+    # writes into its own directory again.
+    output_dir, checkpoint_file = resolve_resume(cfg)
+    ckpt_path = None if checkpoint_file is None else str(checkpoint_file)
+    if output_dir != Path(cfg.paths.output_dir):  # a resumed run's own directory
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
     route_lightning_logs()  # under Hydra: into <run dir>/train.log too
     quiet_lightning()
     resolve_device_defaults(cfg)  # precision, determinism, cuDNN autotuning: from the device
@@ -178,9 +174,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     check_data(datamodule)
     module = build_module(cfg, datamodule)
     check_model(module, datamodule)
-    ckpt_path = _resolve_ckpt_path(cfg, output_dir)
     if ckpt_path is not None:
         check_resumable(ckpt_path, module, also_allowed=_own_targets(cfg))
+        _check_resume(cfg, output_dir, ckpt_path)
 
     monitor, mode = module.task.monitor, module.task.mode
     loggers = [instantiate(spec) for spec in cfg.logger.values() if spec is not None]
@@ -208,6 +204,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
             else "no checkpoint was written yet"
         )
         raise NonFiniteLossError(f"{error}; {kept}") from None
+    except SIGTERMException:  # a SystemExit, with status 0: a stopped run would look finished
+        raise SystemExit(_stopped(trainer, output_dir)) from None
     except Exception as error:
         if trainer.received_sigterm:  # SLURM ends the job (requeued, out of time, cancelled)
             # and its SIGTERM killed the DataLoader workers first: not a failure of the run,
@@ -257,6 +255,20 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
             written = write_pictures(trainer, module, datamodule, output_dir, title)
             result["pictures"] = [str(p) for p in written]
     return result
+
+
+def _stopped(trainer: L.Trainer, output_dir: Path) -> str:
+    """What a run stopped by SIGTERM (a preemption, `kill`) says: where and how to go on."""
+    from training.checkpoints import find_resume
+
+    last = find_resume(output_dir)
+    kept = (
+        f"the last checkpoint is {last}; resume with `python train.py ckpt_path={output_dir}`"
+        if last is not None
+        else "no checkpoint was written yet"
+    )
+    where = f"step {trainer.global_step} (epoch {trainer.current_epoch})"
+    return f"error: the run was stopped by SIGTERM at {where}; {kept}"
 
 
 def _images_per_second(trainer: L.Trainer, datamodule, seconds: float) -> float:

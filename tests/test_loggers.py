@@ -25,12 +25,12 @@ def layout(table: list[dict[str, str]]) -> list[tuple[str, str, tuple[str, ...]]
 def test_resumed_fit_keeps_the_rows_before_its_checkpoint(tmp_path: Path) -> None:
     """1 epoch, then resumed to 2 in the same directory: epoch 0's rows exactly as first written
     (its training mean, logged after the checkpoint, kept), then epoch 1's, each once."""
-    first = config(tmp_path, *TINY, "trainer.max_epochs=1")
+    first = config(tmp_path, *TINY, "scheduler=none", "trainer.max_epochs=1")
     run = Path(train_script.train(first)["output_dir"])
     before = rows(run)
     last = run / "checkpoints" / "last.ckpt"
     saved_rows = load_checkpoint(last).get(ROWS_KEY)
-    resumed = config(tmp_path, *TINY, "trainer.max_epochs=2", f"ckpt_path={last}")
+    resumed = config(tmp_path, *TINY, "scheduler=none", "trainer.max_epochs=2", f"ckpt_path={last}")
     train_script.train(resumed)
     after = rows(run)
     assert after[: len(before)] == before

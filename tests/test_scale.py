@@ -17,7 +17,6 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
@@ -25,7 +24,7 @@ from PIL import Image
 
 import train as train_script
 from training.checkpoints import load_checkpoint
-from training.errors import CheckpointError, ConfigError
+from training.errors import ConfigError
 from training.launch import job_command
 
 from .test_training import CONFIGS, ROOT
@@ -359,37 +358,3 @@ def test_slurm_environment_uses_the_configured_signal(
     assert slurm.auto_requeue and slurm.requeue_signal == signal.SIGUSR2
     with pytest.raises(ConfigError, match="requeue_signal=TERM2 is not a signal name"):
         train_script._plugins(tiny_config(tmp_path, "requeue_signal=TERM2"))
-
-
-def fake_checkpoint(path: Path, mtime: float) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {}, "hyper_parameters": {"config": {"seed": 0}}}, path)
-    os.utime(path, (mtime, mtime))
-    return path
-
-
-def test_ckpt_path_finds_run_directories(tmp_path: Path) -> None:
-    """`last`: this run directory's own checkpoint, else the newest run's, multirun jobs too."""
-    cfg = tiny_config(tmp_path, "ckpt_path=last")
-    here = Path(cfg.paths.output_dir)
-    with pytest.raises(CheckpointError, match=r"no earlier run .* or .*multirun/<time>/<n>-"):
-        train_script._resolve_ckpt_path(cfg, here)
-    single = fake_checkpoint(
-        tmp_path / "outputs/resnet18-classification/t0/checkpoints/last.ckpt", 100
-    )
-    job = tmp_path / "multirun/t1/3-resnet18-classification"
-    other = tmp_path / "multirun/t1/3-other-resnet18-classification/checkpoints/last.ckpt"
-    fake_checkpoint(other, 400)  # another run_name
-    assert train_script._resolve_ckpt_path(cfg, here) == str(single)
-    job_last = fake_checkpoint(job / "checkpoints/last.ckpt", 200)
-    assert train_script._resolve_ckpt_path(cfg, here) == str(job_last)  # the newest
-    own = fake_checkpoint(here / "checkpoints/last.ckpt", 0)  # the oldest, but this run's own
-    assert train_script._resolve_ckpt_path(cfg, here) == str(own)
-    hpc = fake_checkpoint(job / "hpc_ckpt_2.ckpt", 300)  # newer than the job's last.ckpt
-    for ckpt_path, expected in ((str(job), hpc), (str(job / "checkpoints/last.ckpt"), job_last)):
-        cfg = tiny_config(tmp_path, f"ckpt_path={ckpt_path}")
-        assert train_script._resolve_ckpt_path(cfg, here) == str(expected)
-    with pytest.raises(CheckpointError, match=r"holds no checkpoints/last\.ckpt"):
-        train_script._resolve_ckpt_path(tiny_config(tmp_path, f"ckpt_path={tmp_path}"), here)
-    # without ckpt_path, only a requeued SLURM job resumes (from its own directory)
-    assert train_script._resolve_ckpt_path(tiny_config(tmp_path), here) is None

@@ -369,7 +369,7 @@ def test_bad_checkpoints(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no stored run config"):
         load_checkpoint(foreign)
     cfg = config(tmp_path, *TINY, "ckpt_path=last")
-    with pytest.raises(CheckpointError, match="no earlier run of 'resnet18-classification'"):
+    with pytest.raises(CheckpointError, match="no run of 'resnet18-classification' to resume"):
         train_script.train(cfg)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
 from .plots import plot_curves, save_figure
 
@@ -110,6 +110,28 @@ class MetricsPlot(L.Callback):
         self.history = {k: [tuple(p) for p in v] for k, v in state_dict["history"].items()}
         # checkpoints of older versions hold no learning rates
         self.lr = {k: [tuple(p) for p in v] for k, v in state_dict.get("lr", {}).items()}
+
+
+class TopKCheckpoints(ModelCheckpoint):
+    """The `save_top_k` best checkpoints, named by epoch and metric
+    (`epoch=3-val_acc=0.8125.ckpt`), next to `best.ckpt`.
+
+    A class of its own so that its state (a checkpoint's `callbacks` entry, keyed by class name
+    and monitor) is not mistaken for the `best.ckpt` callback's, which monitors the same metric.
+    """
+
+    def __init__(
+        self, dirpath: str | os.PathLike, monitor: str, mode: str, save_top_k: int
+    ) -> None:
+        name = monitor.replace("/", "_")  # a "/" in the file name would make a folder
+        super().__init__(
+            dirpath=dirpath,
+            filename=f"epoch={{epoch}}-{name}={{{monitor}:.4f}}",
+            monitor=monitor,
+            mode=mode,
+            save_top_k=save_top_k,
+            auto_insert_metric_name=False,
+        )
 
 
 class ExampleInput(L.Callback):

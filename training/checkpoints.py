@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically, read with `weights_only=True`, found for `ckpt_path=last`.
+"""Checkpoints: written atomically, read with `weights_only=True`, found in run directories.
 
 A checkpoint may come from anyone: its tensors are read without unpickling code, and the run
 config stored in it (which `eval.py` rebuilds model and data from) is checked before anything
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 import zipfile
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -293,38 +292,6 @@ def find_resume(run_dir: str | os.PathLike) -> Path | None:
     candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
     existing = [p for p in candidates if p.is_file()]
     return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
-
-
-def find_last(
-    roots: tuple[str | os.PathLike, str | os.PathLike],
-    run_name: str,
-    exclude: str | os.PathLike,
-) -> Path:
-    """The newest `last.ckpt` of `run_name` among single runs and multirun jobs.
-
-    `roots` are the single-run root (`<root>/<run_name>/<time>/`) and the multirun root
-    (`<root>/<time>/<job number>-<run_name>/`).
-    """
-    outputs, multirun = Path(roots[0]), Path(roots[1])
-    job = re.compile(rf"\d+-{re.escape(run_name)}")
-    runs = [
-        *(outputs / run_name).glob("*/"),
-        *(d for d in multirun.glob("*/*/") if job.fullmatch(d.name)),
-    ]
-    exclude = Path(exclude).resolve()
-    candidates = [
-        run / "checkpoints" / "last.ckpt"
-        for run in runs
-        if (run / "checkpoints" / "last.ckpt").is_file()
-        and exclude not in (run.resolve(), *run.resolve().parents)
-    ]
-    if not candidates:
-        raise CheckpointError(
-            f"ckpt_path=last: no earlier run of {run_name!r} has a last.ckpt under "
-            f"{outputs / run_name}/ or {multirun}/<time>/<n>-{run_name}/; train once without "
-            "ckpt_path, or pass a checkpoint file or run directory"
-        )
-    return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
 # Where `TaskModule` checkpoints hold the backbone: classifiers and segmenters as

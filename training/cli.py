@@ -12,6 +12,8 @@ import warnings
 
 from omegaconf import OmegaConf
 
+from .runs import run_dir
+
 
 def task_direction(task: str) -> str:
     """The Optuna direction (`maximize` / `minimize`) of the task's monitored metric."""
@@ -21,6 +23,9 @@ def task_direction(task: str) -> str:
 
 
 OmegaConf.register_new_resolver("task_direction", task_direction, replace=True)
+# hydra.run.dir: a resumed run's own directory, else a new one no other run shares. Cached: the
+# directory is created when first resolved, and every later read must name the same one.
+OmegaConf.register_new_resolver("run_dir", run_dir, replace=True, use_cache=True)
 
 # configs/hydra/launcher/submitit_*.yaml share their names with the submitit plugin's schemas,
 # so Hydra validates them against those dataclasses (wanted: a mistyped key fails) and warns
