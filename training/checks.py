@@ -38,7 +38,7 @@ def check_config(cfg: DictConfig) -> None:
     """The values of `cfg` that no run can use; before anything is built."""
     for key, minimum, meaning in _AT_LEAST:
         value = _select(cfg, key)
-        if value is None:
+        if value is None or (key == "data.num_workers" and value == "auto"):  # loader_workers
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise ConfigError(
