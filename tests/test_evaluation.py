@@ -7,14 +7,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from training.build import build_datamodule, build_module
 from training.report import quiet_lightning
-from training.tasks import IGNORE_INDEX
 
-from .test_training import TINY, config
+from .test_training import TINY, config, hand_scores
 
 HEADS = {"classification": "val/acc", "fpn": "val/pixel_acc"}
 
@@ -53,22 +51,6 @@ class EvalModeProbe(L.Callback):
 def with_dropout(module: L.LightningModule) -> None:
     """Put a dropout layer in front of the model, so that train-mode evaluation is random."""
     module.model = nn.Sequential(nn.Dropout(0.2), module.model)
-
-
-@torch.no_grad()
-def hand_scores(
-    module: L.LightningModule, datamodule: L.LightningDataModule
-) -> tuple[float, float]:
-    """Mean loss and (pixel) accuracy over the validation set, from the model in eval mode."""
-    model = module.model.eval()
-    loss_sum, correct, counted = 0.0, 0, 0
-    for x, y in datamodule.val_dataloader():
-        logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX).item() * len(x)
-        valid = y != IGNORE_INDEX
-        correct += (logits.argmax(1) == y)[valid].sum().item()
-        counted += valid.sum().item()
-    return loss_sum / len(datamodule.val_dataloader().dataset), correct / counted
 
 
 @pytest.mark.parametrize("head", list(HEADS))
