@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -64,3 +65,50 @@ def num_params(model: nn.Module) -> int:
 def name(request: pytest.FixtureRequest) -> str:
     """Every registered backbone; module scope groups a module's tests by backbone."""
     return request.param
+
+
+def assert_same_train_step(
+    ours: nn.Module,
+    reference: nn.Module,
+    ours_from_reference: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    tolerance: float = 1e-5,
+) -> None:
+    """One SGD step in train mode gives the same logits and the same updated state.
+
+    In eval mode, randomised BatchNorm statistics can make a deep network's logits nearly
+    independent of its input (MobileNet, EfficientNet: ~1e-7 relative between two images),
+    so eval-mode logit parity cannot tell which image the model saw. Train mode normalises by
+    the batch's statistics: the input shows, which is asserted first.
+    """
+    x, other = torch.randn(2, 2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    ours.train(), reference.train()
+    buffers = {k: v.clone() for k, v in reference.named_buffers()}  # the probe moves BN stats
+    with torch.no_grad():
+        torch.manual_seed(1)
+        seen = reference(x)
+        torch.manual_seed(1)
+        assert max_rel_error(reference(other), seen) > 100 * tolerance, "the input does not show"
+    reference.load_state_dict(buffers, strict=False)
+    logits = {}
+    for key, model in (("ours", ours), ("reference", reference)):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        torch.manual_seed(1)  # same dropout masks, where the head has dropout
+        logits[key] = model(x)
+        logits[key].logsumexp(dim=1).mean().backward()
+        optimizer.step()
+    assert max_rel_error(logits["ours"].detach(), logits["reference"].detach()) <= tolerance
+    updated = ours_from_reference(reference.state_dict())
+    for key, value in ours.state_dict().items():
+        if value.is_floating_point():
+            assert max_rel_error(value, updated[key]) <= tolerance, key
+        else:
+            assert torch.equal(value, updated[key]), key
+
+
+def match_timm_dropout(ours: nn.Module, reference: nn.Module) -> None:
+    """timm's EfficientNet/MobileNet classifiers default to no dropout, torchvision's (and so
+    our heads) to 0.2-0.5: give the timm reference our rate, so that a train-mode step compares
+    like with like (the same seed then draws the same mask)."""
+    rates = [m.p for m in ours.modules() if isinstance(m, nn.Dropout)]
+    if hasattr(reference, "drop_rate") and rates:
+        reference.drop_rate = rates[0]

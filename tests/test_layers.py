@@ -9,6 +9,9 @@ import pytest
 import torch
 from torch import nn
 from torchvision.models.convnext import LayerNorm2d as TorchvisionLayerNorm2d
+from torchvision.models.mobilenetv2 import InvertedResidual as TorchvisionInvertedResidual
+from torchvision.models.mobilenetv3 import InvertedResidual as TorchvisionV3InvertedResidual
+from torchvision.models.mobilenetv3 import InvertedResidualConfig
 
 from backbones.layers import (
     ConvNormAct,
@@ -19,6 +22,8 @@ from backbones.layers import (
     drop_path_rates,
     make_divisible,
 )
+
+from .conftest import randomize_norms
 
 
 @pytest.mark.parametrize(
@@ -78,27 +83,43 @@ def test_drop_path_rates_are_linear() -> None:
     assert [r for stage in rates for r in stage] == pytest.approx([0.0, 0.05, 0.1, 0.15])
 
 
-def test_inverted_residual_without_expansion() -> None:
-    block = InvertedResidual(16, 16, expanded_channels=16).eval()
+def load_in_order(ours: nn.Module, reference: nn.Module) -> None:
+    """Copy `reference`'s (randomised) tensors into `ours`, which registers the same tensors in
+    the same order under other names; the shapes are checked pair by pair."""
+    theirs = list(randomize_norms(reference).state_dict().values())
+    keys = list(ours.state_dict())
+    assert [ours.state_dict()[k].shape for k in keys] == [t.shape for t in theirs]
+    ours.load_state_dict(dict(zip(keys, theirs, strict=True)))
+
+
+def test_inverted_residual_without_expansion_is_torchvisions() -> None:
+    """MobileNetV2's block with expand ratio 1: depthwise + linear projection + identity."""
+    torch.manual_seed(0)
+    reference = TorchvisionInvertedResidual(16, 16, stride=1, expand_ratio=1).eval()
+    block = InvertedResidual(16, 16, expanded_channels=16, act_layer=nn.ReLU6).eval()
     assert isinstance(block.expand, nn.Identity) and block.has_shortcut
+    load_in_order(block, reference)
     x = torch.randn(2, 16, 8, 8)
     before = x.clone()
-    torch.testing.assert_close(block(x), x + block.project(block.depthwise(x)))
+    torch.testing.assert_close(block(x), reference(x), rtol=1e-5, atol=1e-6)
     assert torch.equal(x, before), "the in-place residual add must not touch the input"
 
 
-def test_inverted_residual_with_expansion_and_squeeze_excite() -> None:
-    se_layer = partial(SqueezeExcite, squeeze_channels=4, gate_layer=nn.Hardsigmoid)
+def test_inverted_residual_with_expansion_and_squeeze_excite_is_torchvisions() -> None:
+    """MobileNetV3's block: expand, 5x5 depthwise at stride 2, squeeze-excite, Hardswish."""
+    torch.manual_seed(0)
+    config = InvertedResidualConfig(16, 5, 96, 24, True, "HS", 2, 1, 1.0)
+    reference = TorchvisionV3InvertedResidual(config, nn.BatchNorm2d).eval()
+    se_layer = partial(SqueezeExcite, squeeze_channels=24, gate_layer=nn.Hardsigmoid)
     block = InvertedResidual(
-        16, 24, expanded_channels=96, kernel_size=5, stride=2, se_layer=se_layer
+        16, 24, 96, kernel_size=5, stride=2, act_layer=nn.Hardswish, se_layer=se_layer
     ).eval()
     assert not block.has_shortcut
-    assert block.expand.conv.out_channels == 96 and block.se.fc1.out_channels == 4
-    assert block.depthwise.conv.groups == 96 and block.depthwise.conv.kernel_size == (5, 5)
+    load_in_order(block, reference)
     x = torch.randn(2, 16, 9, 9)
-    expected = block.project(block.se(block.depthwise(block.expand(x))))
-    torch.testing.assert_close(block(x), expected)
+    expected = reference(x)
     assert expected.shape == (2, 24, 5, 5)
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_layer_norm_2d_matches_torchvision() -> None:

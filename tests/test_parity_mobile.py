@@ -11,17 +11,28 @@ from torchvision.ops import StochasticDepth
 from backbones import WeightsError, convert, create
 from heads import build_classifier
 
-from .conftest import max_rel_error, num_params, randomize_norms
+from .conftest import (
+    assert_same_train_step,
+    match_timm_dropout,
+    max_rel_error,
+    num_params,
+    randomize_norms,
+)
 
 # Width 1.0, the default, is covered with the registry in test_parity.py.
 WIDTHS = (0.35, 0.5, 0.75, 1.4)
 
 
-def assert_same_logits(ours: torch.nn.Module, reference: torch.nn.Module) -> None:
+def assert_same_logits(
+    ours: torch.nn.Module, reference: torch.nn.Module, name: str, **convert_kwargs: object
+) -> None:
+    """Same eval logits, and the same logits and update in a train-mode step, where the
+    input shows (in eval mode it barely does: see `assert_same_train_step`)."""
     assert num_params(ours) == num_params(reference)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert max_rel_error(ours(x), reference(x)) <= 1e-5
+    assert_same_train_step(ours, reference, lambda sd: convert(name, sd, **convert_kwargs))
 
 
 @pytest.mark.parametrize("width", WIDTHS)
@@ -31,7 +42,7 @@ def test_width_mult_torchvision_parity(name: str, width: float) -> None:
     reference = randomize_norms(torchvision.models.get_model(name, width_mult=width)).eval()
     ours = build_classifier(name, width_mult=width).eval()
     ours.load_state_dict(convert(name, reference.state_dict(), width_mult=width))
-    assert_same_logits(ours, reference)
+    assert_same_logits(ours, reference, name, width_mult=width)
 
 
 @pytest.mark.parametrize("width", WIDTHS)
@@ -42,7 +53,8 @@ def test_width_mult_timm_parity(width: float) -> None:
     ours.load_state_dict(
         convert("mobilenet_v2", reference.state_dict(), source="timm", width_mult=width)
     )
-    assert_same_logits(ours, reference)
+    match_timm_dropout(ours, reference)
+    assert_same_logits(ours, reference, "mobilenet_v2", source="timm", width_mult=width)
 
 
 def test_convert_checks_the_width() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import urllib.error
 from pathlib import Path
 
@@ -300,6 +301,26 @@ def test_failed_strict_load_changes_nothing(tv_backbone: dict[str, torch.Tensor]
     with pytest.raises(WeightsError, match=r"1 missing \(stages\.3\.1\.conv2\.norm\.running_var\)"):
         load_into(model, state_dict)
     assert_loaded(model, before)
+
+
+@pytest.mark.parametrize("key", ["stages.3.1.conv2.conv.weight", "stem.norm.running_mean"])
+def test_a_wrong_shape_in_our_layout_is_refused(
+    key: str, tv_backbone: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    """Our own layout skips conversion, so `load_into` alone must see the wrong shape: nothing
+    loads, the message names the tensor and both shapes."""
+    state_dict = dict(tv_backbone)
+    expected = tuple(state_dict[key].shape)
+    state_dict[key] = torch.ones(expected[0] // 2, *expected[1:])
+    wrong = rf"checkpoint vs model: {re.escape(key)} \({expected[0] // 2},.*\) vs \({expected[0]},"
+    model = create("resnet18")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(WeightsError, match=rf"1 of the wrong shape \({wrong}.*Nothing was loaded"):
+        load_into(model, state_dict)
+    assert_loaded(model, before)
+    torch.save(state_dict, tmp_path / "ours.pth")
+    with pytest.raises(WeightsError, match=wrong):
+        create("resnet18", pretrained=tmp_path / "ours.pth")
 
 
 def test_convert_rejects_unknown_keys(tv_resnet18: nn.Module) -> None:

@@ -30,8 +30,7 @@ def test_every_data_config_composes_with_its_heads(data: str, tmp_path: Path) ->
     heads = {head: config(tmp_path, f"data={data}", f"head={head}") for head in options("head")}
     tasks = get_class(next(iter(heads.values())).data._target_).tasks
     served = [head for head, cfg in heads.items() if cfg.head.task in tasks]
-    if not served:
-        pytest.skip(f"no head config on this branch serves {tasks}")  # detection heads: issue 7B
+    assert served, f"no head config serves {data}'s tasks {tasks}"  # every task has a head now
     for head, cfg in heads.items():
         if head in served:
             datamodule = build_datamodule(cfg)
