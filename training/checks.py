@@ -26,6 +26,8 @@ _AT_LEAST = (
     ("data.num_val", 1, "validation images"),
     ("data.num_test", 1, "test images"),
 )
+# Keys that also take "auto" (resolved once the device is known: training.data.base).
+_AUTO = frozenset({"data.num_workers"})
 # (config key, what it is): numbers that must not be negative.
 _NOT_NEGATIVE = (
     ("optim.lr", "the learning rate"),
@@ -38,7 +40,7 @@ def check_config(cfg: DictConfig) -> None:
     """The values of `cfg` that no run can use; before anything is built."""
     for key, minimum, meaning in _AT_LEAST:
         value = _select(cfg, key)
-        if value is None:
+        if value is None or (key in _AUTO and value == "auto"):
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise ConfigError(
