@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from backbones.__main__ import main as backbones_main
 from training.checks import check_config
@@ -71,14 +71,15 @@ def hydra_runs(args: list[str]) -> list[list[str]]:
     overrides = [a for a in args if a not in ("-m", "--multirun")]
     parsed = OverridesParser.create().parse_overrides(overrides)
     choices = [
-        list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.input_line]
-        for o in parsed
+        list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.input_line] for o in parsed
     ]
     values = [
         [f"{o.get_key_element()}={v}" if o.is_sweep_override() else v for v in c]
         for o, c in zip(parsed, choices, strict=True)
     ]
-    return [[v[min(k, len(v) - 1)] for v in values] for k in range(max(map(len, values), default=1))]
+    return [
+        [v[min(k, len(v) - 1)] for v in values] for k in range(max(map(len, values), default=1))
+    ]
 
 
 @pytest.mark.parametrize("program", ["train.py", "eval.py"])
