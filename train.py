@@ -30,7 +30,13 @@ def _callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str) -> li
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from training.callbacks import ExampleInput, MetricsPlot, StepTimer, TopKCheckpoints
+    from training.callbacks import (
+        ExampleInput,
+        MetricsPlot,
+        StepSeed,
+        StepTimer,
+        TopKCheckpoints,
+    )
     from training.plots import run_title
 
     options = OmegaConf.to_container(cfg.callbacks, resolve=True)
@@ -58,6 +64,7 @@ def _callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str) -> li
         MetricsPlot(output_dir / "metrics.png", run_title(cfg), monitor, mode),
         ExampleInput(),  # the model summary's FLOPs
         StepTimer(),
+        StepSeed(cfg.seed),  # dropout's draws per step: a resumed epoch draws the same
     ]
     if top_k > 1 or top_k == -1:  # k best (-1: every epoch's), named by epoch and metric
         callbacks.append(TopKCheckpoints(output_dir / "checkpoints", monitor, mode, top_k))

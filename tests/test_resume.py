@@ -20,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import train as train_script
 from training.checkpoints import load_checkpoint
+from training.data.sampling import EpochSampler, EpochSeeded
+from training.data.shapes import ShapesDataset
 from training.errors import CheckpointError, ConfigError
 from training.runs import check_unchanged, new_run_dir, resolve_resume
 
@@ -263,3 +265,86 @@ def test_save_top_k_keeps_k_checkpoints_named_by_epoch_and_metric(tmp_path: Path
     assert Path(result["best_model_path"]) == checkpoints / "best.ckpt"
     assert load_checkpoint(checkpoints / "best.ckpt")["epoch"] == 0
     assert load_checkpoint(checkpoints / "epoch=1-val_acc=0.9000.ckpt")["epoch"] == 1
+
+
+class StopAfter(L.Callback):
+    """Stop the fit after `epochs` epochs as a preemption would, leaving max_epochs (and so the
+    cosine schedule) as it was."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.current_epoch + 1 == self.epochs:
+            trainer.should_stop = True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path: Path, workers: int) -> None:
+    """Stopped after epoch 2 of 4 and resumed: the same weights, optimiser and schedule as 4
+    epochs in one go. Augmented data, a reshuffle every epoch, dropout and a cosine schedule:
+    a resume that replayed epoch 0's order, flips or dropout masks would end elsewhere."""
+    overrides = [
+        *TINY,
+        "data.num_train=32",
+        "data.num_val=16",
+        "data.batch_size=16",  # 2 steps an epoch
+        "data.augment=true",
+        f"data.num_workers={workers}",
+        "scheduler=cosine",
+        "head.model.dropout=0.5",
+        "trainer.max_epochs=4",
+        "trainer.deterministic=true",
+    ]
+    whole = train_script.train(config(tmp_path, *overrides, run="whole"))
+    stopped = train_script.train(config(tmp_path, *overrides, run="cut"), [StopAfter(2)])
+    run_dir = Path(stopped["output_dir"])
+    assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 1
+    resumed = train_script.train(config(tmp_path, *overrides, f"ckpt_path={run_dir}", run="r"))
+    assert Path(resumed["output_dir"]) == run_dir
+    expected = load_checkpoint(Path(whole["output_dir"]) / "checkpoints" / "last.ckpt")
+    got = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert (got["epoch"], got["global_step"]) == (expected["epoch"], expected["global_step"])
+    assert expected["global_step"] == 4 * 2
+    torch.testing.assert_close(got["state_dict"], expected["state_dict"])
+    optimiser, reference = got["optimizer_states"][0], expected["optimizer_states"][0]
+    assert set(reference["state"][0]) >= {"exp_avg", "exp_avg_sq", "step"}
+    torch.testing.assert_close(optimiser["state"], reference["state"])
+    assert optimiser["param_groups"] == reference["param_groups"]
+    schedule, reference_schedule = got["lr_schedulers"][0], expected["lr_schedulers"][0]
+    assert schedule["last_epoch"] == reference_schedule["last_epoch"] == 4 * 2
+    assert schedule["_last_lr"] == pytest.approx(reference_schedule["_last_lr"])
+
+
+def test_the_training_order_and_augmentations_follow_seed_and_epoch() -> None:
+    """Keys and samples are functions of (seed, epoch, index): not of the generators' state,
+    not of an earlier epoch having been read; the caller's generators are left as they were."""
+    dataset = ShapesDataset("train", 12, image_size=16, augment=True)
+    sampler = EpochSampler(dataset, seed=7)
+    sampler.set_epoch(3)
+    keys = list(sampler)
+    assert sorted(index for _, index in keys) == list(range(12))
+    assert {epoch for epoch, _ in keys} == {3}
+    fresh = EpochSampler(dataset, seed=7)
+    assert [index for _, index in fresh] != [index for _, index in keys]  # epoch 0's order
+    fresh.set_epoch(3)
+    assert list(fresh) == keys
+    fresh.set_epoch(4)
+    assert [index for _, index in fresh] != [index for _, index in keys]
+    halves = [list(EpochSampler(dataset, 7, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert sorted(halves[0] + halves[1]) == sorted((0, i) for i in range(12))
+
+    seeded = EpochSeeded(dataset, seed=7)
+    torch.manual_seed(0)
+    first = [seeded[(epoch, 5)][0] for epoch in range(8)]
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(3), after)  # the caller's generator did not move
+    torch.manual_seed(123)
+    again = [seeded[(epoch, 5)][0] for epoch in reversed(range(8))][::-1]
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+    assert len({tuple(x.flatten()[:64].tolist()) for x in first}) > 1  # epochs flip differently
+    with pytest.raises(TypeError, match=r"reads \(epoch, index\) keys from an EpochSampler"):
+        seeded[5]

@@ -28,7 +28,9 @@ def build_datamodule(cfg: DictConfig) -> TaskDataModule:
     parameters = inspect.signature(get_class(cfg.data._target_)).parameters
     if {"mean", "std"} <= parameters.keys() and "mean" not in cfg.data:
         options["mean"], options["std"] = input_normalization(cfg.backbone.name)
-    return instantiate(cfg.data, **options)
+    datamodule = instantiate(cfg.data, **options)
+    datamodule.sample_seed = cfg.seed  # the training order and augmentations: see its loaders
+    return datamodule
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:

@@ -1,5 +1,6 @@
 """Callbacks of our own: the curves plot, the model summary's example input, a progress bar
-that reads no device value per step, the step timer. The rest is Lightning's."""
+that reads no device value per step, the step timer, the per-step seed. The rest is
+Lightning's."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
+from .data.sampling import derived_seed, seed_all
 from .plots import plot_curves, save_figure
 
 
@@ -206,3 +208,23 @@ class StepTimer(L.Callback):
         if self.first_seconds is None:
             return None
         return max(0.0, self.first_seconds - (self.step_seconds or 0.0))
+
+
+class StepSeed(L.Callback):
+    """Seed the training process's generators (torch on every device, NumPy, Python) from
+    (seed, epoch, batch, rank) before every training batch.
+
+    The model's own random draws (dropout, stochastic depth) then depend on where the step is,
+    not on how the run got there (a resume, or whatever else drew numbers in between): a
+    resumed epoch draws what the uninterrupted run drew, and no generator state needs saving in
+    a checkpoint. Each rank draws its own masks. The data's draws are seeded per sample
+    (`training.data.sampling`).
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        seed_all(derived_seed(self.seed, trainer.current_epoch, batch_idx, trainer.global_rank))

@@ -29,6 +29,7 @@ from backbones import IMAGENET_MEAN, IMAGENET_STD
 
 from ..errors import ConfigError, DatasetError
 from ..tasks import IGNORE_INDEX
+from .sampling import EpochLoader, EpochSampler, EpochSeeded
 from .transforms import classification_preset, dense_preset
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,9 @@ class TaskDataModule(L.LightningDataModule):
         self.task = task
         self.batch_size, self.num_workers = batch_size, num_workers
         self.splits: dict[str, Dataset] = {}
+        # The training order and augmentations follow (sample_seed, epoch, index), see
+        # `training.data.sampling`; `build_datamodule` sets the run's seed.
+        self.sample_seed = 0
 
     def _on_cuda(self) -> tuple[bool, int]:
         """(training on CUDA, devices per node) of the attached trainer; (False, 1) without one."""
@@ -113,10 +117,18 @@ class TaskDataModule(L.LightningDataModule):
         workers = loader_workers(self.num_workers, on_cuda, devices)
         if workers and hasattr(dataset, "share_memory_"):
             dataset.share_memory_()
-        return DataLoader(
+        sampler = None
+        if shuffle:  # the order and augmentations of (seed, epoch): a resume replays neither
+            trainer = self.trainer
+            replicas, rank = (
+                (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
+            )
+            sampler = EpochSampler(dataset, self.sample_seed, replicas, rank)
+            dataset = EpochSeeded(dataset, self.sample_seed)
+        return (EpochLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=on_cuda,
