@@ -10,6 +10,7 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, open_dict
 from torch import nn
+from torchvision.ops import box_iou
 
 import eval as eval_script
 import train as train_script
@@ -17,7 +18,8 @@ from backbones import create
 from heads.detection import Detector
 from training.build import build_datamodule, build_model, build_module
 from training.checkpoints import load_checkpoint
-from training.data.base import TaskDataModule
+from training.data.base import TaskDataModule, detection_collate
+from training.data.shapes import ShapesDataset
 from training.errors import NonFiniteLossError
 from training.module import TaskModule
 
@@ -231,3 +233,61 @@ def test_exported_backbone_is_the_detectors_body(trained: tuple[DictConfig, dict
     state = load_checkpoint(result["best_model_path"])["state_dict"]
     for key, value in backbone.state_dict().items():
         assert torch.equal(value, state[f"model.detector.backbone.body.{key}"]), key
+
+
+def _found(
+    detections: list[dict[str, torch.Tensor]], targets: list[dict[str, torch.Tensor]]
+) -> tuple[int, int]:
+    """Ground-truth boxes matched by a detection of their class at IoU >= 0.5, and all of them."""
+    found = 0
+    for detected, target in zip(detections, targets, strict=True):
+        overlap = box_iou(target["boxes"], detected["boxes"]) >= 0.5
+        same = target["labels"][:, None] == detected["labels"][None, :]
+        found += int((overlap & same).any(dim=1).sum())
+    return found, sum(len(t["labels"]) for t in targets)
+
+
+# One shape per 48 px image, two classes, resnet18 + FCOS with a 32-channel FPN, AdamW at 1e-3
+# from scratch, 60 steps of 16: measured 55 of 64 held-out shapes found (0 before training);
+# 40 steps found ~0.73 in a trial run, so 60 leaves a margin over the 0.6 asked for.
+FIT = {"image_size": 48, "classes": ("circle", "cross"), "max_shapes": 1}
+FIT_STEPS, FIT_BATCH = 60, 16
+# 0.3 is a real operating point: above the 0.05 COCO evaluation keeps and torchvision's 0.2
+# default, so a box counts only if the detector is confident in it, not if it is one of 100.
+SCORE_THRESH = 0.3
+
+
+@pytest.mark.slow
+def test_a_short_fit_finds_most_shapes_with_their_label() -> None:
+    """Held-out shapes get a box with IoU >= 0.5 and the right class at score >= 0.3."""
+    torch.manual_seed(0)
+    train = ShapesDataset("train", 256, "detection", **FIT, cache=True)
+    held_out = ShapesDataset("val", 64, "detection", **FIT)
+    model = Detector(
+        create("resnet18", out_features=["C3", "C4", "C5"]),
+        len(FIT["classes"]),
+        "fcos",
+        fpn_channels=32,
+        min_size=FIT["image_size"],
+        max_size=FIT["image_size"],
+        score_thresh=SCORE_THRESH,
+    )
+    images, targets = detection_collate([held_out[i] for i in range(len(held_out))])
+    with torch.no_grad():
+        untrained = _found(model.eval()(images), targets)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    order = torch.randint(len(train), (FIT_STEPS, FIT_BATCH), generator=torch.Generator())
+    model.train()
+    for indices in order.tolist():
+        batch_images, batch_targets = detection_collate([train[i] for i in indices])
+        loss = sum(model(batch_images, batch_targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        detections = model.eval()(images)
+    found, total = _found(detections, targets)
+    assert untrained[0] == 0, untrained  # nothing clears the threshold before training
+    assert found >= 0.6 * total, f"{found} of {total} held-out shapes found"
+    # Measured: two boxes above the threshold per image; a spray of boxes would not count.
+    assert all(len(d["boxes"]) <= 3 for d in detections), [len(d["boxes"]) for d in detections]
