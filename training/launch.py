@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, read_write
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from .report import is_user_error, user_message
 from .sweep import JobResult, one_line, write_job_result
@@ -94,7 +94,9 @@ def multirun_job() -> Iterator[JobRecord]:
       summary; `finish` the yielded record with `train()`'s result.
     """
     hydra = HydraConfig.get()
-    argv, environ, run_dir = sys.argv, dict(os.environ), hydra.run.dir
+    # hydra.run.dir unresolved: its `run_dir` resolver creates a run directory (of a single run)
+    run_dir = OmegaConf.to_container(hydra.run, resolve=False)["dir"]
+    argv, environ = sys.argv, dict(os.environ)
     sys.argv = job_command(argv, hydra)
     with read_write(hydra.run):
         hydra.run.dir = hydra.runtime.output_dir
