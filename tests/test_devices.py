@@ -106,9 +106,13 @@ def test_loaders_follow_the_trainer_device(tmp_path: Path, monkeypatch) -> None:
     datamodule = build_datamodule(config(tmp_path, "data.num_train=64"))
     loader = datamodule.train_dataloader()  # no trainer: the CPU's settings
     assert (loader.num_workers, loader.pin_memory, loader.persistent_workers) == (0, False, False)
-    datamodule.trainer = SimpleNamespace(accelerator=CPUAccelerator(), num_devices=1)
+    datamodule.trainer = SimpleNamespace(
+        accelerator=CPUAccelerator(), num_devices=1, world_size=1, global_rank=0
+    )
     assert datamodule.train_dataloader().num_workers == 0
-    datamodule.trainer = SimpleNamespace(accelerator=CUDAAccelerator(), num_devices=2)
+    datamodule.trainer = SimpleNamespace(
+        accelerator=CUDAAccelerator(), num_devices=2, world_size=2, global_rank=0
+    )
     loader = datamodule.train_dataloader()
     assert (loader.num_workers, loader.pin_memory, loader.persistent_workers) == (7, True, True)
-    assert loader.dataset._cache.filled.is_shared()  # before the workers start
+    assert loader.dataset.dataset._cache.filled.is_shared()  # before the workers start
