@@ -77,13 +77,14 @@ def _callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str) -> li
     return callbacks
 
 
-def _check_resume(cfg: DictConfig, run_dir: Path, ckpt_path: str) -> None:
-    """Refuse a resume that changes what the checkpoint fixes, or of a finished run."""
+def _check_resume(
+    cfg: DictConfig, run_dir: Path, ckpt_path: str, checkpoint: dict[str, Any]
+) -> None:
+    """Refuse a resume that changes what `checkpoint` (read from `ckpt_path`) fixes, or of a
+    finished run."""
     from training.build import plain_config
-    from training.checkpoints import load_checkpoint
     from training.runs import Resume, check_unchanged, check_unfinished
 
-    checkpoint = load_checkpoint(ckpt_path, also_allowed=_own_targets(cfg))
     stored = checkpoint["hyper_parameters"]["config"]
     check_unchanged(stored, plain_config(cfg), Path(ckpt_path))
     if cfg.ckpt_path is not None:  # asked for by hand (a requeued SLURM job just goes on)
@@ -182,8 +183,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     module = build_module(cfg, datamodule)
     check_model(module, datamodule)
     if ckpt_path is not None:
-        check_resumable(ckpt_path, module, also_allowed=_own_targets(cfg))
-        _check_resume(cfg, output_dir, ckpt_path)
+        checkpoint = check_resumable(ckpt_path, module, also_allowed=_own_targets(cfg))
+        _check_resume(cfg, output_dir, ckpt_path, checkpoint)
 
     monitor, mode = module.task.monitor, module.task.mode
     loggers = [instantiate(spec) for spec in cfg.logger.values() if spec is not None]

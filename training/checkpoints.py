@@ -231,10 +231,11 @@ def _target_problem(target: Any) -> str | None:
 
 def check_resumable(
     path: str | os.PathLike, module: nn.Module, also_allowed: Collection[str] = ()
-) -> None:
+) -> dict[str, Any]:
     """Refuse to resume `module`'s run from a checkpoint of another model, naming both.
 
-    `also_allowed`: the targets the resuming run's own config names (see `load_checkpoint`)."""
+    `also_allowed`: the targets the resuming run's own config names (see `load_checkpoint`).
+    Returns the checkpoint it read (what the other resume checks look at)."""
     checkpoint = load_checkpoint(path, also_allowed=also_allowed)
     stored, hparams = checkpoint["hyper_parameters"]["config"], checkpoint["hyper_parameters"]
     ours = getattr(module, "hparams", {}).get("config", {})
@@ -249,7 +250,7 @@ def check_resumable(
     expected = {k: v.shape for k, v in module.state_dict().items()}
     got = {k: v.shape for k, v in checkpoint["state_dict"].items()}
     if theirs == mine and expected == got:
-        return
+        return checkpoint
     missing = [k for k in expected if k not in got]
     unexpected = [k for k in got if k not in expected]
     wrong = [k for k in expected if k in got and got[k] != expected[k]]
@@ -263,7 +264,7 @@ def check_resumable(
         if keys
     )
     if not counts:
-        return  # another name for the same architecture: its weights fit
+        return checkpoint  # another name for the same architecture: its weights fit
     raise CheckpointError(
         f"ckpt_path={path} is a checkpoint of {theirs}; this run builds {mine}, which its "
         f"weights do not fit ({counts}). Resume with the config it was trained with, or "
