@@ -363,11 +363,14 @@ def _detection_panels(
             if scores is not None:
                 text += f" {scores[i]:.2f}"
             x, y = min(max(x0, 0), width - 1), max(y0, 0)  # inside the box, at its top left
+            align = "left"
+            if x > width - span:  # a label from here would run off the image: end it at the
+                x, align = min(max(x1, 0), width - 1), "right"  # box's right edge instead
             while any(abs(x - px) < span and abs(y - py) < line for px, py in placed):
                 y += line
             placed.append((x, y))
             axis.text(
-                x, y, text, fontsize=7, color="white", va="top", clip_on=True,
+                x, y, text, fontsize=7, color="white", va="top", ha=align, clip_on=True,
                 bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "linewidth": 0},
             )  # fmt: skip
         if scores is not None and not len(boxes):
