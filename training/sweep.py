@@ -18,6 +18,7 @@ import csv
 import json
 import math
 import os
+import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -255,8 +256,11 @@ def plot_sweep(results: list[JobResult], optuna: bool, name: str) -> Figure:
     )
     for row, r in zip(rows, order, strict=True):
         if r.status != "ok":
-            bars.text(0.01, row, f"failed: {r.error or ''}"[:70], va="center", color="firebrick",
-                      fontsize="small", transform=bars.get_yaxis_transform())  # fmt: skip
+            # two lines at most, of what fits in the panel (the whole error is in summary.md)
+            lines = textwrap.wrap(f"failed: {r.error or ''}", width=48)
+            text = "\n".join(lines[:2]) + (" ..." if len(lines) > 2 else "")
+            bars.text(0.01, row, text, va="center", color="firebrick", fontsize="small",
+                      transform=bars.get_yaxis_transform())  # fmt: skip
     bars.set_yticks(list(rows), [labels[r.job] for r in order], fontsize="small")
     bars.set_xlim(0, 1.18 * max([*scores, 1e-9]))  # room for the value labels
     bars.invert_yaxis()
