@@ -39,17 +39,21 @@ class FallingScore(L.Callback):
             module.val_metrics["val/acc"].compute = lambda: score  # what Lightning logs
 
 
+# For the tests whose scores come from FallingScore: nothing to learn, 4 steps an epoch.
+FOUR_STEPS = ("data.num_train=64",)
+
+
 def run(tmp_path: Path, *overrides: str, name: str = "t0") -> DictConfig:
     return config(tmp_path, *TINY, *LEARNABLE, "test_after_fit=true", *overrides, run=name)
 
 
 def test_resume_continues_the_run_in_its_directory_with_its_best(tmp_path: Path) -> None:
-    first = run(tmp_path, "trainer.max_epochs=1")
+    first = run(tmp_path, "trainer.max_epochs=1", *FOUR_STEPS)
     started = train_script.train(first, extra_callbacks=[FallingScore()])
     run_dir = Path(started["output_dir"])
     assert started["best_score"] == pytest.approx(1.0)
 
-    resumed = run(tmp_path, "trainer.max_epochs=3", "ckpt_path=last", name="t1")
+    resumed = run(tmp_path, "trainer.max_epochs=3", "ckpt_path=last", *FOUR_STEPS, name="t1")
     result = train_script.train(resumed, extra_callbacks=[FallingScore()])
     assert Path(result["output_dir"]) == run_dir  # the same run, not a new directory
     assert not (tmp_path / "outputs" / RUN / "t1").exists()
@@ -61,7 +65,7 @@ def test_resume_continues_the_run_in_its_directory_with_its_best(tmp_path: Path)
     best = load_checkpoint(result["best_model_path"])
     assert best["epoch"] == 0
     last = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    assert (last["epoch"], last["global_step"]) == (2, 3 * 16)
+    assert (last["epoch"], last["global_step"]) == (2, 3 * 4)
     # Tested and exported: the best checkpoint, in the run's own directory.
     assert Path(result["backbone_weights"]) == run_dir / "checkpoints" / "backbone.safetensors"
     from safetensors.torch import load_file
@@ -74,7 +78,7 @@ def test_resume_continues_the_run_in_its_directory_with_its_best(tmp_path: Path)
     assert OmegaConf.load(run_dir / "config.yaml").trainer.max_epochs == 3
     assert last["hyper_parameters"]["config"]["trainer"]["max_epochs"] == 3
     # ckpt_path=<run dir> names the same run
-    named = run(tmp_path, "trainer.max_epochs=4", f"ckpt_path={run_dir}", name="t2")
+    named = run(tmp_path, "trainer.max_epochs=4", f"ckpt_path={run_dir}", *FOUR_STEPS, name="t2")
     assert resolve_resume(named).run_dir == run_dir
 
 
@@ -253,7 +257,7 @@ def test_sigterm_exits_non_zero_naming_the_last_checkpoint(tmp_path: Path) -> No
 
 def test_save_top_k_keeps_k_checkpoints_named_by_epoch_and_metric(tmp_path: Path) -> None:
     """k = 2 of 3 epochs (val/acc 1.0, 0.9, 0.8): the two best by name, best.ckpt the best."""
-    cfg = run(tmp_path, "trainer.max_epochs=3", "callbacks.checkpoint.save_top_k=2")
+    cfg = run(tmp_path, "trainer.max_epochs=3", "callbacks.checkpoint.save_top_k=2", *FOUR_STEPS)
     result = train_script.train(cfg, extra_callbacks=[FallingScore()])
     checkpoints = Path(result["output_dir"]) / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == [
