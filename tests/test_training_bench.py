@@ -40,7 +40,8 @@ def test_the_gpu_script_runs_every_step_on_cpu(tmp_path: Path) -> None:
         "R50": "backbone=resnet18",
         "MBV3": "backbone=mobilenetv3 head=fpn",
         "BENCH_FLAGS": "--rounds 1 --warmup 1 --steps 1",
-        "TRAIN_ARGS": "trainer.max_epochs=1 data.num_train=4 data.num_val=2 data.num_test=2",
+        "TRAIN_ARGS": "trainer.max_epochs=1 data.num_train=4 data.num_val=2 data.num_test=2 "
+        f"paths.outputs={tmp_path}/outputs",  # not the checkout's outputs/
         "COMPILE_ARGS": "--help",  # compiling on CPU takes minutes; the step's plumbing is tested
         "EXTRA": TINY + " trainer.enable_progress_bar=false",
         "PYTHONPATH": str(ROOT),
