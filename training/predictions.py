@@ -23,6 +23,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJaccardIndex
 from torchmetrics.detection import MeanAveragePrecision
 
+from .module import bincount_on_cpu
 from .plots import (
     class_colours,
     plot_class_bars,
@@ -153,7 +154,9 @@ def write_pictures(
     with precision.forward_context():
         for batch in loader:
             x, target = module.transfer_batch_to_device(batch, module.device, 0)
-            metric.update(module(precision.convert_input(x)), target)
+            output = module(precision.convert_input(x))
+            with bincount_on_cpu(module.device):  # as validation counts: the same, faster
+                metric.update(output, target)
         samples = _predict_samples(module, precision, loader.dataset, SAMPLES[task])
     module.train(was_training)
 
