@@ -23,8 +23,9 @@ from training.checkpoints import load_checkpoint
 from training.data.sampling import EpochSampler, EpochSeeded
 from training.data.shapes import ShapesDataset
 from training.errors import CheckpointError, ConfigError
-from training.runs import check_unchanged, new_run_dir, resolve_resume
+from training.runs import check_unchanged, resolve_resume
 
+from .frozen_second import make_run_dir
 from .test_training import CONFIGS, LEARNABLE, ROOT, TINY, config
 
 RUN = "resnet18-classification"
@@ -187,12 +188,6 @@ def test_ckpt_path_names_run_directories(tmp_path: Path) -> None:
     assert own.is_dir()
 
 
-def _make_run_dir(outputs: str) -> str:
-    """In a spawned process: a new run directory, in the same frozen second as the others."""
-    time.strftime = lambda fmt: "2026-01-01_00-00-00"
-    return str(new_run_dir(outputs, RUN))
-
-
 def test_runs_started_in_the_same_second_get_their_own_directories(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -210,7 +205,7 @@ def test_runs_started_in_the_same_second_get_their_own_directories(
         assert cfg.hydra.run.dir == dirs[-1]  # resolved once: every read names the same one
     assert dirs[0] != dirs[1], dirs
     with multiprocessing.get_context("spawn").Pool(4) as pool:
-        made = pool.map(_make_run_dir, [str(tmp_path / "procs")] * 4)
+        made = pool.starmap(make_run_dir, [(str(tmp_path / "procs"), RUN)] * 4)
     assert sorted(Path(d).name for d in made) == [
         "2026-01-01_00-00-00",
         *(f"2026-01-01_00-00-00_{n}" for n in (1, 2, 3)),

@@ -147,6 +147,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[DictConfig, dict]
     return cfg, train_script.train(cfg)
 
 
+@pytest.mark.xdist_group("training_trained")  # one worker builds the module fixture once
 def test_training_run_writes_its_artifacts(trained: tuple[DictConfig, dict]) -> None:
     _, result = trained
     run = Path(result["output_dir"])
@@ -165,6 +166,7 @@ def test_training_run_writes_its_artifacts(trained: tuple[DictConfig, dict]) -> 
     assert second < first
 
 
+@pytest.mark.xdist_group("training_trained")  # one worker builds the module fixture once
 def test_the_seed_determines_the_run(trained: tuple[DictConfig, dict], tmp_path: Path) -> None:
     """The same seed gives the same metrics, and another seed other ones: the seed is what
     decides (initial weights, data order, augmentations), not a constant of the code."""
@@ -180,6 +182,7 @@ def test_the_seed_determines_the_run(trained: tuple[DictConfig, dict], tmp_path:
     assert metrics["other"]["val/loss"] != result["metrics"]["val/loss"]
 
 
+@pytest.mark.xdist_group("training_trained")  # one worker builds the module fixture once
 def test_checkpoint_loads_safely_and_eval_reproduces_it(
     trained: tuple[DictConfig, dict], tmp_path: Path
 ) -> None:
@@ -202,6 +205,7 @@ def test_checkpoint_loads_safely_and_eval_reproduces_it(
     assert result["best_score"] == pytest.approx(accuracy, abs=1e-6)
 
 
+@pytest.mark.xdist_group("training_trained")  # one worker builds the module fixture once
 def test_checkpoint_of_an_older_version_evaluates(
     trained: tuple[DictConfig, dict], tmp_path: Path
 ) -> None:
@@ -246,6 +250,7 @@ def test_load_checkpoint_updates_moved_targets_anywhere_in_the_config(tmp_path: 
     }
 
 
+@pytest.mark.xdist_group("training_trained")  # one worker builds the module fixture once
 def test_exported_backbone_loads_with_create(trained: tuple[DictConfig, dict]) -> None:
     _, result = trained
     backbone = create("resnet18", pretrained=result["backbone_weights"], out_features=("C5",))
@@ -254,6 +259,7 @@ def test_exported_backbone_loads_with_create(trained: tuple[DictConfig, dict]) -
         assert torch.equal(value, state[f"model.backbone.{key}"]), key
 
 
+@pytest.mark.xdist_group("training_trained")  # one worker builds the module fixture once
 def test_resume_matches_an_uninterrupted_run(
     trained: tuple[DictConfig, dict], tmp_path: Path
 ) -> None:
