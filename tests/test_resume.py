@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -345,5 +347,14 @@ def test_the_training_order_and_augmentations_follow_seed_and_epoch() -> None:
     for a, b in zip(first, again, strict=True):
         assert torch.equal(a, b)
     assert len({tuple(x.flatten()[:64].tolist()) for x in first}) > 1  # epochs flip differently
+    # A batch read at once, as the DataLoader reads it: the same samples, and the caller's torch,
+    # NumPy and Python generators where they were.
+    torch.manual_seed(0), np.random.seed(1), random.seed(2)
+    batch = seeded.__getitems__([(epoch, 5) for epoch in range(8)])
+    assert torch.equal(torch.rand(3), after)
+    assert np.random.random_sample() == np.random.RandomState(1).random_sample()
+    assert random.random() == random.Random(2).random()
+    for a, b in zip(batch, first, strict=True):
+        assert torch.equal(a[0], b)
     with pytest.raises(TypeError, match=r"reads \(epoch, index\) keys from an EpochSampler"):
         seeded[5]
