@@ -62,12 +62,12 @@ say "# issue 16 GPU checks, $(date -u +%FT%TZ)"
 {
   step bench_resnet50 "${T_BENCH_R50:-160}" "$PYTHON" -m training.bench --out "$OUT" \
     --name bench_resnet50 --setup "resnet50: $R50 $EXTRA" $BENCH_FLAGS
-  results bench_resnet50 "^\| (setup|resnet50)|^- (cuda|cpu)"
+  results bench_resnet50 "^\| (setup|resnet50)|^- (cuda|cpu)|medians of the rounds"
   step train_defaults "${T_TRAIN:-80}" "$PYTHON" train.py $TRAIN_ARGS $EXTRA
   results train_defaults "best val|fit:|error"
   step bench_mobilenetv3_fpn "${T_BENCH_MBV3:-90}" "$PYTHON" -m training.bench --out "$OUT" \
     --name bench_mobilenetv3_fpn --setup "mobilenetv3 + fpn: $MBV3 $EXTRA" $BENCH_FLAGS
-  results bench_mobilenetv3_fpn "^\| (setup|mobilenetv3)"
+  results bench_mobilenetv3_fpn "^\| (setup|mobilenetv3)|medians of the rounds"
   step train_compile "${T_COMPILE:-120}" "$PYTHON" train.py $COMPILE_ARGS $EXTRA
   results train_compile "best val|fit:|compile warm-up|error"
 }
