@@ -67,6 +67,20 @@ def name(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A module's tests of one backbone form one xdist group: they run on one worker, which
+    builds the module's per-backbone fixtures once (load scheduling would deal a backbone's
+    tests out to both workers, and each would build the backbone)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is None or "name" not in callspec.params:
+            continue
+        if item.get_closest_marker("xdist_group") is None:
+            group = f"{item.module.__name__}:{callspec.params['name']}"
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 def assert_same_train_step(
     ours: nn.Module,
     reference: nn.Module,

@@ -244,6 +244,7 @@ class Bench:
             f"trainer.max_epochs={epochs}",
             "test_after_fit=false",
             "export_backbone=false",
+            "pictures=false",  # written after the fit, untimed: wall time only
         ]
         return compose_config(overrides, self.workdir / name)
 
