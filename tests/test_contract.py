@@ -49,7 +49,7 @@ def test_feature_info(name: str, model: Backbone) -> None:
     assert model.strides == {"C3": 8, "C4": 16, "C5": 32}
 
 
-@pytest.mark.parametrize("size", [(224, 224), (223, 301)])
+@pytest.mark.parametrize("size", [(128, 128), (127, 161)])  # even, and odd off the /32 grid
 def test_output_shapes(name: str, model: Backbone, size: tuple[int, int]) -> None:
     with torch.no_grad():
         features = model(torch.randn(1, 3, *size))
