@@ -69,16 +69,24 @@ def name(request: pytest.FixtureRequest) -> str:
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A module's tests of one backbone form one xdist group: they run on one worker, which
-    builds the module's per-backbone fixtures once (load scheduling would deal a backbone's
-    tests out to both workers, and each would build the backbone)."""
+    """The tests of a module that share its module-scoped fixtures form one xdist group (one per
+    parameter of those fixtures: per backbone for `name`), so one worker builds each fixture
+    once. Load scheduling would deal them out to both workers, and each would build it: a
+    trained model, a sweep, every backbone. A test marked `xdist_group` keeps its own group."""
     for item in items:
-        callspec = getattr(item, "callspec", None)
-        if callspec is None or "name" not in callspec.params:
+        if item.get_closest_marker("xdist_group") is not None:
             continue
-        if item.get_closest_marker("xdist_group") is None:
-            group = f"{item.module.__name__}:{callspec.params['name']}"
-            item.add_marker(pytest.mark.xdist_group(group))
+        definitions = item._fixtureinfo.name2fixturedefs  # the fixtures the test uses
+        shared = [
+            n
+            for n in item.fixturenames
+            if n in definitions and definitions[n][-1].scope == "module"
+        ]
+        if not shared:
+            continue
+        params = getattr(item, "callspec", None)
+        values = sorted(f"{n}={params.params[n]}" for n in shared if params and n in params.params)
+        item.add_marker(pytest.mark.xdist_group(":".join([item.module.__name__, *values])))
 
 
 def assert_same_train_step(

@@ -202,7 +202,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[DictConfig, dict,
     return cfg, untrained, train_script.train(cfg)
 
 
-@pytest.mark.xdist_group("detection_training_trained")  # one worker builds the module fixture once
 @pytest.mark.slow
 def test_a_short_run_beats_the_untrained_model(trained: tuple[DictConfig, dict, dict]) -> None:
     _, untrained, result = trained
@@ -215,7 +214,6 @@ def test_a_short_run_beats_the_untrained_model(trained: tuple[DictConfig, dict, 
     assert {f"test/{name}" for name in MAP} <= set(metrics)  # the best checkpoint, tested
 
 
-@pytest.mark.xdist_group("detection_training_trained")  # one worker builds the module fixture once
 @pytest.mark.slow
 def test_eval_reproduces_the_checkpoints_map(
     trained: tuple[DictConfig, dict, dict], tmp_path: Path
@@ -228,7 +226,6 @@ def test_eval_reproduces_the_checkpoints_map(
     assert scores["val/map"] == pytest.approx(result["best_score"], abs=1e-6)
 
 
-@pytest.mark.xdist_group("detection_training_trained")  # one worker builds the module fixture once
 @pytest.mark.slow
 def test_exported_backbone_is_the_detectors_body(trained: tuple[DictConfig, dict, dict]) -> None:
     _, _, result = trained

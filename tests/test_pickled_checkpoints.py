@@ -71,14 +71,12 @@ def poisoned(clean: Path, directory: Path) -> tuple[Path, Path]:
     return path, marker
 
 
-@pytest.mark.xdist_group("pickled_checkpoints_clean")  # one worker builds the module fixture once
 def test_the_loader_refuses_pickled_code(clean: Path, tmp_path: Path) -> None:
     path, marker = poisoned(clean, tmp_path)
     assert_refused(lambda: load_checkpoint(path), CheckpointError, REFUSED)
     assert not marker.exists()
 
 
-@pytest.mark.xdist_group("pickled_checkpoints_clean")  # one worker builds the module fixture once
 def test_eval_refuses_pickled_code(clean: Path, tmp_path: Path) -> None:
     path, marker = poisoned(clean, tmp_path)
     cfg = config(tmp_path, f"ckpt_path={path}", "trainer.accelerator=cpu", name="eval")
@@ -86,7 +84,6 @@ def test_eval_refuses_pickled_code(clean: Path, tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-@pytest.mark.xdist_group("pickled_checkpoints_clean")  # one worker builds the module fixture once
 def test_resume_refuses_pickled_code(clean: Path, tmp_path: Path) -> None:
     path, marker = poisoned(clean, tmp_path)
     cfg = config(tmp_path, *SMALL, "trainer.max_epochs=2", f"ckpt_path={path}")
@@ -94,7 +91,6 @@ def test_resume_refuses_pickled_code(clean: Path, tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-@pytest.mark.xdist_group("pickled_checkpoints_clean")  # one worker builds the module fixture once
 def test_lightning_resume_reads_weights_only(
     clean: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

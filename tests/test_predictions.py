@@ -70,7 +70,6 @@ def trained(
     return task, cfg, train_script.train(cfg)
 
 
-@pytest.mark.xdist_group("predictions_trained")  # one worker builds the module fixture once
 def test_train_writes_the_pictures_of_the_best_checkpoint(
     trained: tuple[str, DictConfig, dict],
 ) -> None:
@@ -86,7 +85,6 @@ def test_train_writes_the_pictures_of_the_best_checkpoint(
     assert [epoch for epoch, _ in result["monitor_history"]] == list(range(epochs))
 
 
-@pytest.mark.xdist_group("predictions_trained")  # one worker builds the module fixture once
 def test_eval_writes_them_beside_the_checkpoints_run(
     trained: tuple[str, DictConfig, dict], tmp_path: Path
 ) -> None:
@@ -101,7 +99,6 @@ def test_eval_writes_them_beside_the_checkpoints_run(
     assert_drawn(directory / PER_CLASS_FILE[task], panels=1)
 
 
-@pytest.mark.xdist_group("predictions_trained")  # one worker builds the module fixture once
 def test_eval_output_dir_and_split(trained: tuple[str, DictConfig, dict], tmp_path: Path) -> None:
     task, _, result = trained
     if task != "classification":
@@ -121,7 +118,6 @@ def test_eval_output_dir_and_split(trained: tuple[str, DictConfig, dict], tmp_pa
     ]
 
 
-@pytest.mark.xdist_group("predictions_trained")  # one worker builds the module fixture once
 def test_tensorboard_gets_the_pictures_too(trained: tuple[str, DictConfig, dict]) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

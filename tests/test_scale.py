@@ -82,7 +82,6 @@ def basic_sweep(
     return tmp_path, multirun(tmp_path, "optim.lr=-1,1e-3")
 
 
-@pytest.mark.xdist_group("scale_basic_sweep")  # one worker builds the module fixture once
 @pytest.mark.slow
 def test_failing_job_does_not_stop_the_sweep(
     basic_sweep: tuple[Path, subprocess.CompletedProcess],
@@ -97,7 +96,6 @@ def test_failing_job_does_not_stop_the_sweep(
     assert "optim.lr=-1" not in (passed / "train.log").read_text()
 
 
-@pytest.mark.xdist_group("scale_basic_sweep")  # one worker builds the module fixture once
 @pytest.mark.slow
 def test_a_sweep_with_a_failed_job_is_summarised(
     basic_sweep: tuple[Path, subprocess.CompletedProcess],
@@ -123,7 +121,6 @@ def test_a_sweep_with_a_failed_job_is_summarised(
     assert "summary.md" in done.stdout and lr_error in done.stdout
 
 
-@pytest.mark.xdist_group("scale_basic_sweep")  # one worker builds the module fixture once
 @pytest.mark.slow
 def test_ddp_in_a_multirun(
     basic_sweep: tuple[Path, subprocess.CompletedProcess], tmp_path: Path

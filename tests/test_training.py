@@ -147,7 +147,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[DictConfig, dict]
     return cfg, train_script.train(cfg)
 
 
-@pytest.mark.xdist_group("training_trained")  # one worker builds the module fixture once
 def test_training_run_writes_its_artifacts(trained: tuple[DictConfig, dict]) -> None:
     _, result = trained
     run = Path(result["output_dir"])
@@ -192,7 +191,6 @@ def test_the_seed_determines_the_run(tmp_path: Path) -> None:
     assert not torch.equal(ends["other"][1][weights], ends["first"][1][weights])
 
 
-@pytest.mark.xdist_group("training_trained")  # one worker builds the module fixture once
 def test_checkpoint_loads_safely_and_eval_reproduces_it(
     trained: tuple[DictConfig, dict], tmp_path: Path
 ) -> None:
@@ -215,7 +213,6 @@ def test_checkpoint_loads_safely_and_eval_reproduces_it(
     assert result["best_score"] == pytest.approx(accuracy, abs=1e-6)
 
 
-@pytest.mark.xdist_group("training_trained")  # one worker builds the module fixture once
 def test_checkpoint_of_an_older_version_evaluates(
     trained: tuple[DictConfig, dict], tmp_path: Path
 ) -> None:
@@ -260,7 +257,6 @@ def test_load_checkpoint_updates_moved_targets_anywhere_in_the_config(tmp_path: 
     }
 
 
-@pytest.mark.xdist_group("training_trained")  # one worker builds the module fixture once
 def test_exported_backbone_loads_with_create(trained: tuple[DictConfig, dict]) -> None:
     _, result = trained
     backbone = create("resnet18", pretrained=result["backbone_weights"], out_features=("C5",))
