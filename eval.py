@@ -3,7 +3,7 @@
 The model, data and task are rebuilt from the run config stored in the checkpoint, so the
 validation split reproduces the metric the checkpoint was selected by. Nothing in that config
 is built unless it names one of the project's allow-listed targets
-(`training.checkpoints.ALLOWED_TARGETS`).
+(`zootrain.checkpoints.ALLOWED_TARGETS`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-import training.cli  # noqa: F401  (what composing the config needs; light, so --help is fast)
+import zootrain.cli  # noqa: F401  (what composing the config needs; light, so --help is fast)
 
 if TYPE_CHECKING:
     import lightning as L
@@ -24,12 +24,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Rebuild the checkpoint's model and data, run the chosen split, return its metrics."""
     from hydra.utils import instantiate
 
-    from training.build import build_datamodule, build_module
-    from training.checkpoints import find_best, load_checkpoint
-    from training.errors import ConfigError
-    from training.plots import run_title
-    from training.predictions import eval_pictures_dir, write_pictures
-    from training.report import quiet_lightning, route_lightning_logs
+    from zootrain.build import build_datamodule, build_module
+    from zootrain.checkpoints import find_best, load_checkpoint
+    from zootrain.errors import ConfigError
+    from zootrain.plots import run_title
+    from zootrain.predictions import eval_pictures_dir, write_pictures
+    from zootrain.report import quiet_lightning, route_lightning_logs
 
     if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.ckpt_path is None:
         raise ConfigError(
@@ -70,7 +70,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from training.report import print_summary, user_errors
+    from zootrain.report import print_summary, user_errors
 
     with user_errors():
         print_summary(evaluate(cfg))

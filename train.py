@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-import training.cli  # noqa: F401  (what composing the config needs; light, so --help is fast)
+import zootrain.cli  # noqa: F401  (what composing the config needs; light, so --help is fast)
 
 if TYPE_CHECKING:
     import lightning as L
@@ -30,14 +30,14 @@ def _callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str) -> li
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from training.callbacks import (
+    from zootrain.callbacks import (
         ExampleInput,
         MetricsPlot,
         StepSeed,
         StepTimer,
         TopKCheckpoints,
     )
-    from training.plots import run_title
+    from zootrain.plots import run_title
 
     options = OmegaConf.to_container(cfg.callbacks, resolve=True)
     checkpoint = options.pop("checkpoint", None) or {}
@@ -82,8 +82,8 @@ def _check_resume(
 ) -> None:
     """Refuse a resume that changes what `checkpoint` (read from `ckpt_path`) fixes, or of a
     finished run."""
-    from training.build import plain_config
-    from training.runs import Resume, check_unchanged, check_unfinished
+    from zootrain.build import plain_config
+    from zootrain.runs import Resume, check_unchanged, check_unfinished
 
     stored = checkpoint["hyper_parameters"]["config"]
     check_unchanged(stored, plain_config(cfg), Path(ckpt_path))
@@ -93,8 +93,8 @@ def _check_resume(
 
 def _own_targets(cfg: DictConfig) -> set[str]:
     """The `_target_`s this run's config names: a resumed checkpoint may name them too (a
-    callback of the user's own), beyond `training.checkpoints.ALLOWED_TARGETS`."""
-    from training.checkpoints import config_targets
+    callback of the user's own), beyond `zootrain.checkpoints.ALLOWED_TARGETS`."""
+    from zootrain.checkpoints import config_targets
 
     return config_targets(OmegaConf.to_container(cfg, resolve=False))
 
@@ -102,8 +102,8 @@ def _own_targets(cfg: DictConfig) -> set[str]:
 def _plugins(cfg: DictConfig) -> list[Any]:
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from training.checkpoints import AtomicCheckpointIO
-    from training.errors import ConfigError
+    from zootrain.checkpoints import AtomicCheckpointIO
+    from zootrain.errors import ConfigError
 
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
@@ -116,7 +116,7 @@ def _plugins(cfg: DictConfig) -> list[Any]:
                 f"requeue_signal={cfg.requeue_signal} is not a signal name; use USR1 or USR2"
             ) from None
         plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=requeue_signal))
-        from training.cluster import ignore_in_forked_children
+        from zootrain.cluster import ignore_in_forked_children
 
         ignore_in_forked_children(requeue_signal)  # DataLoader workers get SLURM's signals too
     return plugins
@@ -149,7 +149,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     `extra_callbacks` (what the training benchmark and tests measure with) run before the run's
     own callbacks at every hook.
     """
-    from training.checks import check_config, check_data, check_model
+    from zootrain.checks import check_config, check_data, check_model
 
     check_config(cfg)  # before the imports below: a mistyped value fails in a second
 
@@ -157,17 +157,17 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     from hydra.utils import instantiate
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from training.build import build_datamodule, build_module, write_config
-    from training.callbacks import MetricsPlot, StepTimer
-    from training.checkpoints import check_resumable, export_backbone, load_checkpoint
-    from training.devices import resolve_device_defaults
-    from training.errors import NonFiniteLossError
-    from training.plots import best_epoch, run_title
-    from training.predictions import write_pictures
-    from training.report import quiet_lightning, route_lightning_logs
-    from training.runs import resolve_resume
+    from zootrain.build import build_datamodule, build_module, write_config
+    from zootrain.callbacks import MetricsPlot, StepTimer
+    from zootrain.checkpoints import check_resumable, export_backbone, load_checkpoint
+    from zootrain.devices import resolve_device_defaults
+    from zootrain.errors import NonFiniteLossError
+    from zootrain.plots import best_epoch, run_title
+    from zootrain.predictions import write_pictures
+    from zootrain.report import quiet_lightning, route_lightning_logs
+    from zootrain.runs import resolve_resume
 
-    # The run directory and the checkpoint to go on from (see `training.runs`): a resumed run
+    # The run directory and the checkpoint to go on from (see `zootrain.runs`): a resumed run
     # writes into its own directory again.
     output_dir, checkpoint_file = resolve_resume(cfg)
     ckpt_path = None if checkpoint_file is None else str(checkpoint_file)
@@ -189,7 +189,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     monitor, mode = module.task.monitor, module.task.mode
     loggers = [instantiate(spec) for spec in cfg.logger.values() if spec is not None]
     callbacks = _callbacks(cfg, output_dir, monitor, mode)
-    # A logger with checkpoint hooks (training.loggers.CSVLogger keeps metrics.csv on resume)
+    # A logger with checkpoint hooks (zootrain.loggers.CSVLogger keeps metrics.csv on resume)
     callbacks += [logger for logger in loggers if isinstance(logger, L.Callback)]
     plugins = _plugins(cfg)
     trainer: L.Trainer = instantiate(
@@ -267,7 +267,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
 
 def _stopped(trainer: L.Trainer, output_dir: Path) -> str:
     """What a run stopped by SIGTERM (a preemption, `kill`) says: where and how to go on."""
-    from training.checkpoints import find_resume
+    from zootrain.checkpoints import find_resume
 
     last = find_resume(output_dir)
     kept = (
@@ -290,11 +290,11 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from training.report import print_summary, user_errors
+    from zootrain.report import print_summary, user_errors
 
     # A multirun job's error must not end the sweep: it is logged and raised for Hydra to record.
     if HydraConfig.get().mode == RunMode.MULTIRUN:
-        from training.launch import multirun_job
+        from zootrain.launch import multirun_job
 
         context = multirun_job()
     else:

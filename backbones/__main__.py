@@ -8,8 +8,12 @@ import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.table import Table
+
+try:
+    from rich.console import Console
+    from rich.table import Table
+except ImportError:  # the core install: the command's tables need rich
+    sys.exit("error: the backbones command needs rich: pip install 'backbone-zoo[cli]'")
 
 from . import create, list_backbones
 from .registry import get_entry

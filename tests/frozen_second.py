@@ -1,12 +1,12 @@
 """For the same-second test in tests/test_resume.py: a function that spawned processes import
-(this module imports only the standard library and training.runs, so a spawned process starts in
+(this module imports only the standard library and zootrain.runs, so a spawned process starts in
 well under a second instead of importing torch and Lightning)."""
 
 from __future__ import annotations
 
 import time
 
-from training.runs import new_run_dir
+from zootrain.runs import new_run_dir
 
 
 def make_run_dir(outputs: str, name: str) -> str:

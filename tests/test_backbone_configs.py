@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from backbones import Backbone, list_backbones
 from backbones.layers import DropPath
-from training.build import build_model
+from zootrain.build import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONES = ROOT / "configs" / "backbone"

@@ -1,4 +1,4 @@
-"""training/checkpoints.py: nothing in a checkpoint's stored config is built unless allow-listed.
+"""zootrain/checkpoints.py: nothing in a checkpoint's stored config is built unless allow-listed.
 
 A `.ckpt` loads with `weights_only=True`, but `eval.py` rebuilds model and data from the run
 config stored inside it: a `_target_` there is code the file's author chooses. The payloads
@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 
 import eval as eval_script
 import train as train_script
-from training.build import plain_config
-from training.checkpoints import _target_problem, config_targets, find_best, load_checkpoint
-from training.errors import CheckpointError
+from zootrain.build import plain_config
+from zootrain.checkpoints import _target_problem, config_targets, find_best, load_checkpoint
+from zootrain.errors import CheckpointError
 
 from .test_training import CONFIGS, TINY, config
 
@@ -55,7 +55,7 @@ def poison(stored: dict[str, Any], marker: Path) -> dict[str, dict[str, Any]]:
     # allowed packages, but the objects live elsewhere: reached through a module's imports
     case("re-export", "optim._target_", "torch.optim.optimizer.torch.load")
     case("dunder", "backbone._target_", "heads.classification.__builtins__.exec")
-    case("private", "backbone._target_", "training.data.cifar._CIFAR10")
+    case("private", "backbone._target_", "zootrain.data.cifar._CIFAR10")
     case(
         "lightning loader",
         "data._target_",
@@ -162,7 +162,7 @@ def test_every_target_in_the_configs_is_allowed() -> None:
 def test_project_functions_that_write_files_are_not_allowed() -> None:
     """The allow-list is narrower than "the project's code": no writer of files passes."""
     assert _target_problem("backbones.weights.save_safetensors") is not None  # writes files
-    assert _target_problem("training.build.write_config") is not None  # writes files
+    assert _target_problem("zootrain.build.write_config") is not None  # writes files
     assert _target_problem("heads.no_such_head") == (
         "names 'heads.no_such_head', which does not exist in this version"
     )

@@ -1,4 +1,4 @@
-"""training.cluster without a cluster: job states from squeue, signals kept from forked children."""
+"""zootrain.cluster without a cluster: job states from squeue, signals kept from forked children."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from training.cluster import LEFT_QUEUE, QueueWatcher, ignore_in_forked_children
+from zootrain.cluster import LEFT_QUEUE, QueueWatcher, ignore_in_forked_children
 
 
 def fake_command(directory: Path, name: str, script: str) -> None:
@@ -29,7 +29,7 @@ def test_queue_watcher_says_once_that_sacct_fails_and_asks_squeue(
     watcher = QueueWatcher(delay_s=600)
     for job in ("12_0", "12_1", "13", "7"):
         watcher.register_job(job)
-    with caplog.at_level(logging.INFO, logger="training.cluster"):
+    with caplog.at_level(logging.INFO, logger="zootrain.cluster"):
         for _ in range(3):
             watcher.update()
     assert [r.getMessage() for r in caplog.records] == [

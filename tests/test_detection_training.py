@@ -16,12 +16,12 @@ import eval as eval_script
 import train as train_script
 from backbones import create
 from heads.detection import Detector
-from training.build import build_datamodule, build_model, build_module
-from training.checkpoints import load_checkpoint
-from training.data.base import TaskDataModule, detection_collate
-from training.data.shapes import ShapesDataset
-from training.errors import NonFiniteLossError
-from training.module import TaskModule
+from zootrain.build import build_datamodule, build_model, build_module
+from zootrain.checkpoints import load_checkpoint
+from zootrain.data.base import TaskDataModule, detection_collate
+from zootrain.data.shapes import ShapesDataset
+from zootrain.errors import NonFiniteLossError
+from zootrain.module import TaskModule
 
 from .test_training import TINY, config, family_backbones, heads, untrained_scores
 

@@ -13,11 +13,11 @@ from omegaconf import OmegaConf
 
 import train as train_script
 from tests.test_training import TINY, config
-from training.build import build_datamodule
-from training.data import base
-from training.data.base import loader_workers
-from training.devices import device_defaults, resolve_device_defaults, trains_on_cuda
-from training.errors import ConfigError
+from zootrain.build import build_datamodule
+from zootrain.data import base
+from zootrain.data.base import loader_workers
+from zootrain.devices import device_defaults, resolve_device_defaults, trains_on_cuda
+from zootrain.errors import ConfigError
 
 CPU = {"precision": "32-true", "deterministic": "warn", "benchmark": None}
 CUDA = {"precision": "bf16-mixed", "deterministic": False, "benchmark": True}

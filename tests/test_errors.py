@@ -1,13 +1,13 @@
-"""training/errors.py: every user error is one line and exit status 1; bugs keep their traceback."""
+"""zootrain/errors.py: every user error is one line and exit status 1; bugs keep their traceback."""
 
 from __future__ import annotations
 
 import pytest
 
 from backbones import WeightsError
-from training import errors
-from training.errors import CheckpointError, ConfigError, DatasetError, UserError
-from training.report import user_errors
+from zootrain import errors
+from zootrain.errors import CheckpointError, ConfigError, DatasetError, UserError
+from zootrain.report import user_errors
 
 USER_ERRORS = sorted(
     (value for value in vars(errors).values() if isinstance(value, type)),

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from training.build import build_datamodule, build_module
-from training.report import quiet_lightning
+from zootrain.build import build_datamodule, build_module
+from zootrain.report import quiet_lightning
 
 from .test_training import TINY, config, hand_scores
 

@@ -1,4 +1,4 @@
-"""training.loggers.CSVLogger: a run resumed in its own directory keeps its metric history."""
+"""zootrain.loggers.CSVLogger: a run resumed in its own directory keeps its metric history."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import csv
 from pathlib import Path
 
 import train as train_script
-from training.checkpoints import load_checkpoint
-from training.loggers import ROWS_KEY
+from zootrain.checkpoints import load_checkpoint
+from zootrain.loggers import ROWS_KEY
 
 from .test_training import TINY, config
 

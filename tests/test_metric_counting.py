@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests.test_training import TINY, config
-from training.build import build_datamodule, build_module
-from training.module import bincount_on_cpu
+from zootrain.build import build_datamodule, build_module
+from zootrain.module import bincount_on_cpu
 
 
 @pytest.fixture

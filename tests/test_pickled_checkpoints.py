@@ -18,10 +18,10 @@ from omegaconf import DictConfig
 
 import eval as eval_script
 import train as train_script
-import training.checkpoints
-import training.runs
-from training.checkpoints import load_checkpoint
-from training.errors import CheckpointError
+import zootrain.checkpoints
+import zootrain.runs
+from zootrain.checkpoints import load_checkpoint
+from zootrain.errors import CheckpointError
 
 from .test_training import TINY, config
 from .test_weights_files import Payload
@@ -98,9 +98,9 @@ def test_lightning_resume_reads_weights_only(
     the second line of defence is not `weights_only=False`."""
     path, marker = poisoned(clean, tmp_path)
     checked = load_checkpoint(clean)
-    monkeypatch.setattr(training.checkpoints, "load_checkpoint", lambda *_, **__: checked)
+    monkeypatch.setattr(zootrain.checkpoints, "load_checkpoint", lambda *_, **__: checked)
     # and its refusal of a longer schedule on resume (the clean run was 1 epoch of a cosine)
-    monkeypatch.setattr(training.runs, "check_unchanged", lambda *_, **__: None)
+    monkeypatch.setattr(zootrain.runs, "check_unchanged", lambda *_, **__: None)
     cfg = config(tmp_path, *SMALL, "trainer.max_epochs=2", f"ckpt_path={path}")
     assert_refused(lambda: train_script.train(cfg), pickle.UnpicklingError, LIGHTNING_REFUSED)
     assert not marker.exists()

@@ -1,4 +1,4 @@
-"""training/plots.py: the curves of short and long runs, the per-class views, how figures are saved."""
+"""zootrain/plots.py: the curves of short and long runs, the per-class views, how figures are saved."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.plots import (
+from zootrain.plots import (
     best_epoch,
     plot_class_bars,
     plot_confusion_matrix,
@@ -24,7 +24,7 @@ CONFIG = {
     "backbone": {"name": "resnet18"},
     "head": {"name": "classification"},
     "data": {
-        "_target_": "training.data.shapes.ShapesDataModule",
+        "_target_": "zootrain.data.shapes.ShapesDataModule",
         "image_size": 64,
         "batch_size": 32,
     },

@@ -10,9 +10,9 @@ from omegaconf import DictConfig
 
 import eval as eval_script
 import train as train_script
-from training.build import build_datamodule
-from training.data.shapes import ShapesDataModule
-from training.predictions import (
+from zootrain.build import build_datamodule
+from zootrain.data.shapes import ShapesDataModule
+from zootrain.predictions import (
     PER_CLASS_FILE,
     Sample,
     denormalise,

@@ -15,7 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from backbones.__main__ import main as backbones_main
-from training.checks import check_config
+from zootrain.checks import check_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

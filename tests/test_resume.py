@@ -21,11 +21,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 import train as train_script
-from training.checkpoints import load_checkpoint
-from training.data.sampling import EpochSampler, EpochSeeded
-from training.data.shapes import ShapesDataset
-from training.errors import CheckpointError, ConfigError
-from training.runs import check_unchanged, resolve_resume
+from zootrain.checkpoints import load_checkpoint
+from zootrain.data.sampling import EpochSampler, EpochSeeded
+from zootrain.data.shapes import ShapesDataset
+from zootrain.errors import CheckpointError, ConfigError
+from zootrain.runs import check_unchanged, resolve_resume
 
 from .frozen_second import make_run_dir
 from .test_training import CONFIGS, LEARNABLE, ROOT, TINY, config

@@ -23,9 +23,9 @@ from omegaconf import DictConfig, open_dict
 from PIL import Image
 
 import train as train_script
-from training.checkpoints import load_checkpoint
-from training.errors import ConfigError
-from training.launch import job_command
+from zootrain.checkpoints import load_checkpoint
+from zootrain.errors import ConfigError
+from zootrain.launch import job_command
 
 from .test_training import CONFIGS, ROOT
 
@@ -50,7 +50,7 @@ def multirun(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     """`python train.py -m <overrides>` with every output under `tmp_path`."""
     command = [sys.executable, str(ROOT / "train.py"), "-m", *TINY, *overrides]
     command += [f"paths.outputs={tmp_path}/outputs", f"hydra.sweep.dir={tmp_path}/sweep"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # submitit's job processes import training/
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # submitit's job processes import zootrain/
     return subprocess.run(
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
     )
@@ -184,7 +184,7 @@ def hydra_config(*overrides: str) -> DictConfig:
 def test_optuna_search_space_follows_the_backbone() -> None:
     import optuna
 
-    from training.launch import drop_path_search_space
+    from zootrain.launch import drop_path_search_space
 
     for backbone, expected in (("resnet18", True), ("mobilenetv3", False), ("convnext", True)):
         cfg = hydra_config("hparams_search=optuna", f"backbone={backbone}")

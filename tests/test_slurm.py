@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from training.checkpoints import load_checkpoint
+from zootrain.checkpoints import load_checkpoint
 
 from .test_training import ROOT
 
@@ -210,7 +210,7 @@ def test_sweep_reports_the_failing_and_the_finished_job(sweeps: dict[str, Sweep]
     assert (finished.name, failed.name) == (f"0-{RUN}", f"1-{RUN}")
     log = (failed / "train.log").read_text()
     assert f"error: {error}" in log and "Traceback" not in log, log
-    # result.json: the job's row of the sweep summary (training.sweep)
+    # result.json: the job's row of the sweep summary (zootrain.sweep)
     assert sorted(p.name for p in failed.iterdir()) == [".hydra", "result.json", "train.log"]
     for name in ("config.yaml", "metrics.csv", "metrics.png", "checkpoints/best.ckpt"):
         assert (finished / name).is_file(), name

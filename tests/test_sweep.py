@@ -1,4 +1,4 @@
-"""training/sweep.py: each job's result file, and the summary gathered from a sweep directory."""
+"""zootrain/sweep.py: each job's result file, and the summary gathered from a sweep directory."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from training.sweep import JobResult, SweepSummary, one_line, read_results, write_job_result
+from zootrain.sweep import JobResult, SweepSummary, one_line, read_results, write_job_result
 
 from .test_plots import assert_drawn
 

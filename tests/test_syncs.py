@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import train as train_script
 from tests.test_training import TINY, config
-from training.syncs import HostSyncs, StepSyncs
+from zootrain.syncs import HostSyncs, StepSyncs
 
 T = torch.tensor([0.5, 1.5, 1.5])
 

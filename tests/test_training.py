@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -18,11 +19,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import eval as eval_script
 import train as train_script
 from backbones import create
-from training.build import build_datamodule, build_model, build_module
-from training.checkpoints import MOVED_TARGETS, load_checkpoint
-from training.errors import CheckpointError, ConfigError, NonFiniteLossError
-from training.report import quiet_lightning
-from training.tasks import IGNORE_INDEX, Classification
+from zootrain.build import build_datamodule, build_model, build_module
+from zootrain.checkpoints import MOVED_TARGETS, load_checkpoint
+from zootrain.errors import CheckpointError, ConfigError, NonFiniteLossError
+from zootrain.report import quiet_lightning
+from zootrain.tasks import IGNORE_INDEX, Classification
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -216,11 +217,15 @@ def test_checkpoint_loads_safely_and_eval_reproduces_it(
 def test_checkpoint_of_an_older_version_evaluates(
     trained: tuple[DictConfig, dict], tmp_path: Path
 ) -> None:
-    """A checkpoint whose stored config names the `_target_`s from before they moved."""
+    """A checkpoint whose stored config names the `_target_`s from before they moved (the
+    package was `training` until issue 30)."""
     _, result = trained
     checkpoint = torch.load(result["best_model_path"], map_location="cpu", weights_only=True)
     stored = checkpoint["hyper_parameters"]["config"]
-    assert stored["data"]["_target_"] == "training.data.shapes.ShapesDataModule"
+    assert stored["data"]["_target_"] == "zootrain.data.shapes.ShapesDataModule"
+    text = json.dumps(stored).replace('"zootrain.', '"training.')
+    assert '"training.loggers.CSVLogger"' in text  # and the run's other targets
+    stored = checkpoint["hyper_parameters"]["config"] = json.loads(text)
     stored["data"]["_target_"] = "training.data.ShapesDataModule"
     stored["head"]["model"]["_target_"] = "training.build.classifier"
     old = tmp_path / "old.ckpt"
@@ -242,16 +247,18 @@ def test_load_checkpoint_updates_moved_targets_anywhere_in_the_config(tmp_path: 
         "data": {"_target_": "training.datasets.VOCSegmentationDataModule", "root": "voc"},
         "head": {"model": {"_target_": "training.build.classifier", "_partial_": True}},
         "optim": {"_target_": "torch.optim.AdamW", "lr": 0.001},
+        "callbacks": {"bar": {"_target_": "training.callbacks.ProgressBar"}},
         "extra": [{"_target_": "training.data.ShapesDataModule"}, "training.build.classifier"],
     }
     path = tmp_path / "old.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"config": stored}}, path)
     assert load_checkpoint(path)["hyper_parameters"]["config"] == {
-        "data": {"_target_": "training.data.voc.VOCSegmentationDataModule", "root": "voc"},
+        "data": {"_target_": "zootrain.data.voc.VOCSegmentationDataModule", "root": "voc"},
         "head": {"model": {"_target_": "heads.build_classifier", "_partial_": True}},
         "optim": {"_target_": "torch.optim.AdamW", "lr": 0.001},
+        "callbacks": {"bar": {"_target_": "zootrain.callbacks.ProgressBar"}},
         "extra": [
-            {"_target_": "training.data.shapes.ShapesDataModule"},
+            {"_target_": "zootrain.data.shapes.ShapesDataModule"},
             "training.build.classifier",
         ],
     }

@@ -19,8 +19,8 @@ from PIL import Image
 
 import eval as eval_script
 import train as train_script
-from training.build import build_datamodule, build_module
-from training.report import user_errors
+from zootrain.build import build_datamodule, build_module
+from zootrain.report import user_errors
 
 from .test_training import TINY, config
 
@@ -63,7 +63,7 @@ def test_config_mistakes(override: str, message: str, tmp_path: Path, capsys) ->
 
 def test_the_default_config_passes_the_checks(tmp_path: Path) -> None:
     """Every default value is one that can work (`data.num_workers: auto` included)."""
-    from training.checks import check_config
+    from zootrain.checks import check_config
 
     cfg = config(tmp_path)
     assert cfg.data.num_workers == "auto"
@@ -182,7 +182,7 @@ def test_offline_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsy
 
 
 def test_disk_full_while_saving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    from training import checkpoints
+    from zootrain import checkpoints
 
     def full(obj: object, file: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")

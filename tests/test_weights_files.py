@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from backbones import WeightsError, create
 from backbones.weights import atomic_path, read_state_dict, save_safetensors
-from training.checkpoints import AtomicCheckpointIO
+from zootrain.checkpoints import AtomicCheckpointIO
 
 
 class Payload:
@@ -129,7 +129,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_old_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """torch's writer turns the failed write into "unexpected pos"; the OSError comes back."""
-    from training import checkpoints
+    from zootrain import checkpoints
 
     path = tmp_path / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"epoch": 1}, path)

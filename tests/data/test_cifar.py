@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from training.data import cifar
-from training.data.cifar import CIFAR10DataModule, CIFAR100DataModule
-from training.errors import DatasetError
-from training.report import user_errors
+from zootrain.data import cifar
+from zootrain.data.cifar import CIFAR10DataModule, CIFAR100DataModule
+from zootrain.errors import DatasetError
+from zootrain.report import user_errors
 
 
 def make_cifar(root: Path, hundred: bool = False, per_batch: int = 4) -> Path:

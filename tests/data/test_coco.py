@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.data.coco import COCODetectionDataModule
-from training.errors import DatasetError
+from zootrain.data.coco import COCODetectionDataModule
+from zootrain.errors import DatasetError
 
 from .helpers import RED, dilate, fast_dev_run, interior, is_red, save_image
 

@@ -8,7 +8,7 @@ import pytest
 from hydra.utils import get_class
 
 from backbones import IMAGENET_MEAN, IMAGENET_STD, input_normalization, list_backbones
-from training.build import build_datamodule
+from zootrain.build import build_datamodule
 
 from .helpers import config, options
 

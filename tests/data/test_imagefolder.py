@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.data.imagefolder import ImageFolderDataModule
-from training.errors import DatasetError
+from zootrain.data.imagefolder import ImageFolderDataModule
+from zootrain.errors import DatasetError
 
 from .helpers import BLUE, RED, fast_dev_run, save_image, unnormalise
 
@@ -84,7 +84,7 @@ def test_imagefolder_bad_files(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     assert f"{notes}: UnidentifiedImageError" in message and f"{cut}: " in message
 
     datamodule = ImageFolderDataModule("classification", root, skip_bad_files=True)
-    with caplog.at_level(logging.WARNING, logger="training.data.imagefolder"):
+    with caplog.at_level(logging.WARNING, logger="zootrain.data.imagefolder"):
         datamodule.setup()
     assert "skipping 2 unreadable file(s)" in caplog.text and str(notes) in caplog.text
     assert [len(datamodule.splits[s]) for s in ("train", "val")] == [6, 4]

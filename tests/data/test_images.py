@@ -1,4 +1,4 @@
-"""training/data/images.py: 16-bit PNGs scaled to 8 bits in every reader, damaged files named."""
+"""zootrain/data/images.py: 16-bit PNGs scaled to 8 bits in every reader, damaged files named."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import pytest
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from training.data.imagefolder import ImageFolderDataModule
-from training.data.images import read_rgb
-from training.data.pet import OxfordPetDataModule
-from training.data.voc import VOCSegmentationDataModule
-from training.errors import DatasetError
-from training.report import user_errors
+from zootrain.data.imagefolder import ImageFolderDataModule
+from zootrain.data.images import read_rgb
+from zootrain.data.pet import OxfordPetDataModule
+from zootrain.data.voc import VOCSegmentationDataModule
+from zootrain.errors import DatasetError
+from zootrain.report import user_errors
 
 from .helpers import save_image
 from .test_pet import make_pet

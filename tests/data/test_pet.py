@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.build import build_datamodule
-from training.data.pet import OxfordPetDataModule
-from training.errors import DatasetError
-from training.tasks import IGNORE_INDEX
+from zootrain.build import build_datamodule
+from zootrain.data.pet import OxfordPetDataModule
+from zootrain.errors import DatasetError
+from zootrain.tasks import IGNORE_INDEX
 
 from .helpers import config, interior, is_red, save_image, save_mask, unnormalise
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from training.data.shapes import SHAPES, Scene, ShapesDataModule, ShapesDataset, square_symmetry
+from zootrain.data.shapes import SHAPES, Scene, ShapesDataModule, ShapesDataset, square_symmetry
 
 
 def test_a_sample_is_a_function_of_seed_split_and_index() -> None:

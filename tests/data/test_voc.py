@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data.voc import VOCSegmentationDataModule
-from training.errors import DatasetError
-from training.tasks import IGNORE_INDEX
+from zootrain.data.voc import VOCSegmentationDataModule
+from zootrain.errors import DatasetError
+from zootrain.tasks import IGNORE_INDEX
 
 from .helpers import interior, is_red, save_image, save_mask, unnormalise
 

@@ -20,7 +20,7 @@ from .plots import plot_curves, save_figure
 
 class MetricsPlot(L.Callback):
     """After every epoch, plot the mean training loss, the validation metrics and the learning
-    rate to a PNG (see `training.plots.plot_curves`).
+    rate to a PNG (see `zootrain.plots.plot_curves`).
 
     The history lives in the callback's state, so a resumed run plots its whole curve. The
     learning rate is read from the optimiser at the start and end of each epoch (Python floats:
@@ -28,7 +28,7 @@ class MetricsPlot(L.Callback):
 
     Args:
         path: the PNG to (re)write.
-        title: the figure title, e.g. `training.plots.run_title(cfg)`.
+        title: the figure title, e.g. `zootrain.plots.run_title(cfg)`.
         monitor, mode: the metric checkpoints are chosen by; its best epoch is marked.
     """
 
@@ -218,7 +218,7 @@ class StepSeed(L.Callback):
     not on how the run got there (a resume, or whatever else drew numbers in between): a
     resumed epoch draws what the uninterrupted run drew, and no generator state needs saving in
     a checkpoint. Each rank draws its own masks. The data's draws are seeded per sample
-    (`training.data.sampling`).
+    (`zootrain.data.sampling`).
     """
 
     def __init__(self, seed: int) -> None:

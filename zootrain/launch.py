@@ -90,7 +90,7 @@ def multirun_job() -> Iterator[JobRecord]:
     - What DDP leaves in this process (the process group, `MASTER_PORT` and the rank variables
       Lightning sets in `os.environ`, the watcher of the ranks it started) is undone, so the
       next job starts clean on a fresh port.
-    - Rank 0 writes `<run dir>/result.json` (`training.sweep`), ok or failed, for the sweep
+    - Rank 0 writes `<run dir>/result.json` (`zootrain.sweep`), ok or failed, for the sweep
       summary; `finish` the yielded record with `train()`'s result.
     """
     hydra = HydraConfig.get()

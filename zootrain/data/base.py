@@ -4,7 +4,7 @@
 count, pinned memory and persistent workers follow the trainer's device, see `loader_workers`);
 subclasses fill `splits` and give `num_classes`. `DiskDataModule` adds what every real dataset needs:
 a `root` checked (and, where torchvision can, downloaded) before the model is built, with one
-message that shows the expected layout; the transform presets of `training.data.transforms`,
+message that shows the expected layout; the transform presets of `zootrain.data.transforms`,
 normalised with the backbone's statistics; and a seeded hold-out for datasets that have no
 validation split.
 """
@@ -55,7 +55,7 @@ def loader_workers(num_workers: int | str, on_cuda: bool, devices: int = 1) -> i
     """The DataLoader worker processes for `num_workers` ("auto" or a count >= 0).
 
     "auto" is 0 when training on the CPU: the model's kernels use every core, and loading in
-    the main process cost 1-3% of a step in `python -m training.bench` (a worker would take a
+    the main process cost 1-3% of a step in `python -m zootrain.bench` (a worker would take a
     core from the model). On a GPU the main process only launches kernels, so the cores are
     shared among the node's GPUs, one left for each main process, at most `MAX_AUTO_WORKERS`.
     """
@@ -99,7 +99,7 @@ class TaskDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.splits: dict[str, Dataset] = {}
         # The training order and augmentations follow (sample_seed, epoch, index), see
-        # `training.data.sampling`; `build_datamodule` sets the run's seed.
+        # `zootrain.data.sampling`; `build_datamodule` sets the run's seed.
         self.sample_seed = 0
 
     def _on_cuda(self) -> tuple[bool, int]:

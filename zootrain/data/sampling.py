@@ -7,7 +7,7 @@ key and draws the sample's augmentation with torch's, NumPy's and Python's rando
 seeded from (seed, epoch, index). Nothing is kept between samples or epochs, so no random state
 has to be saved in a checkpoint, and the samples are the same with any number of DataLoader
 workers, persistent or not. The training process's own draws (dropout, stochastic depth) are
-seeded per step by `training.callbacks.StepSeed`. `EpochLoader` starts drawing keys at the first
+seeded per step by `zootrain.callbacks.StepSeed`. `EpochLoader` starts drawing keys at the first
 batch, after Lightning's `set_epoch`.
 """
 

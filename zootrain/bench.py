@@ -1,10 +1,10 @@
 """Training speed against a bare PyTorch loop, side by side in one process.
 
-    python -m training.bench                       # make train's setting, mobilenetv3 + fpn
-    python -m training.bench --setup "r50: backbone=resnet50 data.image_size=224 trainer=gpu"
+    python -m zootrain.bench                       # make train's setting, mobilenetv3 + fpn
+    python -m zootrain.bench --setup "r50: backbone=resnet50 data.image_size=224 trainer=gpu"
 
 For each setup (Hydra overrides of `train.py`), three runs train the same model (built by
-`training.build`) with the same batch, precision, memory format, optimiser and device:
+`zootrain.build`) with the same batch, precision, memory format, optimiser and device:
 
 - (a) bare: a plain loop over batches already on the device: autocast, forward, the task's
   loss, `backward`, `step`. What a user would write instead of this project.
@@ -20,7 +20,7 @@ the rounds alternate the runs (order reversed every round) and the table gives e
 fastest round: on a shared machine the noise only ever slows a run down (a neighbour's load
 comes in blocks of seconds, longer than a window), so the fastest round is the one least
 disturbed, as `timeit` advises; the ratios of the medians are printed below the table. Host
-syncs per step are counted in one extra untimed run of each (`training.syncs`; on CUDA also
+syncs per step are counted in one extra untimed run of each (`zootrain.syncs`; on CUDA also
 the driver's own sync warnings, `torch.cuda.set_sync_debug_mode`). It prints a table and
 writes `training_<device>.md` and `.png` to `--out`; with the default `--out benchmarks` it
 also updates the training section of `benchmarks/RESULTS.md`.
@@ -392,7 +392,7 @@ def update_results(results: Path, section: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> list[Setup]:
     parser = argparse.ArgumentParser(
-        prog="python -m training.bench", description=__doc__.split("\n")[0]
+        prog="python -m zootrain.bench", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
         "--setup",
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> list[Setup]:
         defaults = GPU_SETUPS if torch.cuda.is_available() else CPU_SETUPS
         setups = [Setup(label, list(o)) for label, o in defaults.items()]
     allocator = set_up_allocator() if not torch.cuda.is_available() else "allocator: CUDA caching"
-    command = " ".join(["python -m training.bench", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python -m zootrain.bench", *(argv if argv is not None else sys.argv[1:])])
     described: list[str] = []
     done: list[Setup] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -465,7 +465,7 @@ def report(
         "- a: bare loop on device batches; b: TaskModule + train.py's Trainer on the same "
         "batches; c: train.train, whole data pipeline (epoch 1 draws the scenes, epoch 2 reads "
         "the cache); loader alone: c's train loader in its second epoch, batches copied to the "
-        "device, timed once; host syncs counted in the training steps (training/syncs.py)",
+        "device, timed once; host syncs counted in the training steps (zootrain/syncs.py)",
         "",
         *table(setups, args.steps),
     ]

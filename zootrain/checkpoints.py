@@ -29,14 +29,18 @@ from .errors import CheckpointError
 MOVED_TARGETS: dict[str, str] = {
     # issue 17: training/data/ became a package, one classifier builder in heads/
     "training.build.classifier": "heads.build_classifier",
-    "training.data.ShapesDataModule": "training.data.shapes.ShapesDataModule",
-    "training.datasets.ImageFolderDataModule": "training.data.imagefolder.ImageFolderDataModule",
-    "training.datasets.CIFAR10DataModule": "training.data.cifar.CIFAR10DataModule",
-    "training.datasets.CIFAR100DataModule": "training.data.cifar.CIFAR100DataModule",
-    "training.datasets.OxfordPetDataModule": "training.data.pet.OxfordPetDataModule",
-    "training.datasets.VOCSegmentationDataModule": "training.data.voc.VOCSegmentationDataModule",
-    "training.datasets.COCODetectionDataModule": "training.data.coco.COCODetectionDataModule",
+    "training.data.ShapesDataModule": "zootrain.data.shapes.ShapesDataModule",
+    "training.datasets.ImageFolderDataModule": "zootrain.data.imagefolder.ImageFolderDataModule",
+    "training.datasets.CIFAR10DataModule": "zootrain.data.cifar.CIFAR10DataModule",
+    "training.datasets.CIFAR100DataModule": "zootrain.data.cifar.CIFAR100DataModule",
+    "training.datasets.OxfordPetDataModule": "zootrain.data.pet.OxfordPetDataModule",
+    "training.datasets.VOCSegmentationDataModule": "zootrain.data.voc.VOCSegmentationDataModule",
+    "training.datasets.COCODetectionDataModule": "zootrain.data.coco.COCODetectionDataModule",
 }
+# Packages renamed since: a stored target under the old prefix (not in the table above) is
+# read under the new one. Issue 30: `training` became `zootrain` (a user's own `training/`
+# package no longer shadows ours).
+MOVED_PACKAGES: dict[str, str] = {"training.": "zootrain."}
 
 # What a stored run config may name as a `_target_`: nothing else is imported or built from a
 # checkpoint. An entry ending in "." admits the objects defined in that package (checked where
@@ -45,9 +49,9 @@ MOVED_TARGETS: dict[str, str] = {
 ALLOWED_TARGETS: tuple[str, ...] = (
     "backbones.create",
     "heads.",
-    "training.data.",
-    "training.callbacks.",
-    "training.loggers.CSVLogger",
+    "zootrain.data.",
+    "zootrain.callbacks.",
+    "zootrain.loggers.CSVLogger",
     "torch.optim.",
     "lightning.Trainer",
     "lightning.pytorch.Trainer",
@@ -160,11 +164,21 @@ def load_checkpoint(
     return checkpoint
 
 
+def moved_target(target: str) -> str:
+    """Where the `_target_` an older version stored lives now (itself if it did not move)."""
+    if target in MOVED_TARGETS:
+        return MOVED_TARGETS[target]
+    for old, new in MOVED_PACKAGES.items():
+        if target.startswith(old):
+            return new + target.removeprefix(old)
+    return target
+
+
 def _current_targets(node: Any) -> Any:
     """The stored config `node` with every moved `_target_` replaced by where it lives now."""
     if isinstance(node, dict):
         return {
-            key: MOVED_TARGETS.get(value, value)
+            key: moved_target(value)
             if key == "_target_" and isinstance(value, str)
             else _current_targets(value)
             for key, value in node.items()

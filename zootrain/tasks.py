@@ -107,7 +107,7 @@ class Segmentation(LogitsTask):
 
 @dataclass(frozen=True)
 class Detection(Task):
-    """Boxes and labels per image, batched as lists (see `training.data.base.detection_collate`).
+    """Boxes and labels per image, batched as lists (see `zootrain.data.base.detection_collate`).
 
     torchvision's detectors compute their losses themselves, from the targets, and return
     detections in eval mode; mean average precision (COCO's, through pycocotools) scores them.

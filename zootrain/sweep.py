@@ -1,7 +1,7 @@
 """A summary of every multirun: one result file per job, gathered when the sweep ends.
 
 Each job of a multirun writes `<job dir>/result.json` (`write_job_result`, called by
-`training.launch.multirun_job`), failed jobs too. `SweepSummary`, a Hydra callback
+`zootrain.launch.multirun_job`), failed jobs too. `SweepSummary`, a Hydra callback
 (configs/hydra/default.yaml), reads them back from the sweep directory when the multirun
 ends, so it works whichever node each job ran on: `summary.csv`, `summary.md` (one row per
 job, best first, failed last), `summary.png` (the jobs compared; under Optuna also the

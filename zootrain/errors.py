@@ -1,6 +1,6 @@
 """The errors of a run that the user can fix; each message says what to change.
 
-They share the base `UserError`, which `training.report.user_errors` turns into one line on
+They share the base `UserError`, which `zootrain.report.user_errors` turns into one line on
 stderr and exit status 1 (no traceback). Each also keeps the builtin base it had before it
 moved here (`ValueError`, `RuntimeError`), so `except ValueError` in user code still works.
 """

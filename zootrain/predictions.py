@@ -138,7 +138,7 @@ def write_pictures(
     split: str = "val",
 ) -> list[Path]:
     """predictions.png and the per-class view of `module` on `split`, written to `directory`;
-    `title` names the run and the checkpoint (`training.plots.run_title` and a line).
+    `title` names the run and the checkpoint (`zootrain.plots.run_title` and a line).
 
     Also logged as TensorBoard images where the trainer has a TensorBoard logger. Returns the
     paths written.

@@ -183,7 +183,7 @@ class ShapesDataset(Dataset):
         mean, std: per-channel normalisation applied to the image.
         augment: apply one of the 8 symmetries of the square (rotations by 90 degrees and
             mirror images) to each sample, drawn from torch's random generator (which the
-            training loader seeds per (seed, epoch, index), see `training.data.sampling`). No
+            training loader seeds per (seed, epoch, index), see `zootrain.data.sampling`). No
             label depends on orientation, so every scene gives 8 training views; use it on the
             train split only.
         cache: keep every drawn scene in a `SceneCache` (about 53 KB per 64 px scene,
