@@ -2,9 +2,9 @@
 # The GPU checks of issue 16 on one GPU, at most 7.5 minutes (the sum of the step timeouts):
 #   bash benchmarks/carry_deps.sh                 # once, where Hydra is installed
 #   OUT=/some/dir bash benchmarks/gpu.sh          # on the GPU machine, from the repo root
-# 1. python -m zootrain.bench, resnet50 224 px batch 256 bf16: bare loop / Lightning / train.py
+# 1. python -m benchmarks.training, resnet50 224 px batch 256 bf16: bare loop / Lightning / train.py
 # 2. python train.py with the GPU defaults (auto: bf16, cuDNN autotuning, workers, pinned memory)
-# 3. python -m zootrain.bench, mobilenet_v3_large + fpn (trainer=gpu: 64 px, batch 256)
+# 3. python -m benchmarks.training, mobilenet_v3_large + fpn (trainer=gpu: 64 px, batch 256)
 # 4. python train.py compile=true (resnet18): the compile warm-up
 # Each step runs under its own timeout and the script goes on when one fails. $OUT (default
 # ./gpu_out) gets at most 8 files: summary.txt (read this), logs.txt (each step's last lines)
@@ -60,12 +60,12 @@ say "# issue 16 GPU checks, $(date -u +%FT%TZ)"
 } | tee -a "$summary"
 # shellcheck disable=SC2086 # the knobs are lists of words
 {
-  step bench_resnet50 "${T_BENCH_R50:-160}" "$PYTHON" -m zootrain.bench --out "$OUT" \
+  step bench_resnet50 "${T_BENCH_R50:-160}" "$PYTHON" -m benchmarks.training --out "$OUT" \
     --name bench_resnet50 --setup "resnet50: $R50 $EXTRA" $BENCH_FLAGS
   results bench_resnet50 "^\| (setup|resnet50)|^- (cuda|cpu)|medians of the rounds"
   step train_defaults "${T_TRAIN:-80}" "$PYTHON" train.py $TRAIN_ARGS $EXTRA
   results train_defaults "best val|fit:|error"
-  step bench_mobilenetv3_fpn "${T_BENCH_MBV3:-90}" "$PYTHON" -m zootrain.bench --out "$OUT" \
+  step bench_mobilenetv3_fpn "${T_BENCH_MBV3:-90}" "$PYTHON" -m benchmarks.training --out "$OUT" \
     --name bench_mobilenetv3_fpn --setup "mobilenetv3 + fpn: $MBV3 $EXTRA" $BENCH_FLAGS
   results bench_mobilenetv3_fpn "^\| (setup|mobilenetv3)|medians of the rounds"
   step train_compile "${T_COMPILE:-120}" "$PYTHON" train.py $COMPILE_ARGS $EXTRA

@@ -15,11 +15,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import eval as eval_script
-import train as train_script
 from zootrain.build import plain_config
-from zootrain.checkpoints import _target_problem, config_targets, find_best, load_checkpoint
+from zootrain.checkpoints import load_checkpoint
 from zootrain.errors import CheckpointError
+from zootrain.evaluate import evaluate
+from zootrain.run import train
+from zootrain.runs import _target_problem, config_targets, find_best
 
 from .test_training import CONFIGS, TINY, config
 
@@ -90,7 +91,7 @@ def test_eval_builds_nothing_off_the_allow_list(
     ckpt = write(tmp_path / "sent.ckpt", poison(stored, marker)[case])
     cfg = config(tmp_path, f"ckpt_path={ckpt}", "trainer.accelerator=cpu", name="eval")
     with pytest.raises(CheckpointError, match="its stored run config names") as info:
-        eval_script.evaluate(cfg)
+        evaluate(cfg)
     assert "Nothing was built from it" in str(info.value)
     assert not marker.exists()
 
@@ -120,7 +121,7 @@ def test_resume_reads_no_code_either(stored: dict[str, Any], tmp_path: Path) -> 
     marker = tmp_path / "pwned"
     ckpt = write(tmp_path / "sent.ckpt", poison(stored, marker)["builtin"])
     with pytest.raises(CheckpointError, match=r"data\._target_"):
-        train_script.train(config(tmp_path, *TINY, f"ckpt_path={ckpt}"))
+        train(config(tmp_path, *TINY, f"ckpt_path={ckpt}"))
     assert not marker.exists()
 
 

@@ -12,16 +12,17 @@ from omegaconf import DictConfig, open_dict
 from torch import nn
 from torchvision.ops import box_iou
 
-import eval as eval_script
-import train as train_script
 from backbones import create
 from heads.detection import Detector
 from zootrain.build import build_datamodule, build_model, build_module
 from zootrain.checkpoints import load_checkpoint
-from zootrain.data.base import TaskDataModule, detection_collate
+from zootrain.data.base import TaskDataModule
 from zootrain.data.shapes import ShapesDataset
 from zootrain.errors import NonFiniteLossError
+from zootrain.evaluate import evaluate
 from zootrain.module import TaskModule
+from zootrain.run import train
+from zootrain.tasks import get_task
 
 from .test_training import TINY, config, family_backbones, heads, untrained_scores
 
@@ -121,14 +122,14 @@ def test_fast_dev_run(head: str, tmp_path: Path) -> None:
     """channels_last is on (the default): the detectors run with NHWC weights."""
     cfg = config(tmp_path, *SMALL, f"head={head}", *CHEAP[head], "trainer.fast_dev_run=true")
     assert cfg.channels_last
-    metrics = train_script.train(cfg)["metrics"]
+    metrics = train(cfg).metrics
     assert {f"val/{name}" for name in MAP} <= set(metrics)
     assert {f"train/{name}" for name in LOSSES[head]} <= set(metrics)
     assert all(math.isfinite(v) for v in metrics.values()), metrics
 
 
 class ClassificationOnly(TaskDataModule):
-    tasks = ("classification",)
+    targets = ("label",)
 
 
 def test_a_data_module_without_detection_is_refused(tmp_path: Path) -> None:
@@ -199,18 +200,18 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[DictConfig, dict,
     """Three tiny epochs of resnet18 + FCOS on shapes, and the untrained model's scores."""
     cfg = config(tmp_path_factory.mktemp("detection"), *LEARNABLE)
     untrained = untrained_scores(cfg)
-    return cfg, untrained, train_script.train(cfg)
+    return cfg, untrained, train(cfg)
 
 
 @pytest.mark.slow
 def test_a_short_run_beats_the_untrained_model(trained: tuple[DictConfig, dict, dict]) -> None:
     _, untrained, result = trained
-    metrics = result["metrics"]
+    metrics = result.metrics
     assert set(untrained) == {f"val/{name}" for name in MAP}
     assert metrics["val/map"] > untrained["val/map"] + 0.03, (untrained, metrics)
     assert metrics["val/map_50"] > untrained["val/map_50"] + 0.1, (untrained, metrics)
-    assert result["monitor"] == "val/map"
-    assert result["best_score"] >= metrics["val/map"]  # the best epoch's, not the last one's
+    assert result.monitor == "val/map"
+    assert result.best_score >= metrics["val/map"]  # the best epoch's, not the last one's
     assert {f"test/{name}" for name in MAP} <= set(metrics)  # the best checkpoint, tested
 
 
@@ -220,17 +221,17 @@ def test_eval_reproduces_the_checkpoints_map(
 ) -> None:
     _, _, result = trained
     eval_cfg = config(
-        tmp_path, f"ckpt_path={result['best_model_path']}", "trainer.accelerator=cpu", name="eval"
+        tmp_path, f"ckpt_path={result.best_model_path}", "trainer.accelerator=cpu", name="eval"
     )
-    scores = eval_script.evaluate(eval_cfg)["metrics"]
-    assert scores["val/map"] == pytest.approx(result["best_score"], abs=1e-6)
+    scores = evaluate(eval_cfg).metrics
+    assert scores["val/map"] == pytest.approx(result.best_score, abs=1e-6)
 
 
 @pytest.mark.slow
 def test_exported_backbone_is_the_detectors_body(trained: tuple[DictConfig, dict, dict]) -> None:
     _, _, result = trained
-    backbone = create("resnet18", pretrained=result["backbone_weights"])
-    state = load_checkpoint(result["best_model_path"])["state_dict"]
+    backbone = create("resnet18", pretrained=result.backbone_weights)
+    state = load_checkpoint(result.best_model_path)["state_dict"]
     for key, value in backbone.state_dict().items():
         assert torch.equal(value, state[f"model.detector.backbone.body.{key}"]), key
 
@@ -272,14 +273,15 @@ def test_a_short_fit_finds_most_shapes_with_their_label() -> None:
         max_size=FIT["image_size"],
         score_thresh=SCORE_THRESH,
     )
-    images, targets = detection_collate([held_out[i] for i in range(len(held_out))])
+    collate = get_task("detection").collate
+    images, targets = collate([held_out[i] for i in range(len(held_out))])
     with torch.no_grad():
         untrained = _found(model.eval()(images), targets)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     order = torch.randint(len(train), (FIT_STEPS, FIT_BATCH), generator=torch.Generator())
     model.train()
     for indices in order.tolist():
-        batch_images, batch_targets = detection_collate([train[i] for i in indices])
+        batch_images, batch_targets = collate([train[i] for i in indices])
         loss = sum(model(batch_images, batch_targets).values())
         optimizer.zero_grad()
         loss.backward()

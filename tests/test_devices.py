@@ -11,13 +11,13 @@ from hydra.errors import InstantiationException
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from omegaconf import OmegaConf
 
-import train as train_script
 from tests.test_training import TINY, config
 from zootrain.build import build_datamodule
 from zootrain.data import base
 from zootrain.data.base import loader_workers
 from zootrain.devices import device_defaults, resolve_device_defaults, trains_on_cuda
 from zootrain.errors import ConfigError
+from zootrain.run import train
 
 CPU = {"precision": "32-true", "deterministic": "warn", "benchmark": None}
 CUDA = {"precision": "bf16-mixed", "deterministic": False, "benchmark": True}
@@ -66,7 +66,7 @@ def test_trainer_gpu_fills_the_device(tmp_path: Path) -> None:
 
 def test_the_recorded_config_holds_the_resolved_values(tmp_path: Path) -> None:
     cfg = config(tmp_path, *TINY, "trainer.fast_dev_run=true")
-    train_script.train(cfg)
+    train(cfg)
     recorded = OmegaConf.load(Path(cfg.paths.output_dir) / "config.yaml").trainer
     assert {k: recorded[k] for k in CPU} == CPU
 

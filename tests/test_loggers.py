@@ -5,9 +5,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import train as train_script
 from zootrain.checkpoints import load_checkpoint
 from zootrain.loggers import ROWS_KEY
+from zootrain.run import train
 
 from .test_training import TINY, config
 
@@ -26,12 +26,12 @@ def test_resumed_fit_keeps_the_rows_before_its_checkpoint(tmp_path: Path) -> Non
     """1 epoch, then resumed to 2 in the same directory: epoch 0's rows exactly as first written
     (its training mean, logged after the checkpoint, kept), then epoch 1's, each once."""
     first = config(tmp_path, *TINY, "scheduler=none", "trainer.max_epochs=1")
-    run = Path(train_script.train(first)["output_dir"])
+    run = Path(train(first).output_dir)
     before = rows(run)
     last = run / "checkpoints" / "last.ckpt"
     saved_rows = load_checkpoint(last).get(ROWS_KEY)
     resumed = config(tmp_path, *TINY, "scheduler=none", "trainer.max_epochs=2", f"ckpt_path={last}")
-    train_script.train(resumed)
+    train(resumed)
     after = rows(run)
     assert after[: len(before)] == before
     # Epoch 1 logs what epoch 0 did, 4 steps on (TINY: 128 images in batches of 32).
@@ -45,7 +45,7 @@ def test_resumed_fit_keeps_the_rows_before_its_checkpoint(tmp_path: Path) -> Non
 def test_fit_from_scratch_starts_a_new_file(tmp_path: Path) -> None:
     """The same run directory trained again without a checkpoint: no rows of the earlier fit."""
     cfg = config(tmp_path, *TINY, "trainer.max_epochs=1")
-    run = Path(train_script.train(cfg)["output_dir"])
+    run = Path(train(cfg).output_dir)
     once = rows(run)
-    train_script.train(cfg)
+    train(cfg)
     assert layout(rows(run)) == layout(once)

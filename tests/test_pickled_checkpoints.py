@@ -16,12 +16,12 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-import eval as eval_script
-import train as train_script
-import zootrain.checkpoints
+import zootrain.run
 import zootrain.runs
 from zootrain.checkpoints import load_checkpoint
 from zootrain.errors import CheckpointError
+from zootrain.evaluate import evaluate
+from zootrain.run import train
 
 from .test_training import TINY, config
 from .test_weights_files import Payload
@@ -58,8 +58,8 @@ def assert_refused(call: Callable[[], object], kind: type[Exception], pattern: s
 def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The last.ckpt of one tiny epoch of train.py."""
     tmp_path = tmp_path_factory.mktemp("clean")
-    result = train_script.train(config(tmp_path, *SMALL))
-    return Path(result["output_dir"]) / "checkpoints" / "last.ckpt"
+    result = train(config(tmp_path, *SMALL))
+    return Path(result.output_dir) / "checkpoints" / "last.ckpt"
 
 
 def poisoned(clean: Path, directory: Path) -> tuple[Path, Path]:
@@ -80,14 +80,14 @@ def test_the_loader_refuses_pickled_code(clean: Path, tmp_path: Path) -> None:
 def test_eval_refuses_pickled_code(clean: Path, tmp_path: Path) -> None:
     path, marker = poisoned(clean, tmp_path)
     cfg = config(tmp_path, f"ckpt_path={path}", "trainer.accelerator=cpu", name="eval")
-    assert_refused(lambda: eval_script.evaluate(cfg), CheckpointError, REFUSED)
+    assert_refused(lambda: evaluate(cfg), CheckpointError, REFUSED)
     assert not marker.exists()
 
 
 def test_resume_refuses_pickled_code(clean: Path, tmp_path: Path) -> None:
     path, marker = poisoned(clean, tmp_path)
     cfg = config(tmp_path, *SMALL, "trainer.max_epochs=2", f"ckpt_path={path}")
-    assert_refused(lambda: train_script.train(cfg), CheckpointError, REFUSED)
+    assert_refused(lambda: train(cfg), CheckpointError, REFUSED)
     assert not marker.exists()
 
 
@@ -98,11 +98,11 @@ def test_lightning_resume_reads_weights_only(
     the second line of defence is not `weights_only=False`."""
     path, marker = poisoned(clean, tmp_path)
     checked = load_checkpoint(clean)
-    monkeypatch.setattr(zootrain.checkpoints, "load_checkpoint", lambda *_, **__: checked)
+    monkeypatch.setattr(zootrain.run, "load_checkpoint", lambda *_, **__: checked)
     # and its refusal of a longer schedule on resume (the clean run was 1 epoch of a cosine)
     monkeypatch.setattr(zootrain.runs, "check_unchanged", lambda *_, **__: None)
     cfg = config(tmp_path, *SMALL, "trainer.max_epochs=2", f"ckpt_path={path}")
-    assert_refused(lambda: train_script.train(cfg), pickle.UnpicklingError, LIGHTNING_REFUSED)
+    assert_refused(lambda: train(cfg), pickle.UnpicklingError, LIGHTNING_REFUSED)
     assert not marker.exists()
 
 
@@ -122,6 +122,6 @@ class TamperBest(L.Callback):
 def test_testing_the_best_checkpoint_reads_weights_only(tmp_path: Path) -> None:
     cfg: DictConfig = config(tmp_path, *SMALL, "test_after_fit=true")
     tamper = TamperBest(tmp_path)
-    run = lambda: train_script.train(cfg, extra_callbacks=[tamper])  # noqa: E731
+    run = lambda: train(cfg, extra_callbacks=[tamper])  # noqa: E731
     assert_refused(run, pickle.UnpicklingError, LIGHTNING_REFUSED)
     assert tamper.marker is not None and not tamper.marker.exists()

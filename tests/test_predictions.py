@@ -8,20 +8,13 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-import eval as eval_script
-import train as train_script
 from zootrain.build import build_datamodule
 from zootrain.data.shapes import ShapesDataModule
-from zootrain.predictions import (
-    PER_CLASS_FILE,
-    Sample,
-    denormalise,
-    eval_pictures_dir,
-    per_class_metric,
-    plot_per_class,
-    plot_predictions,
-    sample_indices,
-)
+from zootrain.evaluate import evaluate
+from zootrain.predictions import denormalise, plot_predictions, sample_indices
+from zootrain.run import train
+from zootrain.runs import eval_pictures_dir
+from zootrain.tasks import Sample, get_task
 
 from .test_plots import assert_drawn
 from .test_training import TINY, config
@@ -67,7 +60,7 @@ def trained(
         *RUNS[task],
         "pictures=true",
     )
-    return task, cfg, train_script.train(cfg)
+    return task, cfg, train(cfg)
 
 
 def test_train_writes_the_pictures_of_the_best_checkpoint(
@@ -75,28 +68,34 @@ def test_train_writes_the_pictures_of_the_best_checkpoint(
 ) -> None:
     task, cfg, result = trained
     run = Path(cfg.paths.output_dir)
-    assert result["pictures"] == [str(run / "predictions.png"), str(run / PER_CLASS_FILE[task])]
+    assert result.pictures == [
+        str(run / "predictions.png"),
+        str(run / get_task(task).per_class_file),
+    ]
     assert_drawn(run / "predictions.png", PANELS[task])
-    assert_drawn(run / PER_CLASS_FILE[task], panels=1)
+    assert_drawn(run / get_task(task).per_class_file, panels=1)
     assert_drawn(run / "metrics.png", panels=3, size=(1600, 460))
-    assert result["best_epoch"] == 1
+    assert result.best_epoch == 1
     epochs = 2 if task == "classification" else 1
     # of the whole run, also after trainer.test restored the best checkpoint's callback state
-    assert [epoch for epoch, _ in result["monitor_history"]] == list(range(epochs))
+    assert [epoch for epoch, _ in result.monitor_history] == list(range(epochs))
 
 
 def test_eval_writes_them_beside_the_checkpoints_run(
     trained: tuple[str, DictConfig, dict], tmp_path: Path
 ) -> None:
     task, cfg, result = trained
-    checkpoint = Path(result["best_model_path"])
+    checkpoint = Path(result.best_model_path)
     eval_cfg = config(tmp_path, f"ckpt_path={checkpoint}", "trainer.accelerator=cpu", name="eval")
-    written = eval_script.evaluate(eval_cfg)["pictures"]
+    written = evaluate(eval_cfg).pictures
     directory = Path(cfg.paths.output_dir) / "eval" / "best-val"
     assert eval_pictures_dir(checkpoint, "val") == directory
-    assert written == [str(directory / "predictions.png"), str(directory / PER_CLASS_FILE[task])]
+    assert written == [
+        str(directory / "predictions.png"),
+        str(directory / get_task(task).per_class_file),
+    ]
     assert_drawn(directory / "predictions.png", PANELS[task])
-    assert_drawn(directory / PER_CLASS_FILE[task], panels=1)
+    assert_drawn(directory / get_task(task).per_class_file, panels=1)
 
 
 def test_eval_output_dir_and_split(trained: tuple[str, DictConfig, dict], tmp_path: Path) -> None:
@@ -105,13 +104,13 @@ def test_eval_output_dir_and_split(trained: tuple[str, DictConfig, dict], tmp_pa
         pytest.skip("one task is enough for the options")
     eval_cfg = config(
         tmp_path,
-        f"ckpt_path={result['best_model_path']}",
+        f"ckpt_path={result.best_model_path}",
         "trainer.accelerator=cpu",
         "split=test",
         f"output_dir={tmp_path / 'pictures'}",
         name="eval",
     )
-    eval_script.evaluate(eval_cfg)
+    evaluate(eval_cfg)
     assert sorted(p.name for p in (tmp_path / "pictures").iterdir()) == [
         "confusion_matrix.png",
         "predictions.png",
@@ -159,7 +158,7 @@ def test_detections_below_the_threshold_are_not_drawn() -> None:
             "scores": torch.tensor([0.9, 0.1, 0.5]),
         },
     )
-    figure = plot_predictions("detection", [sample], ["circle", "star"], None, None)
+    figure = plot_predictions(get_task("detection"), [sample], ["circle", "star"], None, None)
     truth, predicted = figure.axes
     assert [t.get_text() for t in truth.texts] == ["circle"]
     assert [t.get_text() for t in predicted.texts] == ["circle 0.90", "star 0.50"]
@@ -168,7 +167,8 @@ def test_detections_below_the_threshold_are_not_drawn() -> None:
 
 def test_per_class_ap_averages_to_torchmetrics_map() -> None:
     """AP and AP50 per class, read from the precision array, average to COCO's map / map_50."""
-    metric = per_class_metric("detection", num_classes=3)
+    detection = get_task("detection")
+    metric = detection.per_class_metric(num_classes=3)
     boxes = torch.tensor([[0.0, 0, 20, 20], [20, 20, 30, 34], [5, 5, 25, 25]])
     targets = [{"boxes": boxes, "labels": torch.tensor([0, 1, 1])}]
     # IoUs 0.52 (a match at IoU 0.50 only), 0.73, 0.82
@@ -177,7 +177,7 @@ def test_per_class_ap_averages_to_torchmetrics_map() -> None:
     predictions = [{"boxes": shifted, "labels": torch.tensor([0, 1, 1]), "scores": scores}]
     metric.update(predictions, targets)
     values = metric.compute()
-    figure = plot_per_class("detection", values, ["circle", "star", "ring"], "title", "val")
+    figure = detection.plot_per_class(values, ["circle", "star", "ring"], "title", "val")
     axis = figure.axes[0]
     ap, ap50 = ([p.get_width() for p in bars] for bars in axis.containers)
     assert len(ap) == len(ap50) == 2  # ring has no boxes: no bar

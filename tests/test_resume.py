@@ -20,11 +20,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-import train as train_script
 from zootrain.checkpoints import load_checkpoint
 from zootrain.data.sampling import EpochSampler, EpochSeeded
 from zootrain.data.shapes import ShapesDataset
 from zootrain.errors import CheckpointError, ConfigError
+from zootrain.run import train
 from zootrain.runs import check_unchanged, resolve_resume
 
 from .frozen_second import make_run_dir
@@ -52,31 +52,31 @@ def run(tmp_path: Path, *overrides: str, name: str = "t0") -> DictConfig:
 
 def test_resume_continues_the_run_in_its_directory_with_its_best(tmp_path: Path) -> None:
     first = run(tmp_path, "trainer.max_epochs=1", *FOUR_STEPS)
-    started = train_script.train(first, extra_callbacks=[FallingScore()])
-    run_dir = Path(started["output_dir"])
-    assert started["best_score"] == pytest.approx(1.0)
+    started = train(first, extra_callbacks=[FallingScore()])
+    run_dir = Path(started.output_dir)
+    assert started.best_score == pytest.approx(1.0)
 
     resumed = run(tmp_path, "trainer.max_epochs=3", "ckpt_path=last", *FOUR_STEPS, name="t1")
-    result = train_script.train(resumed, extra_callbacks=[FallingScore()])
-    assert Path(result["output_dir"]) == run_dir  # the same run, not a new directory
+    result = train(resumed, extra_callbacks=[FallingScore()])
+    assert Path(result.output_dir) == run_dir  # the same run, not a new directory
     assert not (tmp_path / "outputs" / RUN / "t1").exists()
     # The best of the whole run (epoch 0's 1.0), not of the resumed epochs (0.9).
-    assert result["best_score"] == pytest.approx(1.0)
-    assert result["best_epoch"] == 1
-    assert [epoch for epoch, _ in result["monitor_history"]] == [0, 1, 2]
-    assert Path(result["best_model_path"]) == run_dir / "checkpoints" / "best.ckpt"
-    best = load_checkpoint(result["best_model_path"])
+    assert result.best_score == pytest.approx(1.0)
+    assert result.best_epoch == 1
+    assert [epoch for epoch, _ in result.monitor_history] == [0, 1, 2]
+    assert Path(result.best_model_path) == run_dir / "checkpoints" / "best.ckpt"
+    best = load_checkpoint(result.best_model_path)
     assert best["epoch"] == 0
     last = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert (last["epoch"], last["global_step"]) == (2, 3 * 4)
     # Tested and exported: the best checkpoint, in the run's own directory.
-    assert Path(result["backbone_weights"]) == run_dir / "checkpoints" / "backbone.safetensors"
+    assert Path(result.backbone_weights) == run_dir / "checkpoints" / "backbone.safetensors"
     from safetensors.torch import load_file
 
-    exported = load_file(result["backbone_weights"])
+    exported = load_file(result.backbone_weights)
     for key, value in exported.items():
         assert torch.equal(value, best["state_dict"][f"model.backbone.{key}"]), key
-    assert "test/acc" in result["metrics"]
+    assert "test/acc" in result.metrics
     # config.yaml and the checkpoints record what ran: the resumed run's 3 epochs
     assert OmegaConf.load(run_dir / "config.yaml").trainer.max_epochs == 3
     assert last["hyper_parameters"]["config"]["trainer"]["max_epochs"] == 3
@@ -87,34 +87,34 @@ def test_resume_continues_the_run_in_its_directory_with_its_best(tmp_path: Path)
 
 def test_last_never_skips_to_an_older_run(tmp_path: Path) -> None:
     """The newest run has no checkpoint yet: `last` says so instead of resuming an older one."""
-    train_script.train(run(tmp_path, "trainer.max_epochs=1"))
+    train(run(tmp_path, "trainer.max_epochs=1"))
     newer = tmp_path / "outputs" / RUN / "t1"
     newer.mkdir()
     (newer / "config.yaml").write_text("seed: 42\n")  # started, stopped before epoch 0 ended
     os.utime(newer / "config.yaml", (2e9, 2e9))
     cfg = run(tmp_path, "trainer.max_epochs=2", "ckpt_path=last", name="t2")
     with pytest.raises(CheckpointError, match=rf"newest run of '{RUN}', .*t1, has no checkpoint"):
-        train_script.train(cfg)
+        train(cfg)
     empty = run(tmp_path / "elsewhere", "ckpt_path=last")
     with pytest.raises(CheckpointError, match=rf"there is no run of '{RUN}' to resume"):
-        train_script.train(empty)
+        train(empty)
 
 
 def test_a_finished_run_is_not_resumed(tmp_path: Path) -> None:
     """No 0-step fit that rewrites the exports with exit 0: a clear error, files untouched."""
-    done = train_script.train(run(tmp_path, "trainer.max_epochs=1", "test_after_fit=false"))
-    run_dir = Path(done["output_dir"])
-    exported = Path(done["backbone_weights"])
+    done = train(run(tmp_path, "trainer.max_epochs=1", "test_after_fit=false"))
+    run_dir = Path(done.output_dir)
+    exported = Path(done.backbone_weights)
     before = exported.stat().st_mtime_ns
     for ckpt_path in ("last", str(run_dir), str(run_dir / "checkpoints" / "last.ckpt")):
         cfg = run(tmp_path, "trainer.max_epochs=1", f"ckpt_path={ckpt_path}", name="t1")
         with pytest.raises(CheckpointError, match=r"is finished \(1 of trainer.max_epochs=1 "):
-            train_script.train(cfg)
+            train(cfg)
     assert exported.stat().st_mtime_ns == before
     # What the checkpoint fixes may not change on resume (Lightning would restore it silently).
     changed = run(tmp_path, "trainer.max_epochs=2", "optim.lr=1e-4", "ckpt_path=last", name="t2")
     with pytest.raises(ConfigError, match=r"^optim\.lr=0\.0001 differs from 0\.001, what the run"):
-        train_script.train(changed)
+        train(changed)
     assert exported.stat().st_mtime_ns == before
 
 
@@ -255,15 +255,15 @@ def test_sigterm_exits_non_zero_naming_the_last_checkpoint(tmp_path: Path) -> No
 def test_save_top_k_keeps_k_checkpoints_named_by_epoch_and_metric(tmp_path: Path) -> None:
     """k = 2 of 3 epochs (val/acc 1.0, 0.9, 0.8): the two best by name, best.ckpt the best."""
     cfg = run(tmp_path, "trainer.max_epochs=3", "callbacks.checkpoint.save_top_k=2", *FOUR_STEPS)
-    result = train_script.train(cfg, extra_callbacks=[FallingScore()])
-    checkpoints = Path(result["output_dir"]) / "checkpoints"
+    result = train(cfg, extra_callbacks=[FallingScore()])
+    checkpoints = Path(result.output_dir) / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == [
         "best.ckpt",
         "epoch=0-val_acc=1.0000.ckpt",
         "epoch=1-val_acc=0.9000.ckpt",
         "last.ckpt",
     ]
-    assert Path(result["best_model_path"]) == checkpoints / "best.ckpt"
+    assert Path(result.best_model_path) == checkpoints / "best.ckpt"
     assert load_checkpoint(checkpoints / "best.ckpt")["epoch"] == 0
     assert load_checkpoint(checkpoints / "epoch=1-val_acc=0.9000.ckpt")["epoch"] == 1
 
@@ -298,13 +298,13 @@ def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path: Path, wor
         "trainer.max_epochs=4",
         "trainer.deterministic=true",
     ]
-    whole = train_script.train(config(tmp_path, *overrides, run="whole"))
-    stopped = train_script.train(config(tmp_path, *overrides, run="cut"), [StopAfter(2)])
-    run_dir = Path(stopped["output_dir"])
+    whole = train(config(tmp_path, *overrides, run="whole"))
+    stopped = train(config(tmp_path, *overrides, run="cut"), [StopAfter(2)])
+    run_dir = Path(stopped.output_dir)
     assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 1
-    resumed = train_script.train(config(tmp_path, *overrides, f"ckpt_path={run_dir}", run="r"))
-    assert Path(resumed["output_dir"]) == run_dir
-    expected = load_checkpoint(Path(whole["output_dir"]) / "checkpoints" / "last.ckpt")
+    resumed = train(config(tmp_path, *overrides, f"ckpt_path={run_dir}", run="r"))
+    assert Path(resumed.output_dir) == run_dir
+    expected = load_checkpoint(Path(whole.output_dir) / "checkpoints" / "last.ckpt")
     got = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert (got["epoch"], got["global_step"]) == (expected["epoch"], expected["global_step"])
     assert expected["global_step"] == 4 * 2

@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -22,10 +21,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
-import train as train_script
+from zootrain.build import build_trainer
 from zootrain.checkpoints import load_checkpoint
+from zootrain.checks import check_config
+from zootrain.cli import train_command
+from zootrain.cluster import slurm_plugins
 from zootrain.errors import ConfigError
 from zootrain.launch import job_command
+from zootrain.run import train
+from zootrain.tasks import Classification
 
 from .test_training import CONFIGS, ROOT
 
@@ -222,7 +226,7 @@ def test_slurm_launcher_renders_the_sbatch_script(
     monkeypatch.setattr(SlurmExecutor, "_submit_command", sbatch)
     monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # "srun" found
     launcher = instantiate(cfg.hydra.launcher)
-    launcher.setup(hydra_context=None, task_function=train_script.main, config=cfg)
+    launcher.setup(hydra_context=None, task_function=train_command, config=cfg)
     with pytest.raises(Submitted):
         launcher.launch([["backbone=resnet50"], ["backbone=convnext_tiny"]], initial_job_idx=0)
     (script,) = scripts
@@ -291,32 +295,26 @@ def tiny_config(tmp_path: Path, *overrides: str) -> DictConfig:
     return cfg
 
 
-def as_slurm_job(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, callback: L.Callback
-) -> Callable[..., list[L.Callback]]:
-    """Run train() as in a SLURM job, with `callback` too; returns train.py's own `_callbacks`."""
+def as_slurm_job(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Run train() as in a SLURM job."""
     for key, value in SLURM_ENV.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol here: a requeue call just fails
-    callbacks = train_script._callbacks
-    monkeypatch.setattr(train_script, "_callbacks", lambda *args: [*callbacks(*args), callback])
-    return callbacks
 
 
 def test_requeued_slurm_job_resumes_from_the_signal_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    callbacks = as_slurm_job(monkeypatch, tmp_path, SignalThenKill())
+    as_slurm_job(monkeypatch, tmp_path)
     with pytest.raises(Preempted):
-        train_script.train(tiny_config(tmp_path))
+        train(tiny_config(tmp_path), [SignalThenKill()])
     run = tmp_path / "outputs" / "resnet18-classification" / "run"
     assert load_checkpoint(run / "hpc_ckpt_1.ckpt")["global_step"] == 1  # saved on the signal
     assert not (run / "checkpoints" / "last.ckpt").exists()  # the epoch never ended
 
     # The requeued job: the same Hydra job in the same run directory, SLURM_RESTART_COUNT set.
-    monkeypatch.setattr(train_script, "_callbacks", callbacks)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    train_script.train(tiny_config(tmp_path))
+    train(tiny_config(tmp_path))
     last = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert (last["epoch"], last["global_step"]) == (0, 4)  # went on from step 1, not from 0
 
@@ -332,29 +330,23 @@ def test_requeue_signal_after_fit_is_ignored(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A trained run is neither requeued nor killed by the signal: its test and export finish."""
-    as_slurm_job(monkeypatch, tmp_path, SignalWhileTesting())
+    as_slurm_job(monkeypatch, tmp_path)
     handler = signal.getsignal(signal.SIGUSR1)
-    result = train_script.train(tiny_config(tmp_path, "test_after_fit=true"))
-    assert "test/acc" in result["metrics"]
-    assert not list(Path(result["output_dir"]).glob("hpc_ckpt_*"))  # Lightning saved nothing
+    result = train(tiny_config(tmp_path, "test_after_fit=true"), [SignalWhileTesting()])
+    assert "test/acc" in result.metrics
+    assert not list(Path(result.output_dir).glob("hpc_ckpt_*"))  # Lightning saved nothing
     assert signal.getsignal(signal.SIGUSR1) is handler  # the next job in this process requeues
 
 
 def test_slurm_environment_uses_the_configured_signal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lightning.pytorch.plugins.environments import SLURMEnvironment
-
-    assert not any(
-        isinstance(p, SLURMEnvironment) for p in train_script._plugins(tiny_config(tmp_path))
-    )
+    assert slurm_plugins("USR1") == []  # not a SLURM job
     for key, value in SLURM_ENV.items():
         monkeypatch.setenv(key, value)
-    (slurm,) = [
-        p
-        for p in train_script._plugins(tiny_config(tmp_path, "requeue_signal=USR2"))
-        if isinstance(p, SLURMEnvironment)
-    ]
+    (slurm,) = slurm_plugins(tiny_config(tmp_path, "requeue_signal=USR2").requeue_signal)
     assert slurm.auto_requeue and slurm.requeue_signal == signal.SIGUSR2
+    trainer = build_trainer(tiny_config(tmp_path), tmp_path, Classification())
+    assert trainer._accelerator_connector.cluster_environment.requeue_signal == signal.SIGUSR1
     with pytest.raises(ConfigError, match="requeue_signal=TERM2 is not a signal name"):
-        train_script._plugins(tiny_config(tmp_path, "requeue_signal=TERM2"))
+        check_config(tiny_config(tmp_path, "requeue_signal=TERM2"))

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import train as train_script
+from benchmarks.syncs import HostSyncs, StepSyncs
 from tests.test_training import TINY, config
-from zootrain.syncs import HostSyncs, StepSyncs
+from zootrain.run import train
 
 T = torch.tensor([0.5, 1.5, 1.5])
 
@@ -81,7 +81,7 @@ def _fit_counting(tmp_path: Path, *overrides: str) -> tuple[HostSyncs, StepSyncs
     syncs = HostSyncs()
     phases = StepSyncs(syncs)
     with syncs:
-        result = train_script.train(cfg, extra_callbacks=[phases])
+        result = train(cfg, extra_callbacks=[phases])
     return syncs, phases, result
 
 
@@ -100,7 +100,7 @@ def test_training_steps_sync_at_most_once_per_logging_interval(
     assert syncs.counts["train step"] <= phases.steps // 4, syncs.where("train step")
     assert syncs.counts["train step"] == 6  # the check runs (the budget test cannot pass idle)
     # ... and the values it reads reach the CSV log, every 4 steps, as Lightning logged them.
-    rows = (Path(result["output_dir"]) / "metrics.csv").read_text().splitlines()
+    rows = (Path(result.output_dir) / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     steps = [
         int(row.split(",")[header.index("step")])

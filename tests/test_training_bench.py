@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from backbones.tools.bench import Row, write_results
-from zootrain.bench import RESULTS_SECTION, update_results
+from benchmarks.training import RESULTS_SECTION, update_results
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "trainer.accelerator=cpu data.image_size=16 data.batch_size=2 trainer.log_every_n_steps=1"

@@ -17,10 +17,10 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-import eval as eval_script
-import train as train_script
 from zootrain.build import build_datamodule, build_module
+from zootrain.evaluate import evaluate
 from zootrain.report import user_errors
+from zootrain.run import train
 
 from .test_training import TINY, config
 
@@ -58,7 +58,7 @@ def error_of(run: Callable[[DictConfig], object], cfg: DictConfig, capsys) -> st
 )  # fmt: skip
 def test_config_mistakes(override: str, message: str, tmp_path: Path, capsys) -> None:
     cfg = config(tmp_path, *FAST, override)
-    assert error_of(train_script.train, cfg, capsys).startswith(message)
+    assert error_of(train, cfg, capsys).startswith(message)
 
 
 def test_the_default_config_passes_the_checks(tmp_path: Path) -> None:
@@ -76,7 +76,7 @@ def test_batch_size_1_with_frozen_batchnorm_trains(tmp_path: Path) -> None:
         tmp_path, *FAST, "data.batch_size=1", "data.num_train=2", "data.num_val=2",
         "data.num_test=2", "backbone.norm_eval=true", "trainer.fast_dev_run=true",
     )  # fmt: skip
-    assert train_script.train(cfg)["metrics"]
+    assert train(cfg).metrics
 
 
 @pytest.mark.parametrize(
@@ -95,7 +95,7 @@ def test_a_text_file_as_pretrained(
 ) -> None:
     (tmp_path / name).write_text(content)
     cfg = config(tmp_path, *FAST, f"backbone.pretrained={tmp_path / name}")
-    assert error_of(train_script.train, cfg, capsys).startswith(f"{tmp_path}/{message}")
+    assert error_of(train, cfg, capsys).startswith(f"{tmp_path}/{message}")
 
 
 def checkpoint_of(tmp_path: Path, *overrides: str) -> Path:
@@ -120,7 +120,7 @@ def test_resuming_another_model(
 ) -> None:
     path = checkpoint_of(tmp_path, *overrides)
     cfg = config(tmp_path, *FAST, f"ckpt_path={path}")
-    message = error_of(train_script.train, cfg, capsys)
+    message = error_of(train, cfg, capsys)
     assert message.startswith(
         f"ckpt_path={path} is a checkpoint of {stored}; this run builds resnet18 + "
         "classification, 6 classes, which its weights do not fit ("
@@ -130,7 +130,7 @@ def test_resuming_another_model(
 
 def test_eval_without_ckpt_path(tmp_path: Path, capsys) -> None:
     cfg = config(tmp_path, name="eval")
-    assert error_of(eval_script.evaluate, cfg, capsys) == (
+    assert error_of(evaluate, cfg, capsys) == (
         "eval.py needs a checkpoint: ckpt_path=<run dir> (scores its checkpoints/best.ckpt) or "
         "ckpt_path=<file>.ckpt"
     )
@@ -141,9 +141,9 @@ def test_eval_takes_a_run_directory(tmp_path: Path) -> None:
     (run / "checkpoints").mkdir(parents=True)
     checkpoint_of(tmp_path).rename(run / "checkpoints" / "best.ckpt")
     cfg = config(tmp_path, f"ckpt_path={run}", "trainer.accelerator=cpu", name="eval")
-    result = eval_script.evaluate(cfg)
-    assert result["best_model_path"] == str(run / "checkpoints" / "best.ckpt")
-    assert {"val/acc", "val/loss"} <= set(result["metrics"])
+    result = evaluate(cfg)
+    assert result.best_model_path == str(run / "checkpoints" / "best.ckpt")
+    assert {"val/acc", "val/loss"} <= set(result.metrics)
 
 
 def test_a_truncated_jpeg_in_the_first_batch_is_named(tmp_path: Path, capsys) -> None:
@@ -162,7 +162,7 @@ def test_a_truncated_jpeg_in_the_first_batch_is_named(tmp_path: Path, capsys) ->
         tmp_path, *FAST[5:], "data=imagefolder", f"data.root={root}", "data.image_size=32",
         "data.batch_size=4", "data.num_workers=0",
     )  # fmt: skip
-    assert error_of(train_script.train, cfg, capsys).startswith(
+    assert error_of(train, cfg, capsys).startswith(
         f"cannot decode the image {bad} (OSError: image file is truncated"
     )
 
@@ -176,7 +176,7 @@ def test_offline_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsy
         tmp_path, *FAST[5:], "data=cifar10", f"data.root={tmp_path / 'cifar'}",
         "data.download=true",
     )  # fmt: skip
-    assert error_of(train_script.train, cfg, capsys).startswith(
+    assert error_of(train, cfg, capsys).startswith(
         f"CIFAR-10: data.download=true could not download it into {tmp_path / 'cifar'} (URLError:"
     )
 
@@ -189,7 +189,7 @@ def test_disk_full_while_saving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 
     monkeypatch.setattr(checkpoints.torch, "save", full)
     cfg = config(tmp_path, *FAST)
-    message = error_of(train_script.train, cfg, capsys)
+    message = error_of(train, cfg, capsys)
     best = Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
     assert message.startswith(f"No space left on device while writing {best}: free space there")
     assert not list(best.parent.glob("*"))  # no temp file left behind

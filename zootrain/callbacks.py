@@ -145,11 +145,7 @@ class ExampleInput(L.Callback):
         if module.example_input_array is not None or "val" not in splits:
             return
         image = splits["val"][0][0]
-        # the summary calls module(*example): detectors take a list of images
-        if module.task.name == "detection":
-            module.example_input_array = ([image.new_zeros(image.shape)],)
-        else:
-            module.example_input_array = image.new_zeros((1, *image.shape))
+        module.example_input_array = module.task.example_input(image)
 
 
 class ProgressBar(RichProgressBar):

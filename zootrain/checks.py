@@ -1,4 +1,5 @@
-"""Checks a run makes before it starts: a value that cannot work is one clear message.
+"""Every check of a config and of what it builds, before a run starts: a value that cannot work
+is one clear message (a `ConfigError`).
 
 Each names the config key and says what to set instead, where otherwise PyTorch or Lightning
 would fail minutes later, deep in a traceback (a DataLoader's batch size, an optimiser's
@@ -7,6 +8,7 @@ learning rate, BatchNorm on batches of one).
 
 from __future__ import annotations
 
+import signal
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -41,7 +43,7 @@ _NOT_NEGATIVE = (
 
 
 def check_config(cfg: DictConfig) -> None:
-    """The values of `cfg` that no run can use; before anything is built."""
+    """The values of a train.py config that no run can use; before anything is built."""
     for key, minimum, meaning, words in _AT_LEAST:
         value = _select(cfg, key)
         if value is None or value in words:
@@ -59,15 +61,39 @@ def check_config(cfg: DictConfig) -> None:
         # `not value >= 0`: NaN too (it compares false with everything)
         if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
             raise ConfigError(f"{key}={value} cannot work: {meaning} is a number >= 0")
+    momentum = _select(cfg, "bn_momentum")
+    if momentum is not None and (
+        isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0 < momentum <= 1
+    ):
+        raise ConfigError(
+            f"bn_momentum={momentum} cannot work: it is every BatchNorm's running-statistics "
+            "momentum, a number in (0, 1], or null to keep each family's own"
+        )
+    requeue = _select(cfg, "requeue_signal")
+    if requeue is not None and f"SIG{requeue}" not in signal.Signals.__members__:
+        raise ConfigError(f"requeue_signal={requeue} is not a signal name; use USR1 or USR2")
+
+
+def check_eval_config(cfg: DictConfig) -> None:
+    """The values of an eval.py config that cannot work."""
+    if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.ckpt_path is None:
+        raise ConfigError(
+            "eval.py needs a checkpoint: ckpt_path=<run dir> (scores its checkpoints/best.ckpt) "
+            "or ckpt_path=<file>.ckpt"
+        )
+    if cfg.split not in ("val", "test"):
+        raise ConfigError(f"split must be val or test, got {cfg.split!r}")
 
 
 def check_data(datamodule: TaskDataModule) -> None:
-    """A dataset a model cannot learn from: fewer than two classes to tell apart."""
-    if datamodule.task == "detection" or datamodule.num_classes >= 2:
-        return  # one class is a detection task (is it there, where); not a classification
+    """A dataset a model cannot learn from: fewer classes than its task tells apart (two;
+    detection: one, which says where it is)."""
+    task = datamodule.task
+    if datamodule.num_classes >= task.min_classes:
+        return
     names = getattr(datamodule, "class_names", None) or getattr(datamodule, "classes", ())
     raise ConfigError(
-        f"the {datamodule.task} data has {datamodule.num_classes} class "
+        f"the {task.name} data has {datamodule.num_classes} class "
         f"({', '.join(map(str, names)) or 'none'}): there is nothing to tell apart. Give it at "
         "least two classes (ImageFolder: one folder per class; shapes: data.classes)"
     )

@@ -1,18 +1,59 @@
-"""What train.py and eval.py need before Hydra parses the command line, and nothing heavier.
+"""The commands behind train.py and eval.py, and what Hydra needs before it parses their command
+line, and nothing heavier.
 
 `python train.py --help` and tab completion compose the config and stop: they must not wait
-for torch or Lightning. So this module imports only omegaconf; it registers the resolvers the
-configs use and the warning filters that apply while composing. Everything else is imported
-once a run starts.
+for torch or Lightning. So this module imports only omegaconf (and run directories' names); it
+registers the resolvers the configs use and the warning filters that apply while composing.
+The commands import the run (torch, Lightning, the models) once the config's plain values have
+passed their checks: a mistyped value fails in a second.
 """
 
 from __future__ import annotations
 
 import warnings
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from .runs import run_dir
+
+
+def train_command(cfg: DictConfig) -> float | None:
+    """train.py: the run, its errors as one line (or, in a multirun, recorded in its job), the
+    final table; returns the best score (what Hydra's sweepers optimise)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from .checks import check_config
+    from .report import print_summary, user_errors
+
+    if HydraConfig.get().mode == RunMode.MULTIRUN:  # a job's error must not end the sweep
+        from .launch import multirun_job
+
+        context = multirun_job()
+    else:
+        context = user_errors()
+    with context as job:
+        check_config(cfg)
+        from .run import train
+
+        result = train(cfg)
+        if job is not None:  # the job's row in the sweep summary
+            job.finish(result)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:  # DDP: rank 0 reports (and its return value is the one used)
+        print_summary(result)
+    return result.best_score
+
+
+def eval_command(cfg: DictConfig) -> None:
+    """eval.py: the checkpoint's scores as a table; errors as one line."""
+    from .report import print_summary, user_errors
+
+    with user_errors():
+        from .evaluate import evaluate
+
+        print_summary(evaluate(cfg))
 
 
 def task_direction(task: str) -> str:

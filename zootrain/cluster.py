@@ -1,5 +1,6 @@
-"""SLURM: the requeue signal kept from DataLoader workers, and submitit's job states from
-`squeue` on clusters without an accounting database.
+"""SLURM: Lightning's requeue on the launcher's signal, that signal kept from DataLoader workers
+and from a finished run's test and export, and submitit's job states from `squeue` on clusters
+without an accounting database.
 
 SLURM signals every process of a job step, DataLoader workers included: a worker forked from
 the training process runs Lightning's requeue handler too (saving a checkpoint of its stale copy
@@ -21,9 +22,12 @@ import os
 import signal
 import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
 
@@ -34,6 +38,39 @@ log = logging.getLogger(__name__)
 LEFT_QUEUE = "LEFT_QUEUE"
 
 _IGNORED_IN_CHILDREN: set[signal.Signals] = set()  # by processes forked from this one
+
+
+def slurm_plugins(requeue_signal: str) -> list[SLURMEnvironment]:
+    """Under SLURM, Lightning's environment that saves and requeues on `SIG<requeue_signal>`
+    (the signal the submitit_slurm launcher asks SLURM to send); elsewhere none.
+
+    Lightning would detect SLURM itself, but requeue on SIGUSR1 only. DataLoader workers
+    started from now on ignore the signal (SLURM signals every process of the job step)."""
+    if not SLURMEnvironment.detect():
+        return []
+    signum = signal.Signals[f"SIG{requeue_signal}"]  # checked by zootrain.checks
+    ignore_in_forked_children(signum)
+    return [SLURMEnvironment(auto_requeue=True, requeue_signal=signum)]
+
+
+@contextmanager
+def requeue_signal_ignored(requeue_signal: str) -> Iterator[None]:
+    """Under SLURM, ignore the requeue signal (`SIG<requeue_signal>`, sent `signal_delay_s`
+    before the time limit) in the block.
+
+    After `fit` it would requeue a trained run, or kill it (the signal's default action) during
+    its test and export; the time limit alone ends the job if they do not finish in time.
+    """
+    if not SLURMEnvironment.detect() or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    # Lightning's test() then sees a handler in place and installs no requeue handler.
+    signum = signal.Signals[f"SIG{requeue_signal}"]
+    previous = signal.signal(signum, signal.SIG_IGN)
+    try:
+        yield
+    finally:  # the next job of a sweep in this process must requeue on it again
+        signal.signal(signum, previous)
 
 
 def ignore_in_forked_children(signum: signal.Signals) -> None:

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch.distributed
 from hydra.core.hydra_config import HydraConfig
@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from .report import is_user_error, user_message
+from .result import RunResult
 from .sweep import JobResult, one_line, write_job_result
 
 if TYPE_CHECKING:
@@ -73,9 +74,9 @@ class JobRecord:
     """What `multirun_job` yields: the job's `train()` result goes in with `finish`."""
 
     def __init__(self) -> None:
-        self.result: dict[str, Any] | None = None
+        self.result: RunResult | None = None
 
-    def finish(self, result: dict[str, Any]) -> None:
+    def finish(self, result: RunResult) -> None:
         self.result = result
 
 
@@ -135,16 +136,7 @@ def _write_result(
         reason = one_line(error) if error is not None else "stopped before train() returned"
         outcome = JobResult(status="failed", error=reason, **common)
     else:
-        outcome = JobResult(
-            status="ok",
-            monitor=result["monitor"],
-            mode=result.get("mode", "max"),
-            best_score=result["best_score"],
-            best_epoch=result.get("best_epoch"),
-            best_checkpoint=result["best_model_path"] or None,
-            history=result.get("monitor_history", []),
-            **common,
-        )
+        outcome = JobResult.of_run(result, **common)
     try:
         write_job_result(hydra.runtime.output_dir, outcome)
     except OSError as problem:  # the job's own outcome matters more than its summary row

@@ -163,8 +163,6 @@ class TaskModule(L.LightningModule):
         config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if backbone_lr_mult < 0:
-            raise ValueError(f"backbone_lr_mult must be >= 0, got {backbone_lr_mult}")
         # Plain containers only: OmegaConf objects would break weights_only loading.
         self.save_hyperparameters(
             {"task": task, "num_classes": num_classes, "config": config or {}}

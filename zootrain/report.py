@@ -8,13 +8,16 @@ import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING
 
 from hydra.errors import InstantiationException
 from rich.console import Console
 from rich.table import Table
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .result import RunResult
 
 # A full disk or quota while a checkpoint or the config is written: the user frees space.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -121,29 +124,30 @@ def to_log_file(level: int, message: str) -> None:
             handler.handle(record)
 
 
-def print_summary(result: dict[str, Any]) -> None:
+def print_summary(result: RunResult) -> None:
+    """The final metrics as a table, then the checkpoint, exports and speed, on the console and
+    into the run's log file."""
     table = Table(title="final metrics", title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, value in sorted(result["metrics"].items()):
+    for key, value in sorted(result.metrics.items()):
         if key.startswith(("val/", "test/")) or key == "train/loss_epoch":
             table.add_row(key.removesuffix("_epoch"), f"{value:.4f}")
     console = Console(soft_wrap=True, record=True)
     console.print(table)
-    if result.get("best_score") is not None:
-        console.print(f"best {result['monitor']}: {result['best_score']:.4f}")
-    label = "best checkpoint" if "fit_seconds" in result else "checkpoint"
+    if result.best_score is not None:
+        console.print(f"best {result.monitor}: {result.best_score:.4f}")
+    label = "best checkpoint" if result.fitted else "checkpoint"
     # fast_dev_run writes no checkpoint
-    console.print(f"{label}: {result['best_model_path'] or 'none (no checkpoint was written)'}")
-    if result.get("backbone_weights"):
-        console.print(f"backbone weights: {result['backbone_weights']}")
-    if result.get("pictures"):
-        console.print(f"pictures: {', '.join(result['pictures'])}")
-    if "fit_seconds" in result:
+    console.print(f"{label}: {result.best_model_path or 'none (no checkpoint was written)'}")
+    if result.backbone_weights:
+        console.print(f"backbone weights: {result.backbone_weights}")
+    if result.pictures:
+        console.print(f"pictures: {', '.join(result.pictures)}")
+    if result.fitted:
         console.print(
-            f"fit: {result['fit_seconds']:.1f} s, "
-            f"{result['train_images_per_second']:.0f} train img/s"
+            f"fit: {result.fit_seconds:.1f} s, {result.train_images_per_second:.0f} train img/s"
         )
-    if "compile_warmup_seconds" in result:  # the first step traced and compiled the model
-        console.print(f"compile warm-up: {result['compile_warmup_seconds']:.1f} s")
+    if result.compile_warmup_seconds is not None:  # the first step traced and compiled
+        console.print(f"compile warm-up: {result.compile_warmup_seconds:.1f} s")
     to_log_file(logging.INFO, console.export_text().rstrip())

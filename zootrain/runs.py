@@ -1,4 +1,13 @@
-"""Run directories: each run owns one for its whole life, and a resume continues in it.
+"""Run state: the run directory and its file names, what to resume and whether it may, and
+what a checkpoint's stored config may name.
+
+A run owns one directory for its whole life, and a resume continues in it:
+
+    <run dir>/config.yaml               the resolved run config (written when it starts or resumes)
+             checkpoints/best.ckpt      the best by the task's metric; last.ckpt after every epoch
+             checkpoints/backbone.safetensors   the best checkpoint's backbone (`create(pretrained=)`)
+             hpc_ckpt_<n>.ckpt          Lightning's save on a SLURM requeue signal
+             eval/<checkpoint>-<split>/ eval.py's pictures
 
 A new single run gets `<outputs>/<run_name>/<time>/`, created exclusively: a second run of the
 same `run_name` started in the same second gets `<time>_1/` (mkdir is atomic, also on NFS).
@@ -9,12 +18,14 @@ Lightning keeps the best checkpoint's score and path (it drops them when the dir
 - `ckpt_path=<run dir>/checkpoints/<name>.ckpt` (or `<run dir>/hpc_ckpt_<n>.ckpt`): that run, from
   that file. A `.ckpt` outside any run directory starts a new run from its state.
 - `ckpt_path=last`: this run directory's own newest checkpoint (a sweep resumed in place), else
-  the newest run of this `run_name` (single runs and sweep jobs; newest by its `config.yaml`,
-  written when a run starts or resumes). That run must have a checkpoint and be unfinished: it
-  is never skipped for an older one.
+  the newest run of this `run_name` (single runs and sweep jobs; newest by its `config.yaml`).
+  That run must have a checkpoint and be unfinished: it is never skipped for an older one.
 
-This module imports only the standard library and omegaconf (Hydra resolves `hydra.run.dir`
-through `run_dir` before torch is loaded).
+A checkpoint may come from anyone: the run config stored in it (which eval.py rebuilds model and
+data from) names nothing off `ALLOWED_TARGETS` and holds no interpolation (`trusted_config`).
+
+This module imports only the standard library, omegaconf and hydra (Hydra resolves
+`hydra.run.dir` through `run_dir` before torch is loaded).
 """
 
 from __future__ import annotations
@@ -22,13 +33,23 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from hydra.utils import get_object
 
 from .errors import CheckpointError, ConfigError
 
 TIME_FORMAT = "%Y-%m-%d_%H-%M-%S"
-CONFIG = "config.yaml"  # written by train() into every run directory when it starts or resumes
+# The files of a run directory (see the module docstring); nothing else spells these names.
+CONFIG = "config.yaml"  # written into every run directory when it starts or resumes
+CHECKPOINTS = "checkpoints"
+BEST, LAST = "best", "last"  # checkpoints/<name>.ckpt
+REQUEUE_CHECKPOINTS = "hpc_ckpt_*.ckpt"  # Lightning's name for the save on a requeue signal
+BACKBONE = "backbone.safetensors"  # in checkpoints/, beside the checkpoint it came from
+METRICS_PLOT = "metrics.png"
+EVAL = "eval"
 
 
 def new_run_dir(outputs: str | os.PathLike, run_name: str) -> Path:
@@ -75,8 +96,6 @@ class Resume(NamedTuple):
 
 def resolve_resume(cfg: Any) -> Resume:
     """The run directory and checkpoint for `cfg.ckpt_path` (see the module docstring)."""
-    from .checkpoints import find_resume
-
     output_dir = Path(cfg.paths.output_dir)
     if cfg.ckpt_path is None:
         # A requeued SLURM job (signalled before its time limit, or preempted) is the same Hydra
@@ -95,7 +114,7 @@ def resolve_resume(cfg: Any) -> Resume:
         checkpoint = find_resume(path)
         if checkpoint is None:
             raise CheckpointError(
-                f"ckpt_path={ckpt_path}: the directory holds no checkpoints/last.ckpt "
+                f"ckpt_path={ckpt_path}: the directory holds no {CHECKPOINTS}/{LAST}.ckpt "
                 "(nor hpc_ckpt_<n>.ckpt); pass a run directory or a .ckpt file"
             )
         return Resume(path.resolve(), checkpoint)
@@ -114,17 +133,13 @@ def _last_run(outputs: Path, multirun: Path | None, run_name: str) -> Path:
             "once without ckpt_path, or pass a checkpoint file or run directory"
         )
     newest = runs[-1]
-    if not _has_checkpoint(newest):
+    if find_resume(newest) is None:
         raise CheckpointError(
             f"ckpt_path=last: the newest run of {run_name!r}, {newest}, has no checkpoint yet "
             "(it stopped before its first epoch ended): nothing to resume. Start it again "
             "without ckpt_path, or pass ckpt_path=<run dir> of another run"
         )
     return newest
-
-
-def _has_checkpoint(run: Path) -> bool:
-    return (run / "checkpoints" / "last.ckpt").is_file() or any(run.glob("hpc_ckpt_*.ckpt"))
 
 
 def _run_of_file(path: Path) -> Path | None:
@@ -144,6 +159,94 @@ def runs_of(outputs: Path, multirun: Path | None, run_name: str) -> list[Path]:
         candidates += [d for d in Path(multirun).glob("*/*/") if job.fullmatch(d.name)]
     runs = [d.resolve() for d in candidates if (d / CONFIG).is_file()]
     return sorted(runs, key=lambda d: (d / CONFIG).stat().st_mtime_ns)
+
+
+def checkpoint_dir(run: str | os.PathLike) -> Path:
+    """`<run>/checkpoints/`, where ModelCheckpoint writes best.ckpt and last.ckpt."""
+    return Path(run) / CHECKPOINTS
+
+
+def find_best(run_dir: str | os.PathLike) -> Path:
+    """The checkpoint `eval.py` scores for a run directory: `checkpoints/best.ckpt`."""
+    best = checkpoint_dir(run_dir) / f"{BEST}.ckpt"
+    if not best.is_file():
+        found = sorted(p.name for p in checkpoint_dir(run_dir).glob("*.ckpt"))
+        raise CheckpointError(
+            f"ckpt_path={run_dir} is a directory without {CHECKPOINTS}/{BEST}.ckpt (it holds "
+            f"{', '.join(found) or 'no checkpoint'}); pass a run directory of train.py or a "
+            ".ckpt file"
+        )
+    return best
+
+
+def find_resume(run_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint a run directory can go on from: `checkpoints/last.ckpt` (every
+    epoch) or `hpc_ckpt_<n>.ckpt` (Lightning's save on a SLURM requeue signal); None if neither."""
+    run_dir = Path(run_dir)
+    candidates = [checkpoint_dir(run_dir) / f"{LAST}.ckpt", *run_dir.glob(REQUEUE_CHECKPOINTS)]
+    existing = [p for p in candidates if p.is_file()]
+    return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
+
+
+def eval_pictures_dir(ckpt_path: str | os.PathLike, split: str) -> Path:
+    """Where eval.py puts a checkpoint's pictures: `<run dir>/eval/<checkpoint>-<split>/` for a
+    checkpoint in `<run dir>/checkpoints/`, else `eval/<checkpoint>-<split>/` beside the file."""
+    path = Path(ckpt_path)
+    run = path.parent.parent if path.parent.name == CHECKPOINTS else path.parent
+    return run / EVAL / f"{path.stem}-{split}"
+
+
+# ---------------------------------------------------------------------- may this run resume
+
+
+def check_resume(
+    checkpoint: dict[str, Any], resume: Resume, current: dict[str, Any], module: Any, by_hand: bool
+) -> None:
+    """Refuse a resume from `checkpoint` (read from `resume.checkpoint`) of another model
+    (`module`'s), one whose config (`current`, plain) changes what the checkpoint fixes, or, when
+    asked for `by_hand` (a requeued SLURM job just goes on), of a finished run."""
+    check_fits(checkpoint, resume.checkpoint, module)
+    check_unchanged(checkpoint["hyper_parameters"]["config"], current, resume.checkpoint)
+    if by_hand:
+        check_unfinished(checkpoint, resume, current["trainer"].get("max_epochs"))
+
+
+def check_fits(checkpoint: dict[str, Any], path: str | os.PathLike, module: Any) -> None:
+    """Refuse to resume `module`'s run from a checkpoint of another model, naming both."""
+    stored, hparams = checkpoint["hyper_parameters"]["config"], checkpoint["hyper_parameters"]
+    ours = getattr(module, "hparams", {}).get("config", {})
+
+    def describe(config: dict[str, Any], num_classes: Any) -> str:
+        backbone = config.get("backbone", {}).get("name", "?")
+        head = config.get("head", {}).get("name", "?")
+        return f"{backbone} + {head}, {num_classes} classes"
+
+    theirs = describe(stored, hparams.get("num_classes"))
+    mine = describe(ours, getattr(module, "num_classes", "?"))
+    expected = {k: v.shape for k, v in module.state_dict().items()}
+    got = {k: v.shape for k, v in checkpoint["state_dict"].items()}
+    if theirs == mine and expected == got:
+        return
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    wrong = [k for k in expected if k in got and got[k] != expected[k]]
+    counts = ", ".join(
+        f"{len(keys)} {label} (e.g. {keys[0]})"
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("of another shape", wrong),
+        )
+        if keys
+    )
+    if not counts:
+        return  # another name for the same architecture: its weights fit
+    raise CheckpointError(
+        f"ckpt_path={path} is a checkpoint of {theirs}; this run builds {mine}, which its "
+        f"weights do not fit ({counts}). Resume with the config it was trained with, or "
+        f"start a new run (its backbone weights: backbone.pretrained=<its run dir>/{CHECKPOINTS}/"
+        f"{BACKBONE})"
+    )
 
 
 def check_unfinished(checkpoint: dict[str, Any], resume: Resume, max_epochs: int) -> None:
@@ -169,8 +272,8 @@ def check_unfinished(checkpoint: dict[str, Any], resume: Resume, max_epochs: int
     raise CheckpointError(
         f"the run {resume.run_dir} is finished ({why}): nothing to resume from "
         f"{resume.checkpoint.name}. Evaluate it with `eval.py ckpt_path={resume.run_dir}`; to "
-        "train on, start a new run from its weights (backbone.pretrained=<run dir>/checkpoints/"
-        "backbone.safetensors) or, with scheduler=none, resume with a larger trainer.max_epochs"
+        f"train on, start a new run from its weights (backbone.pretrained=<run dir>/{CHECKPOINTS}/"
+        f"{BACKBONE}) or, with scheduler=none, resume with a larger trainer.max_epochs"
     )
 
 
@@ -215,3 +318,144 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
             flat.update(_flat(value, f"{prefix}{key}."))
         return flat
     return {prefix[:-1]: node}
+
+
+# ---------------------------------------------------------------------- what a checkpoint may name
+
+# The `_target_`s that moved since older checkpoints stored their run config, and where each
+# lives now. `load_checkpoint` applies this table to the stored config, the one place a config
+# comes back from a file (`eval.py` rebuilds model and data from it); exact paths only.
+MOVED_TARGETS: dict[str, str] = {
+    # issue 17: training/data/ became a package, one classifier builder in heads/
+    "training.build.classifier": "heads.build_classifier",
+    "training.data.ShapesDataModule": "zootrain.data.shapes.ShapesDataModule",
+    "training.datasets.ImageFolderDataModule": "zootrain.data.imagefolder.ImageFolderDataModule",
+    "training.datasets.CIFAR10DataModule": "zootrain.data.cifar.CIFAR10DataModule",
+    "training.datasets.CIFAR100DataModule": "zootrain.data.cifar.CIFAR100DataModule",
+    "training.datasets.OxfordPetDataModule": "zootrain.data.pet.OxfordPetDataModule",
+    "training.datasets.VOCSegmentationDataModule": "zootrain.data.voc.VOCSegmentationDataModule",
+    "training.datasets.COCODetectionDataModule": "zootrain.data.coco.COCODetectionDataModule",
+}
+# Packages renamed since: a stored target under the old prefix (not in the table above) is
+# read under the new one. Issue 30: `training` became `zootrain` (a user's own `training/`
+# package no longer shadows ours).
+MOVED_PACKAGES: dict[str, str] = {"training.": "zootrain."}
+
+# What a stored run config may name as a `_target_`: nothing else is imported or built from a
+# checkpoint. An entry ending in "." admits the objects defined in that package (checked where
+# the named object really lives, so `heads.torch.load` is refused); any other entry, exactly
+# that name. The configs in configs/ name only these.
+ALLOWED_TARGETS: tuple[str, ...] = (
+    "backbones.create",
+    "heads.",
+    "zootrain.data.",
+    "zootrain.callbacks.",
+    "zootrain.loggers.CSVLogger",
+    "torch.optim.",
+    "lightning.Trainer",
+    "lightning.pytorch.Trainer",
+    "lightning.pytorch.callbacks.",
+    "lightning.pytorch.loggers.",
+    "lightning.pytorch.strategies.",
+)
+
+
+def trusted_config(config: Any, path: str | os.PathLike, also_allowed: Any = ()) -> Any:
+    """The run config stored in the checkpoint at `path`, with moved targets updated, or a
+    `CheckpointError` if it names a `_target_` off `ALLOWED_TARGETS` (plus the exact names in
+    `also_allowed`) or holds a `${...}` interpolation. Nothing is built from it here."""
+    config = _current_targets(config)
+    problems = [
+        (where, what)
+        for where, what, target in _untrusted(config, "")
+        if target not in also_allowed
+    ]
+    if problems:
+        where, what = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(
+            f"{path}: its stored run config {what} at {where}{more}. Nothing was built from "
+            "it: train.py stores only the project's own targets, resolved, so this file was "
+            "written or edited elsewhere. A checkpoint may name only these targets: "
+            f"{', '.join(ALLOWED_TARGETS)}"
+        )
+    return config
+
+
+def moved_target(target: str) -> str:
+    """Where the `_target_` an older version stored lives now (itself if it did not move)."""
+    if target in MOVED_TARGETS:
+        return MOVED_TARGETS[target]
+    for old, new in MOVED_PACKAGES.items():
+        if target.startswith(old):
+            return new + target.removeprefix(old)
+    return target
+
+
+def _current_targets(node: Any) -> Any:
+    """The stored config `node` with every moved `_target_` replaced by where it lives now."""
+    if isinstance(node, dict):
+        return {
+            key: moved_target(value)
+            if key == "_target_" and isinstance(value, str)
+            else _current_targets(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_current_targets(item) for item in node]
+    return node
+
+
+def config_targets(node: Any) -> set[str]:
+    """Every `_target_` string in a config (plain containers)."""
+    if isinstance(node, dict):
+        own = {node["_target_"]} if isinstance(node.get("_target_"), str) else set()
+        return own.union(*(config_targets(value) for value in node.values()))
+    if isinstance(node, list):
+        return set().union(*(config_targets(item) for item in node))
+    return set()
+
+
+def _untrusted(node: Any, where: str) -> Iterator[tuple[str, str, str | None]]:
+    """(key path, what is wrong, the target) for every `_target_` not allowed and every
+    interpolation (whose target is None)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{where}.{key}" if where else str(key)
+            if key == "_target_":
+                problem = _target_problem(value)
+                if problem:
+                    yield path, problem, value
+            else:
+                yield from _untrusted(value, path)
+    elif isinstance(node, list):
+        for index, item in enumerate(node):
+            yield from _untrusted(item, f"{where}[{index}]")
+    elif isinstance(node, str) and "${" in node:
+        # stored resolved: an interpolation could only read the environment or call resolvers
+        yield where, f"holds an interpolation ({node!r}), which is not resolved", None
+
+
+def _target_problem(target: Any) -> str | None:
+    """Why `target` may not be built from a checkpoint, or None when it may."""
+    if not isinstance(target, str):
+        return f"names a target that is not a dotted name ({target!r})"
+    refusal = f"names {target!r}, which is not on the allow-list"
+    # A private or dunder step (`__globals__`, `_load`) leads anywhere: never followed.
+    if any(not part or part.startswith("_") for part in target.split(".")):
+        return refusal
+    for allowed in ALLOWED_TARGETS:
+        if target == allowed:
+            return None
+        if allowed.endswith(".") and target.startswith(allowed):
+            # Import only within the allowed package, then check where the object is defined:
+            # a module's imports (`heads.torch`) would otherwise lead out of it.
+            try:
+                found = get_object(target)
+            except Exception:  # any import or lookup failure: there is nothing to build
+                return f"names {target!r}, which does not exist in this version"
+            home = getattr(found, "__module__", None) or ""
+            if not callable(found) or not (home.startswith(allowed) or home == allowed[:-1]):
+                return f"{refusal} (it is {home or 'no module'}'s, not {allowed[:-1]}'s)"
+            return None
+    return refusal

@@ -32,6 +32,8 @@ from backbones.weights import atomic_path
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from .result import RunResult
+
 RESULT_FILE = "result.json"
 FILES = ("summary.csv", "summary.md", "summary.png")
 LEGEND = 10  # jobs drawn in the per-epoch panel
@@ -52,6 +54,22 @@ class JobResult:
     best_checkpoint: str | None = None
     error: str | None = None
     history: list[tuple[int, float]] = field(default_factory=list)  # monitor by epoch (from 0)
+
+    @classmethod
+    def of_run(cls, run: RunResult, job: int, overrides: list[str], seconds: float) -> JobResult:
+        """The row of a job whose run returned `run`."""
+        return cls(
+            job=job,
+            status="ok",
+            overrides=overrides,
+            seconds=seconds,
+            monitor=run.monitor,
+            mode=run.mode,
+            best_score=run.best_score,
+            best_epoch=run.best_epoch,
+            best_checkpoint=run.best_model_path,
+            history=list(run.monitor_history),
+        )
 
 
 def one_line(error: BaseException) -> str:

@@ -374,7 +374,7 @@ def write_results(
         "",
         *table(rows),
     ]
-    # `python -m zootrain.bench` keeps its section at the end of the same file.
+    # `python -m benchmarks.training` keeps its section at the end of the same file.
     old, marker = (markdown.read_text() if markdown.is_file() else ""), "\n# Training benchmark\n"
     old, training = (
         (old[: old.index(marker)], old[old.index(marker) :]) if marker in old else (old, "")

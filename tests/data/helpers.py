@@ -11,8 +11,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
-import train as train_script
 from backbones import IMAGENET_MEAN, IMAGENET_STD
+from zootrain.run import train
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -91,6 +91,6 @@ def fast_dev_run(tmp_path: Path, *overrides: str) -> dict[str, float]:
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
     )
-    metrics = train_script.train(cfg)["metrics"]
+    metrics = train(cfg).metrics
     assert all(math.isfinite(v) for v in metrics.values()), metrics
     return metrics

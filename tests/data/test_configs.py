@@ -9,6 +9,7 @@ from hydra.utils import get_class
 
 from backbones import IMAGENET_MEAN, IMAGENET_STD, input_normalization, list_backbones
 from zootrain.build import build_datamodule
+from zootrain.tasks import get_task
 
 from .helpers import config, options
 
@@ -28,13 +29,13 @@ def test_every_data_config_composes_with_its_heads(data: str, tmp_path: Path) ->
     """Each data config builds (without touching its root) for every head of a task it serves,
     and refuses the others by naming the tasks it serves."""
     heads = {head: config(tmp_path, f"data={data}", f"head={head}") for head in options("head")}
-    tasks = get_class(next(iter(heads.values())).data._target_).tasks
-    served = [head for head, cfg in heads.items() if cfg.head.task in tasks]
-    assert served, f"no head config serves {data}'s tasks {tasks}"  # every task has a head now
+    targets = get_class(next(iter(heads.values())).data._target_).targets
+    served = [head for head, cfg in heads.items() if get_task(cfg.head.task).target in targets]
+    assert served, f"no head config serves {data}'s targets {targets}"  # every task has a head
     for head, cfg in heads.items():
         if head in served:
             datamodule = build_datamodule(cfg)
-            assert datamodule.task == cfg.head.task
+            assert datamodule.task is get_task(cfg.head.task)
             if hasattr(datamodule, "mean"):  # real data: the backbone's statistics
                 assert (datamodule.mean, datamodule.std) == input_normalization("resnet18")
         else:

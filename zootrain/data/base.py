@@ -1,6 +1,7 @@
 """What every data module shares: the task check, the loaders, the base of the disk datasets.
 
-`TaskDataModule` serves one task (chosen by the head) and owns the DataLoaders (their worker
+`TaskDataModule` serves one task (chosen by the head: the kind of target its samples carry,
+how they batch, the augmentation preset) and owns the DataLoaders (their worker
 count, pinned memory and persistent workers follow the trainer's device, see `loader_workers`);
 subclasses fill `splits` and give `num_classes`. `DiskDataModule` adds what every real dataset needs:
 a `root` checked (and, where torchvision can, downloaded) before the model is built, with one
@@ -28,17 +29,11 @@ from torchvision.transforms.v2 import functional as F
 from backbones import IMAGENET_MEAN, IMAGENET_STD
 
 from ..errors import ConfigError, DatasetError
-from ..tasks import IGNORE_INDEX
+from ..tasks import Task, get_task, tasks_for
 from .sampling import EpochLoader, EpochSampler, EpochSeeded
-from .transforms import classification_preset, dense_preset
+from .transforms import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
-
-
-def detection_collate(batch: list) -> tuple[list[torch.Tensor], list[dict]]:
-    """Detection images may differ in size and box count: keep them as lists."""
-    images, targets = zip(*batch, strict=True)
-    return list(images), list(targets)
 
 
 MAX_AUTO_WORKERS = 8  # per GPU: what a DataLoader needs to keep one GPU fed on most data
@@ -55,7 +50,7 @@ def loader_workers(num_workers: int | str, on_cuda: bool, devices: int = 1) -> i
     """The DataLoader worker processes for `num_workers` ("auto" or a count >= 0).
 
     "auto" is 0 when training on the CPU: the model's kernels use every core, and loading in
-    the main process cost 1-3% of a step in `python -m zootrain.bench` (a worker would take a
+    the main process cost 1-3% of a step in `python -m benchmarks.training` (a worker would take a
     core from the model). On a GPU the main process only launches kernels, so the cores are
     shared among the node's GPUs, one left for each main process, at most `MAX_AUTO_WORKERS`.
     """
@@ -81,7 +76,9 @@ class TaskDataModule(L.LightningDataModule):
     workers start, so that what one worker stores every process reads.
     """
 
-    tasks: tuple[str, ...] = ()
+    # The kinds of target (`zootrain.tasks.TARGETS`) its samples can carry: it serves the
+    # tasks that ask for one of them.
+    targets: tuple[str, ...] = ()
     # The per-channel statistics the images are normalised with, which pictures undo; None
     # when the images arrive in [0, 1].
     mean: tuple[float, ...] | None = None
@@ -89,13 +86,13 @@ class TaskDataModule(L.LightningDataModule):
 
     def __init__(self, task: str, batch_size: int = 32, num_workers: int | str = "auto") -> None:
         super().__init__()
-        if task not in self.tasks:
+        self.task: Task = get_task(task)
+        if self.task.target not in self.targets:
             raise ConfigError(
-                f"data module {type(self).__name__} serves the tasks {list(self.tasks)}, "
+                f"data module {type(self).__name__} serves the tasks {tasks_for(self.targets)}, "
                 f"not {task!r}: pick a head for one of those tasks or another data config"
             )
         loader_workers(num_workers, on_cuda=False)  # a bad value fails here, not at fit
-        self.task = task
         self.batch_size, self.num_workers = batch_size, num_workers
         self.splits: dict[str, Dataset] = {}
         # The training order and augmentations follow (sample_seed, epoch, index), see
@@ -132,7 +129,7 @@ class TaskDataModule(L.LightningDataModule):
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=on_cuda,
-            collate_fn=detection_collate if self.task == "detection" else None,
+            collate_fn=self.task.collate,
             drop_last=shuffle and len(dataset) > self.batch_size,
         )
 
@@ -290,20 +287,15 @@ class DiskDataModule(TaskDataModule):
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.val_fraction, self.seed = val_fraction, seed
 
-    def _classification(self, train: bool, **options: Any) -> Callable:
-        return classification_preset(train, self.image_size, self.mean, self.std, **options)
-
-    def _dense(self, train: bool) -> Callable:
-        return dense_preset(self.task, train, self.image_size, self.mean, self.std)
+    def _transform(self, train: bool, **options: Any) -> Callable:
+        """The task's augmentation preset for a train or an eval split of this dataset."""
+        return self.task.transform(train, self.image_size, self.mean, self.std, **options)
 
     def _hold_out_splits(self, train: Dataset, test: Dataset) -> dict[str, Dataset]:
         """Splits of a dataset that has only train and test: val is a seeded random
         `val_fraction` of train (see `_set_hold_out`), or (with 0) the test split."""
-        if self.task == "classification":
-            train_tf = self._classification(True, **self.crop)
-            eval_tf = self._classification(False, **self.crop)
-        else:
-            train_tf, eval_tf = self._dense(True), self._dense(False)
+        options = self.crop if self.task.target == "label" else {}
+        train_tf, eval_tf = self._transform(True, **options), self._transform(False, **options)
         if self.val_fraction == 0:
             log.info("%s: val_fraction=0, validating on the test split", self.title)
             return {

@@ -85,7 +85,7 @@ class CIFAR10DataModule(DiskDataModule):
         Others: see `DiskDataModule`.
     """
 
-    tasks = ("classification",)
+    targets = ("label",)
     title = "CIFAR-10"
     source = datasets.CIFAR10  # its file names, md5s and download address
     layout = """

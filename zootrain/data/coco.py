@@ -28,7 +28,7 @@ class COCODetectionDataModule(DiskDataModule):
     Args: see `DiskDataModule`.
     """
 
-    tasks = ("detection",)
+    targets = ("boxes",)
     title = "COCO 2017"
     downloadable = False
     get_it = (
@@ -81,9 +81,9 @@ annotations/instances_train2017.json, instances_val2017.json
         train, val = self._load("train"), self._load("val")
         self.test_split = "val"
         return {
-            "train": Transformed(train, self._dense(True)),
-            "val": Transformed(val, self._dense(False)),
-            "test": Transformed(val, self._dense(False)),
+            "train": Transformed(train, self._transform(True)),
+            "val": Transformed(val, self._transform(False)),
+            "test": Transformed(val, self._transform(False)),
         }
 
 

@@ -38,7 +38,7 @@ class ImageFolderDataModule(DiskDataModule):
         Others: see `DiskDataModule`.
     """
 
-    tasks = ("classification",)
+    targets = ("label",)
     title = "ImageFolder dataset"
     downloadable = False
     get_it = "Set data.root to a folder laid out like this."
@@ -126,7 +126,7 @@ class ImageFolderDataModule(DiskDataModule):
         if "test" not in raw:
             raw["test"], self.test_split = raw["val"], "val"
         return {
-            split: Transformed(dataset, self._classification(split == "train", **self.crop))
+            split: Transformed(dataset, self._transform(split == "train", **self.crop))
             for split, dataset in raw.items()
         }
 

@@ -13,9 +13,9 @@ from torchvision import datasets
 from backbones import IMAGENET_MEAN, IMAGENET_STD
 
 from ..errors import DatasetError
-from ..tasks import IGNORE_INDEX
 from .base import AsMasks, DiskDataModule, missing_files
 from .images import open_image, read_rgb
+from .transforms import IGNORE_INDEX
 
 # Trimap values: 1 pet, 2 background, 3 the unlabelled border around the pet.
 PET_TRIMAP = {1: 1, 2: 0, 3: IGNORE_INDEX}
@@ -36,7 +36,7 @@ class OxfordPetDataModule(DiskDataModule):
         Others: see `DiskDataModule`.
     """
 
-    tasks = ("classification", "segmentation")
+    targets = ("label", "mask")
     title = "Oxford-IIIT Pet"
     layout = """
 oxford-iiit-pet/
@@ -67,7 +67,7 @@ oxford-iiit-pet/
     def _layout_problem(self) -> str | None:
         base = self.root / "oxford-iiit-pet"
         needed = [base / "images", base / "annotations"]
-        if self.task == "segmentation":
+        if self.task.target == "mask":
             needed.append(base / "annotations" / "trimaps")
         for folder in needed:
             if not folder.is_dir():
@@ -85,22 +85,22 @@ oxford-iiit-pet/
         listed = base / "annotations" / f"{split}.txt"
         ids = [line.split()[0] for line in listed.read_text().splitlines() if line.strip()]
         files = [base / "images" / f"{i}.jpg" for i in ids]
-        if self.task == "segmentation":
+        if self.task.target == "mask":
             files += [base / "annotations" / "trimaps" / f"{i}.png" for i in ids]
         problem = missing_files(files, listed)
         if problem:
             raise DatasetError(f"{self.title}: {problem}.\n{self._expected()}")
-        target = "segmentation" if self.task == "segmentation" else "category"
+        target = "segmentation" if self.task.target == "mask" else "category"
         return _OxfordIIITPet(self.root, split, target_types=target)
 
     def _read_classes(self) -> list[str]:
-        if self.task == "segmentation":
+        if self.task.target == "mask":
             return ["background", "pet"]
         return list(self._load("trainval").classes)
 
     def _build_splits(self) -> dict[str, Dataset]:
         trainval, test = self._load("trainval"), self._load("test")
-        if self.task == "segmentation":
+        if self.task.target == "mask":
             trainval, test = AsMasks(trainval, PET_TRIMAP), AsMasks(test, PET_TRIMAP)
         return self._hold_out_splits(trainval, test)
 

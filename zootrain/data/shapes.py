@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from backbones import IMAGENET_MEAN, IMAGENET_STD
 
+from ..tasks import get_task
 from .base import TaskDataModule
 
 log = logging.getLogger(__name__)
@@ -209,8 +210,6 @@ class ShapesDataset(Dataset):
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
-        if task not in ("classification", "segmentation", "detection"):
-            raise ValueError(f"unknown task {task!r}")
         unknown = [c for c in classes if c not in SHAPES]
         if unknown or not classes or len(set(classes)) != len(classes):
             raise ValueError(
@@ -220,7 +219,8 @@ class ShapesDataset(Dataset):
             raise ValueError(f"need 1 <= min_shapes <= max_shapes, got {min_shapes}, {max_shapes}")
         if image_size < 16:
             raise ValueError(f"image_size must be at least 16, got {image_size}")
-        self.split, self.length, self.task = split, length, task
+        self.split, self.length = split, length
+        self.target = get_task(task).target  # an unknown task is a ConfigError
         self.image_size, self.classes = image_size, tuple(classes)
         self.min_shapes, self.max_shapes, self.seed = min_shapes, max_shapes, seed
         self.augment = augment
@@ -299,9 +299,9 @@ class ShapesDataset(Dataset):
         if self.augment:
             scene = square_symmetry(scene, int(torch.randint(8, ())))
         image = (scene.image - self.mean) / self.std
-        if self.task == "classification":
+        if self.target == "label":
             return image, scene.label
-        if self.task == "segmentation":
+        if self.target == "mask":
             return image, scene.mask
         return image, {"boxes": scene.boxes, "labels": scene.labels}
 
@@ -377,7 +377,7 @@ class ShapesDataModule(TaskDataModule):
         batch_size, num_workers: DataLoader settings (`num_workers`: "auto" or a count).
     """
 
-    tasks = ("classification", "segmentation", "detection")
+    targets = ("label", "mask", "boxes")
     # The images are normalised with ImageNet's statistics, whatever the backbone.
     mean, std = IMAGENET_MEAN, IMAGENET_STD
 
@@ -399,7 +399,7 @@ class ShapesDataModule(TaskDataModule):
     ) -> None:
         super().__init__(task, batch_size, num_workers)
         common = dict(
-            task=task,
+            task=self.task.name,
             image_size=image_size,
             classes=tuple(classes),
             min_shapes=min_shapes,
@@ -419,8 +419,8 @@ class ShapesDataModule(TaskDataModule):
     @property
     def num_classes(self) -> int:
         # Segmentation predicts the background as class 0.
-        return len(self.classes) + (self.task == "segmentation")
+        return len(self.classes) + self.task.background_class
 
     @property
     def class_names(self) -> list[str]:
-        return (["background"] if self.task == "segmentation" else []) + list(self.classes)
+        return (["background"] if self.task.background_class else []) + list(self.classes)

@@ -1,8 +1,9 @@
-"""Augmentation presets per task on `torchvision.transforms.v2`: images, masks and boxes move together.
+"""Augmentation presets on `torchvision.transforms.v2`: images, masks and boxes move together.
 
 Every preset is called as `preset(image, target)` and returns `(image, target)`: a normalised
-float (3, H, W) tensor and, by task, an int label, an int64 (H, W) mask (`IGNORE_INDEX` where
-no class is known) or `{"boxes": float (N, 4) xyxy, "labels": int64 (N,)}`, all plain tensors.
+float (3, H, W) tensor and, by the kind of target (`zootrain.tasks.TARGETS`), an int label,
+an int64 (H, W) mask (`IGNORE_INDEX` where no class is known) or `{"boxes": float (N, 4) xyxy,
+"labels": int64 (N,)}`, all plain tensors. Each task says which preset its data uses.
 Dense targets must arrive as `tv_tensors.Mask` / `BoundingBoxes` so that v2 knows to resize
 masks with nearest neighbours and to move boxes with the pixels.
 """
@@ -17,8 +18,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from ..tasks import IGNORE_INDEX
-
+IGNORE_INDEX = 255  # segmentation pixels that no loss or metric counts
 Stats = Sequence[float]
 
 
@@ -45,24 +45,24 @@ def classification_preset(
 
 
 def dense_preset(
-    task: str,
+    target: str,
     train: bool,
     image_size: int,
     mean: Stats,
     std: Stats,
     scale_range: Sequence[float] = (0.5, 2.0),
 ) -> v2.Compose:
-    """Segmentation and detection.
+    """Masks (`target="mask"`, segmentation) and boxes (`"boxes"`, detection).
 
     Train: scale jitter (shorter side uniform in `scale_range` x image_size), a random
     image_size crop (padded where the image is smaller: masks with IGNORE_INDEX, images with
-    0), horizontal flip. Eval: the longer side resized to image_size; segmentation samples
-    are then padded on the bottom and right to image_size x image_size (the padding ignored)
-    so that a batch stacks, and pixels keep their coordinates. Detection drops boxes that a
-    crop cut to nothing (and their labels).
+    0), horizontal flip. Eval: the longer side resized to image_size; samples with masks are
+    then padded on the bottom and right to image_size x image_size (the padding ignored) so
+    that a batch stacks, and pixels keep their coordinates. Boxes that a crop cut to nothing
+    are dropped (and their labels).
     """
-    if task not in ("segmentation", "detection"):
-        raise ValueError(f"dense_preset serves segmentation and detection, not {task!r}")
+    if target not in ("mask", "boxes"):
+        raise ValueError(f"dense_preset moves masks or boxes with the pixels, not {target!r}")
     low, high = scale_range
     if train:
         geometry = [
@@ -74,9 +74,9 @@ def dense_preset(
         ]
     else:
         geometry = [v2.Resize(None, max_size=image_size, antialias=True)]
-        if task == "segmentation":
+        if target == "mask":
             geometry.append(PadBottomRight(image_size))
-    if task == "detection":
+    if target == "boxes":
         # boxes into the image (float rounding can leave them a hair outside, which Sanitize
         # would count as invalid), then drop those that are too small and their labels
         geometry += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes()]

@@ -28,7 +28,7 @@ class VOCSegmentationDataModule(DiskDataModule):
     Args: see `DiskDataModule`.
     """
 
-    tasks = ("segmentation",)
+    targets = ("mask",)
     title = "PASCAL VOC 2012"
     layout = """
 VOCdevkit/VOC2012/
@@ -68,9 +68,9 @@ VOCdevkit/VOC2012/
         train, val = AsMasks(self._load("train")), AsMasks(self._load("val"))
         self.test_split = "val"
         return {
-            "train": Transformed(train, self._dense(True)),
-            "val": Transformed(val, self._dense(False)),
-            "test": Transformed(val, self._dense(False)),
+            "train": Transformed(train, self._transform(True)),
+            "val": Transformed(val, self._transform(False)),
+            "test": Transformed(val, self._transform(False)),
         }
 
 

@@ -1,7 +1,7 @@
 """Training speed against a bare PyTorch loop, side by side in one process.
 
-    python -m zootrain.bench                       # make train's setting, mobilenetv3 + fpn
-    python -m zootrain.bench --setup "r50: backbone=resnet50 data.image_size=224 trainer=gpu"
+    python -m benchmarks.training                       # make train's setting, mobilenetv3 + fpn
+    python -m benchmarks.training --setup "r50: backbone=resnet50 data.image_size=224 trainer=gpu"
 
 For each setup (Hydra overrides of `train.py`), three runs train the same model (built by
 `zootrain.build`) with the same batch, precision, memory format, optimiser and device:
@@ -10,7 +10,7 @@ For each setup (Hydra overrides of `train.py`), three runs train the same model 
   loss, `backward`, `step`. What a user would write instead of this project.
 - (b) lightning: `TaskModule` in a `Trainer` made as `train.py` makes it (callbacks, progress
   bar, CSV logger), fed the same device batches: the framework's cost.
-- (c) pipeline: `train.train(cfg)` itself, data module, loaders and all. Its first epoch
+- (c) pipeline: `zootrain.run.train(cfg)` itself, data module, loaders and all. Its first epoch
   draws the shapes scenes, later epochs read them from the cache; both are timed. Its train
   loader alone (second epoch, batches copied to the device) is timed once per setup: how much
   faster than training the data comes.
@@ -20,7 +20,7 @@ the rounds alternate the runs (order reversed every round) and the table gives e
 fastest round: on a shared machine the noise only ever slows a run down (a neighbour's load
 comes in blocks of seconds, longer than a window), so the fastest round is the one least
 disturbed, as `timeit` advises; the ratios of the medians are printed below the table. Host
-syncs per step are counted in one extra untimed run of each (`zootrain.syncs`; on CUDA also
+syncs per step are counted in one extra untimed run of each (`benchmarks.syncs`; on CUDA also
 the driver's own sync warnings, `torch.cuda.set_sync_debug_mode`). It prints a table and
 writes `training_<device>.md` and `.png` to `--out`; with the default `--out benchmarks` it
 also updates the training section of `benchmarks/RESULTS.md`.
@@ -45,15 +45,14 @@ from typing import Any
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from backbones.tools.bench import set_up_allocator
 from backbones.weights import atomic_path
-
-from .build import build_datamodule, build_module
-from .devices import resolve_device_defaults, trains_on_cuda
-from .syncs import HostSyncs, StepSyncs
+from benchmarks.syncs import HostSyncs, StepSyncs
+from zootrain.build import build_datamodule, build_module, build_trainer
+from zootrain.devices import resolve_device_defaults, trains_on_cuda
+from zootrain.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_SETUPS = {
@@ -211,23 +210,12 @@ class Bench:
 
     def lightning(self, steps: int, extra: list[L.Callback], timed: bool = True) -> Window:
         """(b): our module and `train.py`'s trainer, on the device batches (one epoch)."""
-        import train as train_script
-
-        cfg = self.cfg
+        cfg = self.cfg.copy()
+        with open_dict(cfg):  # one epoch of training only
+            cfg.trainer.update(max_epochs=1, num_sanity_val_steps=0, limit_val_batches=0)
         module = build_module(cfg, _Classes(self.num_classes))
         window = Window(self.warmup, steps, self.device if timed else None)
-        callbacks = train_script._callbacks(
-            cfg, Path(cfg.paths.output_dir), module.task.monitor, module.task.mode
-        )
-        trainer_cfg = {**cfg.trainer, "max_epochs": 1, "num_sanity_val_steps": 0}
-        trainer: L.Trainer = instantiate(
-            trainer_cfg,
-            callbacks=[window, *extra, *callbacks],
-            logger=[instantiate(s) for s in cfg.logger.values() if s is not None] or False,
-            plugins=train_script._plugins(cfg),
-            default_root_dir=cfg.paths.output_dir,
-            limit_val_batches=0,
-        )
+        trainer = build_trainer(cfg, Path(cfg.paths.output_dir), module.task, [window, *extra])
         with warnings.catch_warnings():  # no validation here: the checkpoint has no metric
             warnings.filterwarnings("ignore", message=".*could not find the monitored key")
             batches = Cycle(self.batches, self.warmup + steps + 1)
@@ -251,12 +239,11 @@ class Bench:
     def pipeline(
         self, steps: int, extra: list[L.Callback], run: int, epochs: int = 2, timed: bool = True
     ) -> Window:
-        """(c): `train.train`, two epochs (a fresh data module: the first draws the scenes)."""
-        import train as train_script
-
+        """(c): `zootrain.run.train`, two epochs (a fresh data module: the first draws the
+        scenes)."""
         cfg = self._pipeline_config(steps, epochs, f"pipeline-{run}")
         window = Window(self.warmup, steps, self.device if timed else None)
-        train_script.train(cfg, extra_callbacks=[window, *extra])
+        train(cfg, extra_callbacks=[window, *extra])
         return window
 
     def loader(self) -> float:
@@ -392,7 +379,7 @@ def update_results(results: Path, section: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> list[Setup]:
     parser = argparse.ArgumentParser(
-        prog="python -m zootrain.bench", description=__doc__.split("\n")[0]
+        prog="python -m benchmarks.training", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
         "--setup",
@@ -415,7 +402,9 @@ def main(argv: list[str] | None = None) -> list[Setup]:
         defaults = GPU_SETUPS if torch.cuda.is_available() else CPU_SETUPS
         setups = [Setup(label, list(o)) for label, o in defaults.items()]
     allocator = set_up_allocator() if not torch.cuda.is_available() else "allocator: CUDA caching"
-    command = " ".join(["python -m zootrain.bench", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(
+        ["python -m benchmarks.training", *(argv if argv is not None else sys.argv[1:])]
+    )
     described: list[str] = []
     done: list[Setup] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -465,7 +454,7 @@ def report(
         "- a: bare loop on device batches; b: TaskModule + train.py's Trainer on the same "
         "batches; c: train.train, whole data pipeline (epoch 1 draws the scenes, epoch 2 reads "
         "the cache); loader alone: c's train loader in its second epoch, batches copied to the "
-        "device, timed once; host syncs counted in the training steps (zootrain/syncs.py)",
+        "device, timed once; host syncs counted in the training steps (benchmarks/syncs.py)",
         "",
         *table(setups, args.steps),
     ]
