@@ -119,7 +119,7 @@ def test_a_sweep_with_a_failed_job_is_summarised(
     with (passed / "metrics.csv").open() as f:
         logged = [float(row["val/acc"]) for row in csv.DictReader(f) if row["val/acc"]]
     assert float(rows[0]["best_score"]) == pytest.approx(max(logged))
-    lr_error = "optim.lr=-1 cannot work: the learning rate is a number >= 0"
+    lr_error = "optim.lr=-1 cannot work: it is the learning rate, a number >= 0"
     assert rows[1]["error"] == f"ConfigError: {lr_error}"
     assert (sweep / "summary.md").is_file() and (sweep / "summary.png").is_file()
     assert "summary.md" in done.stdout and lr_error in done.stdout

@@ -17,7 +17,14 @@ from torch import nn
 from backbones import input_normalization
 from backbones.weights import atomic_path
 
-from .callbacks import ExampleInput, MetricsPlot, StepSeed, StepTimer, TopKCheckpoints
+from .callbacks import (
+    DivergenceCheck,
+    ExampleInput,
+    MetricsPlot,
+    StepSeed,
+    StepTimer,
+    TopKCheckpoints,
+)
 from .checkpoints import AtomicCheckpointIO
 from .cluster import slurm_plugins
 from .data.base import TaskDataModule
@@ -141,6 +148,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, task: Task) -> list[L.Callba
         ExampleInput(),  # the model summary's FLOPs
         StepTimer(),
         StepSeed(cfg.seed),  # dropout's draws per step: a resumed epoch draws the same
+        DivergenceCheck(),  # a non-finite validation stops the fit before its checkpoints
     ]
     if top_k > 1 or top_k == -1:  # k best (-1: every epoch's), named by epoch and metric
         callbacks.append(TopKCheckpoints(checkpoint_dir(run_dir), monitor, mode, top_k))

@@ -1,9 +1,10 @@
 """Callbacks of our own: the curves plot, the model summary's example input, a progress bar
-that reads no device value per step, the step timer, the per-step seed. The rest is
-Lightning's."""
+that reads no device value per step, the step timer, the per-step seed, the validation's
+divergence check. The rest is Lightning's."""
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -15,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
 from .data.sampling import derived_seed, seed_all
+from .errors import DivergedError
 from .plots import plot_curves, save_figure
 
 
@@ -224,3 +226,29 @@ class StepSeed(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         seed_all(derived_seed(self.seed, trainer.current_epoch, batch_idx, trainer.global_rank))
+
+
+class DivergenceCheck(L.Callback):
+    """Stops a fit whose validation loss or metric is not finite, before that epoch's
+    checkpoints are written: a diverged model is never kept, as best or as last.
+
+    Lightning runs checkpoint callbacks after every other at each hook, so this check's
+    `on_validation_end` comes before the checkpoints' saves; it reads values already on the
+    host (what the loggers received), once an epoch.
+    """
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        bad = {
+            key: float(value)
+            for key, value in trainer.callback_metrics.items()
+            if key.startswith("val/") and not math.isfinite(float(value))
+        }
+        if bad:
+            shown = ", ".join(f"{key} {value}" for key, value in sorted(bad.items()))
+            raise DivergedError(
+                f"training diverged: at epoch {trainer.current_epoch} the validation gave "
+                f"{shown}; nothing of this epoch was saved. Lower optim.lr, set "
+                "trainer.gradient_clip_val, or add a warm-up (scheduler.warmup_epochs)"
+            )

@@ -86,10 +86,15 @@ def load_checkpoint(
             "best.ckpt (or last.ckpt)"
         )
     if not zipfile.is_zipfile(path):
-        raise CheckpointError(
-            f"{path} is not a PyTorch checkpoint (not a torch.save archive, maybe truncated); "
-            "pass a .ckpt written by train.py"
+        with open(path, "rb") as file:
+            pickled = file.read(1) == b"\x80"  # a pickle's protocol opcode
+        what = (
+            "a pickle (pickle.dump, or torch.save's legacy format), which is not read: pickled "
+            "code is never executed here"
+            if pickled
+            else "not a PyTorch checkpoint (not a torch.save archive, maybe truncated)"
         )
+        raise CheckpointError(f"{path} is {what}; pass a .ckpt written by train.py")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:

@@ -8,70 +8,192 @@ learning rate, BatchNorm on batches of one).
 
 from __future__ import annotations
 
+import math
 import signal
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
+from .runs import BACKBONE, CHECKPOINTS, check_run_name
 
 if TYPE_CHECKING:  # check_config runs before torch is imported: a mistake costs no wait
     from torch import nn
 
     from .data.base import TaskDataModule
 
-# (config key, smallest value, what the value is, words allowed instead): integers checked
-# when the key is present.
-_AT_LEAST: tuple[tuple[str, int, str, tuple[str, ...]], ...] = (
-    ("data.batch_size", 1, "images per batch (per device)", ()),
-    (
-        "data.num_workers",
+
+@dataclass(frozen=True)
+class Rule:
+    """What a config key may hold: a kind ("int", "number", "bool"; "words": only those of
+    `also`), a closed range
+    (`low`, `high`; `above`: `low` itself excluded), the values allowed besides (words such as
+    "auto", or -1), and null."""
+
+    kind: str
+    meaning: str
+    low: float | None = None
+    high: float | None = None
+    above: bool = False
+    also: tuple[str | int, ...] = ()
+    nullable: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
+        if not isinstance(value, bool) and value in self.also:
+            return True
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        if self.kind == "words":  # only the words of `also`
+            return False
+        number = int if self.kind == "int" else int | float
+        if isinstance(value, bool) or not isinstance(value, number) or not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.above else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def expected(self) -> str:
+        kind = {"int": "an integer", "number": "a number", "bool": "true or false"}
+        if self.kind == "words":
+            return " or ".join(repr(word) for word in self.also)
+        text = kind[self.kind]
+        if self.low is not None and self.high is not None:
+            text += f" in {'(' if self.above else '['}{self.low:g}, {self.high:g}]"
+        elif self.low is not None:
+            text += f" {'>' if self.above else '>='} {self.low:g}"
+        text += "".join(f" or {word!r}" for word in self.also)
+        return text + (" or null" if self.nullable else "")
+
+
+# Every key a user may set that the code reads as a plain value (targets' own arguments are
+# checked by their constructors); a key missing from a config is not checked.
+SCHEMA: dict[str, Rule] = {
+    "seed": Rule("int", "the run's seed"),
+    "backbone_lr_mult": Rule("number", "the backbone's learning rate relative to the head's", 0),
+    "bn_momentum": Rule(
+        "number",
+        "every BatchNorm's running-statistics momentum (null: each family's own)",
         0,
-        "DataLoader worker processes (0 loads in the main process)",
-        ("auto",),
+        1,
+        above=True,
+        nullable=True,
     ),
-    ("data.num_train", 1, "training images", ()),
-    ("data.num_val", 1, "validation images", ()),
-    ("data.num_test", 1, "test images", ()),
-)
-# (config key, what it is): numbers that must not be negative.
-_NOT_NEGATIVE = (
-    ("optim.lr", "the learning rate"),
-    ("optim.weight_decay", "the weight decay"),
-    ("backbone_lr_mult", "the backbone's learning rate relative to the head's"),
-)
+    "linear_probe": Rule("bool", "whether the backbone is frozen"),
+    "channels_last": Rule("bool", "whether activations are NHWC"),
+    "compile": Rule("bool", "whether the model is torch.compile'd"),
+    "test_after_fit": Rule("bool", "whether the best checkpoint is tested"),
+    "export_backbone": Rule("bool", "whether the best backbone is exported"),
+    "pictures": Rule("bool", "whether the pictures are drawn"),
+    "data.batch_size": Rule("int", "the number of images per batch (per device)", 1),
+    "data.num_workers": Rule(
+        "int",
+        "the number of DataLoader worker processes (0 loads in the main process)",
+        0,
+        also=("auto",),
+    ),
+    "data.num_train": Rule("int", "the number of training images", 1),
+    "data.num_val": Rule("int", "the number of validation images", 1),
+    "data.num_test": Rule("int", "the number of test images", 1),
+    "data.image_size": Rule("int", "the side of the images in pixels", 16),
+    "optim.lr": Rule("number", "the learning rate", 0),
+    "optim.weight_decay": Rule("number", "the weight decay", 0),
+    "optim.momentum": Rule("number", "the momentum", 0, 1),
+    "scheduler.name": Rule("words", "the learning-rate schedule", also=("cosine", "none")),
+    "scheduler.warmup_epochs": Rule("number", "the warm-up length in epochs", 0),
+    "scheduler.final_ratio": Rule("number", "the last learning rate over the first", 0, 1),
+    "trainer.max_epochs": Rule("int", "the number of epochs (-1: no limit)", -1),
+    "trainer.accumulate_grad_batches": Rule("int", "batches per optimiser step", 1),
+    "trainer.gradient_clip_val": Rule(
+        "number",
+        "the gradient norm clipped to (null: no clipping)",
+        0,
+        above=True,
+        nullable=True,
+    ),
+    "trainer.log_every_n_steps": Rule("int", "the optimiser steps between logged values", 1),
+    "trainer.num_sanity_val_steps": Rule("int", "the validation batches before fit", -1),
+    "trainer.overfit_batches": Rule(
+        "words",
+        "Lightning's overfitting option, which the seeded sampler of this project does "
+        "not take (use debug=overfit)",
+        also=(0,),
+    ),
+    "trainer.num_nodes": Rule("int", "the number of nodes", 1),
+    "callbacks.checkpoint.save_top_k": Rule(
+        "int",
+        "how many best checkpoints are kept (best.ckpt always; -1: every epoch's)",
+        1,
+        also=(-1,),
+    ),
+}
 
 
 def check_config(cfg: DictConfig) -> None:
-    """The values of a train.py config that no run can use; before anything is built."""
-    for key, minimum, meaning, words in _AT_LEAST:
-        value = _select(cfg, key)
-        if value is None or value in words:
+    """The values of a train.py config that no run can use; before anything is built.
+
+    Interpolations are resolved first (an unset `${oc.env:...}` is named); a value read from
+    the environment as text where a number belongs is typed (`data.batch_size=${oc.env:N}`)."""
+    try:  # Hydra's own node, where composed with it, is Hydra's to resolve
+        for key, value in cfg.items():  # (a top-level value resolves as it is read)
+            if key != "hydra" and OmegaConf.is_config(value):
+                OmegaConf.to_container(value, resolve=True)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "the config"
+        raise ConfigError(f"{key}: {_first_line(error)}") from None
+    for key, rule in SCHEMA.items():
+        if OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False) is _ABSENT:
             continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            also = "".join(f" or {word!r}" for word in words)
-            raise ConfigError(
-                f"{key}={value} cannot work: it is the number of {meaning}, an integer "
-                f">= {minimum}{also}"
-            )
-    for key, meaning in _NOT_NEGATIVE:
-        value = _select(cfg, key)
-        if value is None:
+        value = _typed(cfg, key, rule)
+        if rule.accepts(value):
             continue
-        # `not value >= 0`: NaN too (it compares false with everything)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-            raise ConfigError(f"{key}={value} cannot work: {meaning} is a number >= 0")
-    momentum = _select(cfg, "bn_momentum")
-    if momentum is not None and (
-        isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0 < momentum <= 1
-    ):
-        raise ConfigError(
-            f"bn_momentum={momentum} cannot work: it is every BatchNorm's running-statistics "
-            "momentum, a number in (0, 1], or null to keep each family's own"
-        )
+        raise ConfigError(f"{key}={value} cannot work: it is {rule.meaning}, {rule.expected()}")
+    check_run_name(_select(cfg, "run_name"))
     requeue = _select(cfg, "requeue_signal")
     if requeue is not None and f"SIG{requeue}" not in signal.Signals.__members__:
         raise ConfigError(f"requeue_signal={requeue} is not a signal name; use USR1 or USR2")
+    pretrained = _select(cfg, "backbone.pretrained")
+    if isinstance(pretrained, str) and pretrained.endswith(".ckpt"):
+        run = Path(pretrained).parent.parent
+        raise ConfigError(
+            f"backbone.pretrained={pretrained} is a training checkpoint (the whole model, "
+            f"optimiser and all); a run exports its backbone as {run / CHECKPOINTS / BACKBONE}: "
+            "pass that file (or ckpt_path= to resume the run)"
+        )
+
+
+_ABSENT = object()
+
+
+def _typed(cfg: DictConfig, key: str, rule: Rule) -> Any:
+    """The value at `key`; text where a number or a switch belongs (what `${oc.env:...}` gives)
+    is read as one, and put back typed so that config.yaml records the number."""
+    value = _select(cfg, key)
+    if not isinstance(value, str) or rule.kind == "words" or value in rule.also:
+        return value
+    try:
+        typed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    if rule.kind == "bool" and value.lower() not in ("true", "false"):  # not YAML 1.1's yes/on
+        return value
+    if rule.kind in ("int", "number") and (
+        isinstance(typed, bool) or not isinstance(typed, int | float)
+    ):
+        return value
+    with open_dict(cfg):
+        OmegaConf.update(cfg, key, typed, merge=False)
+    return typed
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def check_eval_config(cfg: DictConfig) -> None:
@@ -123,3 +245,28 @@ def check_model(module: nn.Module, datamodule: TaskDataModule) -> None:
 
 def _select(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+
+
+def check_finite_weights(state_dict: dict[str, Any], path: Any) -> None:
+    """Refuse a checkpoint whose weights hold NaN or inf: its scores would mean nothing."""
+    bad = [
+        key
+        for key, value in state_dict.items()
+        if value.is_floating_point() and not bool(value.isfinite().all())
+    ]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise CheckpointError(
+            f"{path}: its weights are not finite ({bad[0]}{more}): a diverged model, nothing "
+            "to score. Evaluate an earlier checkpoint of the run"
+        )
+
+
+def writable_dir(directory: Path, key: str) -> None:
+    """Create `directory` (the place results go, named by config `key`) or say why not."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"{key}={directory} cannot be written ({error.strerror}); choose a folder you can write"
+        ) from None

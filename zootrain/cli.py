@@ -10,11 +10,15 @@ passed their checks: a mistyped value fails in a second.
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .runs import run_dir
+from .report import user_errors
+from .runs import run_dir, run_log, run_subdir
 
 
 def train_command(cfg: DictConfig) -> float | None:
@@ -24,7 +28,7 @@ def train_command(cfg: DictConfig) -> float | None:
     from hydra.types import RunMode
 
     from .checks import check_config
-    from .report import print_summary, user_errors
+    from .report import print_summary
 
     if HydraConfig.get().mode == RunMode.MULTIRUN:  # a job's error must not end the sweep
         from .launch import multirun_job
@@ -48,7 +52,7 @@ def train_command(cfg: DictConfig) -> float | None:
 
 def eval_command(cfg: DictConfig) -> None:
     """eval.py: the checkpoint's scores as a table; errors as one line."""
-    from .report import print_summary, user_errors
+    from .report import print_summary
 
     with user_errors():
         from .evaluate import evaluate
@@ -63,10 +67,32 @@ def task_direction(task: str) -> str:
     return {"max": "maximize", "min": "minimize"}[get_task(task).mode]
 
 
+def _exits_on_user_error(resolver: Callable[..., Any]) -> Callable[..., Any]:
+    """A resolver Hydra calls while it sets up the job: a user error there is one line and exit
+    status 1 (Hydra would print a traceback of its own frames)."""
+
+    @functools.wraps(resolver)
+    def resolve(*args: Any) -> Any:
+        with user_errors():
+            return resolver(*args)
+
+    return resolve
+
+
 OmegaConf.register_new_resolver("task_direction", task_direction, replace=True)
 # hydra.run.dir: a resumed run's own directory, else a new one no other run shares. Cached: the
 # directory is created when first resolved, and every later read must name the same one.
-OmegaConf.register_new_resolver("run_dir", run_dir, replace=True, use_cache=True)
+OmegaConf.register_new_resolver(
+    "run_dir", _exits_on_user_error(run_dir), replace=True, use_cache=True
+)
+# hydra.job_logging's file: the run directory's lock is taken as Hydra opens its log there, and
+# hydra.output_subdir: a resumed or evaluated run's record beside the first (see zootrain.runs).
+OmegaConf.register_new_resolver(
+    "run_log", _exits_on_user_error(run_log), replace=True, use_cache=True
+)
+OmegaConf.register_new_resolver(
+    "run_subdir", _exits_on_user_error(run_subdir), replace=True, use_cache=True
+)
 
 # configs/hydra/launcher/submitit_*.yaml share their names with the submitit plugin's schemas,
 # so Hydra validates them against those dataclasses (wanted: a mistyped key fails) and warns

@@ -24,6 +24,16 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint path is missing or the file is not a readable checkpoint of this project."""
 
 
-class NonFiniteLossError(UserError, RuntimeError):
+class DivergedError(UserError, RuntimeError):
+    """Training diverged: its loss grew without bound, or a validation loss or metric is not
+    finite; the message says what to change (a lower learning rate, clipping, a warm-up)."""
+
+
+class NonFiniteLossError(DivergedError):
     """The training loss, or a weight after an optimiser step, became NaN or infinite; the
     message names the step (or the weights)."""
+
+
+class RunStopped(UserError, RuntimeError):
+    """The run was stopped (a signal, Ctrl-C) or ended without what it was asked for (a best
+    checkpoint, its test, its export): not a success; the message says where to go on."""

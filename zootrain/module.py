@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils import get_total_norm
 
-from .errors import NonFiniteLossError
+from .errors import ConfigError, DivergedError, NonFiniteLossError
 from .tasks import get_task
 
 
@@ -58,13 +58,20 @@ class WarmupCosine:
         return self.final_ratio + (1 - self.final_ratio) * cosine
 
 
-class NonFiniteGuard:
-    """Notices a NaN/inf training loss on the device, without a host sync per step.
+# A training loss this many times its first step's (or 1, whichever is larger) has diverged:
+# a cross-entropy starts near ln(classes), a detector's sum near 1-5; a run whose loss grew a
+# thousandfold learns nothing more (optim.lr=1e3 reaches 1e8 within ten steps).
+DIVERGENCE_FACTOR = 1000.0
 
-    `update` records, on the loss's device, the step and value of the first non-finite loss;
-    `check` reads that record together with the norm of every weight (parameters and
-    floating buffers, e.g. BatchNorm statistics) in one host sync and raises
-    `NonFiniteLossError` naming the step, or the weights that are no longer finite.
+
+class NonFiniteGuard:
+    """Notices a NaN/inf or diverging training loss on the device, without a host sync per step.
+
+    `update` records, on the loss's device, the first step's loss and the step and value of the
+    first non-finite loss; `check` reads that record together with the last loss and the norm
+    of every weight (parameters and floating buffers, e.g. BatchNorm statistics) in one host
+    sync and raises `NonFiniteLossError` naming the step, or the weights that are no longer
+    finite, or `DivergedError` when the last loss is `DIVERGENCE_FACTOR` times the first.
     """
 
     def __init__(self) -> None:
@@ -73,6 +80,7 @@ class NonFiniteGuard:
     def reset(self) -> None:
         self.first_step: torch.Tensor | None = None  # -1 until a loss is not finite
         self.first_value: torch.Tensor | None = None
+        self.start: torch.Tensor | None = None  # the first step's loss
         self.batches: dict[int, tuple[int, int]] = {}  # step -> (epoch, batch) since the check
         self.checked_step = -1
 
@@ -81,6 +89,8 @@ class NonFiniteGuard:
         if self.first_step is None or self.first_step.device != loss.device:
             self.first_step = torch.full((), -1, dtype=torch.int64, device=loss.device)
             self.first_value = torch.zeros((), device=loss.device)
+        if self.start is None:
+            self.start = loss.float().clone()
         new = ~torch.isfinite(loss) & (self.first_step < 0)
         self.first_step = torch.where(new, step, self.first_step)
         self.first_value = torch.where(new, loss.float(), self.first_value)
@@ -98,16 +108,20 @@ class NonFiniteGuard:
             self.first_step = torch.full((), -1, dtype=torch.int64, device=device)
             self.first_value = torch.zeros((), device=device)
         first_step, first_value = self.first_step, self.first_value
-        flags = torch.stack([(first_step >= 0), ~torch.isfinite(state)]).to(device, dtype)
+        if extra is None:
+            extra = torch.full((), torch.nan, device=device)
+        start = torch.full((), torch.nan, device=device) if self.start is None else self.start
+        bound = DIVERGENCE_FACTOR * torch.clamp(start.to(device, dtype), min=1.0)
+        diverged = extra.to(device, dtype) > bound  # False while either is NaN
+        flags = torch.stack([(first_step >= 0), ~torch.isfinite(state), diverged])
+        flags = flags.to(device, dtype)
         trainer = module._trainer
         if trainer is not None and trainer.world_size > 1:  # every rank raises, or none
             # (not the strategy's `reduce`: it adds a barrier, which blocks the host)
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        if extra is None:
-            extra = torch.full((), torch.nan, device=device)
-        record = torch.stack([v.to(device, dtype) for v in (first_step, first_value, extra)])
-        values = torch.cat([flags, record])
-        bad_loss, bad_weights, step, value, extra_value = values.tolist()
+        record = [first_step, first_value, extra, start]
+        values = torch.cat([flags, torch.stack([v.to(device, dtype) for v in record])])
+        bad_loss, bad_weights, grew, step, value, extra_value, start_value = values.tolist()
         step, global_step = int(step), module.global_step
         if bad_loss:
             where = (
@@ -128,6 +142,13 @@ class NonFiniteGuard:
                 f"the weights are no longer finite at step {global_step}{since}: "
                 f"{shown or 'in another process'}; lower optim.lr, set "
                 "trainer.gradient_clip_val, or use precision=32-true"
+            )
+        if grew:
+            raise DivergedError(
+                f"the training loss diverged: {extra_value:.4g} at step {global_step}, more than "
+                f"{DIVERGENCE_FACTOR:g} times the first step's {start_value:.4g} (or 1); lower "
+                "optim.lr, set trainer.gradient_clip_val, or add a warm-up "
+                "(scheduler.warmup_epochs)"
             )
         self.checked_step = global_step
         self.batches.clear()
@@ -176,6 +197,7 @@ class TaskModule(L.LightningModule):
         self.channels_last = channels_last
         self.compile_model = compile
         self._guard = NonFiniteGuard()
+        self._resumed_total: int | None = None  # the schedule's length in a resumed checkpoint
         self._last_loss: torch.Tensor | None = None
         # Read by the progress bar: the step values read from the device at the last check.
         self.step_values: dict[str, float] = {}
@@ -211,6 +233,14 @@ class TaskModule(L.LightningModule):
                 self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(x))
         self._last_loss = loss.detach()
         return loss
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Called before `configure_optimizers` on resume; Lightning then loads the schedule's
+        # stored length over the one just computed, so it is compared there.
+        for scheduler in checkpoint.get("lr_schedulers", []):
+            for factor in scheduler.get("lr_lambdas", []):
+                if isinstance(factor, dict) and "total_steps" in factor:
+                    self._resumed_total = int(factor["total_steps"])
 
     def on_train_start(self) -> None:
         self._guard.reset()
@@ -312,7 +342,10 @@ class TaskModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         groups = self.parameter_groups()
         if not groups:
-            raise ValueError("nothing to train: every parameter is frozen")
+            raise ConfigError(
+                "nothing to train: every parameter is frozen (linear_probe=true with a head "
+                "of no parameters, or backbone.frozen_stages over a frozen head)"
+            )
         optimizer = self.optimizer_factory(groups)
         for group in optimizer.param_groups:
             group["lr"] *= group["lr_mult"]
@@ -320,8 +353,16 @@ class TaskModule(L.LightningModule):
         if name == "none":
             return {"optimizer": optimizer}
         if name != "cosine":
-            raise ValueError(f"unknown scheduler {name!r}; use 'cosine' or 'none'")
+            raise ConfigError(f"unknown scheduler {name!r}; use 'cosine' or 'none'")
         total = int(self.trainer.estimated_stepping_batches)
+        if self._resumed_total is not None and self._resumed_total != total:
+            raise ConfigError(
+                f"this resume takes {total} optimiser steps in all, the checkpoint's schedule "
+                f"{self._resumed_total}: the steps per epoch changed (data size, "
+                "data.batch_size, trainer.accumulate_grad_batches or trainer.devices), which a "
+                "schedule fixes when the run starts. Resume with the run's values (its "
+                "config.yaml), or start a new run from its weights"
+            )
         steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
         warmup = round(self.scheduler_cfg.get("warmup_epochs", 0) * steps_per_epoch)
         factor = WarmupCosine(warmup, total, self.scheduler_cfg.get("final_ratio", 0.0))

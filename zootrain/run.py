@@ -8,7 +8,8 @@ with a name, so the run reads top to bottom.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,22 @@ from .checks import check_config, check_data, check_model
 from .cluster import requeue_signal_ignored
 from .data.base import TaskDataModule
 from .devices import resolve_device_defaults
-from .errors import NonFiniteLossError
+from .errors import DivergedError, RunStopped
 from .module import TaskModule
 from .plots import best_epoch, run_title
 from .predictions import write_pictures
 from .report import quiet_lightning, route_lightning_logs
 from .result import RunResult
-from .runs import BACKBONE, CONFIG, Resume, check_resume, find_resume, resolve_resume
+from .runs import (
+    BACKBONE,
+    CONFIG,
+    Resume,
+    check_resume,
+    checkpoint_dir,
+    find_resume,
+    resolve_resume,
+    run_dir_locked,
+)
 
 
 def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> RunResult:
@@ -46,34 +56,36 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> RunRes
     own callbacks at every hook.
     """
     check_config(cfg)
-    run = open_run(cfg)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(cfg)
-    check_data(datamodule)
-    module = build_module(cfg, datamodule)
-    check_model(module, datamodule)
-    if run.checkpoint is not None:
-        checkpoint = load_checkpoint(run.checkpoint, also_allowed=own_targets(cfg))
-        check_resume(checkpoint, run, plain_config(cfg), module, by_hand=cfg.ckpt_path is not None)
-    trainer = build_trainer(cfg, run.run_dir, module.task, extra_callbacks)
-    if trainer.is_global_zero:  # under DDP every rank runs train(); one writes the run's files
-        write_config(cfg, run.run_dir / CONFIG)
-    fit_seconds = fit(trainer, module, datamodule, run)
-    with requeue_signal_ignored(cfg.requeue_signal):
-        return finish(cfg, trainer, module, datamodule, run, fit_seconds)
-
-
-def open_run(cfg: DictConfig) -> Resume:
-    """The run directory (a resumed run's own) and the checkpoint to go on from; the process
-    set up to write there: Lightning's logs routed, device-dependent trainer defaults filled."""
     run = resolve_resume(cfg)
+    with run_dir_locked(run.run_dir):  # one live process writes a run directory
+        open_run(cfg, run)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        datamodule = build_datamodule(cfg)
+        check_data(datamodule)
+        module = build_module(cfg, datamodule)
+        check_model(module, datamodule)
+        if run.checkpoint is not None:
+            checkpoint = load_checkpoint(run.checkpoint, also_allowed=own_targets(cfg))
+            by_hand = cfg.ckpt_path is not None  # a requeued SLURM job just goes on
+            check_resume(checkpoint, run, plain_config(cfg), module, by_hand)
+        trainer = build_trainer(cfg, run.run_dir, module.task, extra_callbacks)
+        if trainer.is_global_zero:  # under DDP every rank runs train(); one writes the files
+            write_config(cfg, run.run_dir / CONFIG)
+        with stops_reported(trainer, run, "fit"):
+            fit_seconds = fit(trainer, module, datamodule, run)
+        with requeue_signal_ignored(cfg.requeue_signal), stops_reported(trainer, run, "finish"):
+            return finish(cfg, trainer, module, datamodule, run, fit_seconds)
+
+
+def open_run(cfg: DictConfig, run: Resume) -> None:
+    """The process set up to write into the run's directory (a resumed run's own): the config
+    pointed there, Lightning's logs routed, device-dependent trainer defaults filled."""
     if run.run_dir != Path(cfg.paths.output_dir):  # a resumed run's own directory
         with open_dict(cfg):
             cfg.paths.output_dir = str(run.run_dir)
     route_lightning_logs()  # under Hydra: into <run dir>/train.log too
     quiet_lightning()
     resolve_device_defaults(cfg)  # precision, determinism, cuDNN autotuning: from the device
-    return run
 
 
 def fit(trainer: L.Trainer, module: TaskModule, datamodule: TaskDataModule, run: Resume) -> float:
@@ -82,15 +94,10 @@ def fit(trainer: L.Trainer, module: TaskModule, datamodule: TaskDataModule, run:
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    except NonFiniteLossError as error:  # every checkpoint on disk holds finite weights
+    except DivergedError as error:  # every checkpoint on disk holds finite weights
         last = find_resume(run.run_dir)
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        raise NonFiniteLossError(f"{error}; {kept}") from None
-    except SIGTERMException:  # a SystemExit, with status 0: a stopped run would look finished
-        where = f"step {trainer.global_step} (epoch {trainer.current_epoch})"
-        raise SystemExit(
-            f"error: the run was stopped by SIGTERM at {where}; {_kept(run.run_dir)}"
-        ) from None
+        raise type(error)(f"{error}; {kept}") from None
     except Exception as error:
         if trainer.received_sigterm:  # SLURM ends the job (requeued, out of time, cancelled)
             # and its SIGTERM killed the DataLoader workers first: not a failure of the run,
@@ -100,12 +107,47 @@ def fit(trainer: L.Trainer, module: TaskModule, datamodule: TaskDataModule, run:
     return time.perf_counter() - start
 
 
-def _kept(run_dir: Path) -> str:
-    """Where a stopped run can go on from, said in the stop's message."""
-    last = find_resume(run_dir)
-    if last is None:
-        return "no checkpoint was written yet"
-    return f"the last checkpoint is {last}; resume with `python train.py ckpt_path={run_dir}`"
+@contextmanager
+def stops_reported(trainer: L.Trainer, run: Resume, phase: str) -> Iterator[None]:
+    """A run stopped in `phase` ("fit", or "finish": test, export, pictures) by a signal or
+    Ctrl-C exits with status 1 and one line saying where it stopped and how to go on; never 0.
+
+    Lightning ends a fit or test on SIGTERM with `SIGTERMException`, a SystemExit of status 0,
+    and on Ctrl-C with its own `sys.exit(1)` that says nothing of the checkpoints.
+    """
+    stop = None
+    try:
+        yield
+    except SIGTERMException:
+        stop = "SIGTERM"
+    except KeyboardInterrupt:
+        stop = "SIGINT (Ctrl-C)"
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+        stop = "SIGINT (Ctrl-C)"
+    if stop is None and trainer.interrupted:  # an interrupted loop that returned
+        stop = "an interruption"
+    if stop is not None:
+        raise SystemExit(_stopped(stop, trainer, run, phase)) from None
+
+
+def _stopped(stop: str, trainer: L.Trainer, run: Resume, phase: str) -> str:
+    """What a stopped run says: where it stopped and how to go on."""
+    last = find_resume(run.run_dir)
+    if phase == "fit":
+        where = f"at step {trainer.global_step} (epoch {trainer.current_epoch})"
+        if last is None:
+            return f"error: the run was stopped by {stop} {where}; no checkpoint was written yet"
+        return (
+            f"error: the run was stopped by {stop} {where}; the last checkpoint is {last}; "
+            f"resume with `python train.py ckpt_path={run.run_dir}`"
+        )
+    return (
+        f"error: the run was stopped by {stop} after its fit, before its test, export and "
+        f"pictures were done; its checkpoints are in {checkpoint_dir(run.run_dir)}: score the "
+        f"best with `python eval.py ckpt_path={run.run_dir}`"
+    )
 
 
 def finish(
@@ -141,10 +183,21 @@ def finish(
         compile_warmup_seconds=warmup,
     )
     if best is None:
-        return result
+        if trainer.fast_dev_run:  # a smoke test: Lightning saves no checkpoint
+            return result
+        raise RunStopped(
+            f"the run ended without a best checkpoint: {task.monitor} was never computed (did "
+            "validation run? trainer.limit_val_batches, trainer.max_epochs); nothing was tested "
+            f"or exported. Its last checkpoint: {find_resume(run.run_dir) or 'none'}"
+        )
     if cfg.test_after_fit:
         tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
-        metrics.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})
+        if not tested or not tested[0]:
+            raise RunStopped(
+                f"the test of the best checkpoint {best} gave no metrics (trainer.limit_test_"
+                "batches=0?); set test_after_fit=false to skip it, or score it with eval.py"
+            )
+        metrics.update({k: float(v) for k, v in tested[0].items()})
     if trainer.is_global_zero and (cfg.export_backbone or cfg.pictures):
         weights = load_checkpoint(best, also_allowed=own_targets(cfg))["state_dict"]
         if cfg.export_backbone:

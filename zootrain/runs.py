@@ -30,16 +30,23 @@ This module imports only the standard library, omegaconf and hydra (Hydra resolv
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import re
+import socket
+import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from hydra.utils import get_object
 
 from .errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
 
 TIME_FORMAT = "%Y-%m-%d_%H-%M-%S"
 # The files of a run directory (see the module docstring); nothing else spells these names.
@@ -50,20 +57,28 @@ REQUEUE_CHECKPOINTS = "hpc_ckpt_*.ckpt"  # Lightning's name for the save on a re
 BACKBONE = "backbone.safetensors"  # in checkpoints/, beside the checkpoint it came from
 METRICS_PLOT = "metrics.png"
 EVAL = "eval"
+LOCK = ".lock"  # held (flock) by the one live process of the run
+RECORD = ".hydra"  # Hydra's record of how the run was started; later ones beside it
 
 
 def new_run_dir(outputs: str | os.PathLike, run_name: str) -> Path:
     """Create and return `<outputs>/<run_name>/<time>[_<n>]/`, a directory no other run has."""
     parent = Path(outputs) / run_name
-    parent.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime(TIME_FORMAT)
-    for n in range(10_000):
-        path = parent / (stamp if n == 0 else f"{stamp}_{n}")
-        try:
-            path.mkdir()  # exclusive: fails if another process made it first
-        except FileExistsError:
-            continue
-        return path.resolve()
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for n in range(10_000):
+            path = parent / (stamp if n == 0 else f"{stamp}_{n}")
+            try:
+                path.mkdir()  # exclusive: fails if another process made it first
+            except FileExistsError:
+                continue
+            return path.resolve()
+    except OSError as error:  # read-only, no permission, a file in the way
+        raise ConfigError(
+            f"cannot create a run directory under {parent} ({error.strerror}); set "
+            "paths.outputs to a folder you can write"
+        ) from None
     raise ConfigError(f"could not create a new run directory under {parent}")
 
 
@@ -74,9 +89,10 @@ def run_dir(outputs: str, run_name: str, ckpt_path: Any) -> str:
     get the directory on their command line, SLURM jobs in their pickled config). A `ckpt_path`
     that names nothing resumable gets a new directory, where `train()` says what is wrong.
     """
+    check_run_name(run_name)  # before any directory is made from it
     if ckpt_path not in (None, "", "None"):
         path = Path(str(ckpt_path))
-        found = path.resolve() if path.is_dir() else _run_of_file(path)
+        found = path.resolve() if is_run(path) else _run_of_file(path)
         if str(ckpt_path) == "last":
             try:
                 found = _last_run(Path(outputs), None, run_name)
@@ -85,6 +101,114 @@ def run_dir(outputs: str, run_name: str, ckpt_path: Any) -> str:
         if found is not None:
             return str(found)
     return str(new_run_dir(outputs, run_name))
+
+
+def run_subdir(output_dir: str, kind: str) -> str:
+    """`hydra.output_subdir`: `.hydra` for a run's first start; for a later process in the same
+    directory (a resume, eval.py) `.hydra/<kind>-<n>`, so that the record of how the run was
+    started is never overwritten. Reserved by an exclusive mkdir: two processes get two."""
+    record = Path(output_dir) / RECORD
+    if not (record / "config.yaml").is_file():
+        return RECORD
+    kind = "resume" if kind == "train" else kind  # a training job in an existing run resumes it
+    for n in range(1, 10_000):
+        try:
+            (record / f"{kind}-{n}").mkdir(parents=True)
+        except FileExistsError:
+            continue
+        return f"{RECORD}/{kind}-{n}"
+    raise ConfigError(f"{record} holds 10,000 records of {kind}s; clear it out")
+
+
+def run_log(output_dir: str, job_name: str) -> str:
+    """The log file of a Hydra job (`<run dir>/<job name>.log`), after taking the run
+    directory's lock for a training job: Hydra opens the log, then writes its `.hydra/` record,
+    so this is the first moment a second process would write into a live run's directory."""
+    if job_name == "train" and launch_rank() == 0:
+        lock_run_dir(output_dir)
+    return str(Path(output_dir) / f"{job_name}.log")
+
+
+def launch_rank() -> int:
+    """This process's global rank from the launcher's environment (0 when alone)."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+_LOCKS: dict[Path, int] = {}  # the run directories this process holds, and the lock's fd
+
+
+def lock_run_dir(run_dir: str | os.PathLike) -> None:
+    """Take the run directory's exclusive lock for this process (a no-op if it holds it).
+
+    An OS file lock (`flock`) on `<run dir>/.lock`: it dies with its process, so a run whose
+    process was killed, or whose node was lost, is resumed without a stale marker in the way.
+    A second process is refused in one line naming the holder (its pid, host and command, as
+    written into the lock file)."""
+    path = Path(run_dir).resolve()
+    if path in _LOCKS:
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ConfigError(
+            f"the run directory {path} is in use by {holder}: one live process writes a run. "
+            "Wait for it to end (a resume of it then goes on from its last checkpoint), or "
+            "start a new run"
+        ) from None
+    except OSError as error:  # a file system without locks (Lustre without -o flock, NFS nolock)
+        log.warning(
+            "%s: the file system gives no locks (%s): nothing stops a second process from "
+            "writing this run (docs/cluster.md says how to mount it)",
+            path,
+            error.strerror,
+        )
+    os.ftruncate(fd, 0)
+    command = " ".join(Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv))
+    os.write(fd, f"process {os.getpid()} on {socket.gethostname()} ({command})".encode())
+    _LOCKS[path] = fd
+
+
+def release_run_dir(run_dir: str | os.PathLike) -> None:
+    """Give up the run directory's lock (the lock file stays: it is not a marker)."""
+    fd = _LOCKS.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the last descriptor releases the flock
+
+
+@contextmanager
+def run_dir_locked(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold the run directory's lock in the block (rank 0 only: the other ranks of a DDP run
+    write through rank 0), then release it."""
+    if launch_rank() != 0:
+        yield
+        return
+    lock_run_dir(run_dir)
+    try:
+        yield
+    finally:
+        release_run_dir(run_dir)
+
+
+def check_run_name(run_name: Any) -> None:
+    """A run name is one folder under `paths.outputs`: no path separators, not `.` or `..`."""
+    name = str(run_name)
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ConfigError(
+            f"run_name={name!r} cannot work: it names one folder under paths.outputs (no '/', "
+            "not '.' or '..'); to write elsewhere set paths.outputs"
+        )
+
+
+def is_run(path: str | os.PathLike) -> bool:
+    """Whether `path` is a run directory (train.py wrote its config.yaml there)."""
+    return (Path(path) / CONFIG).is_file()
 
 
 class Resume(NamedTuple):
@@ -111,6 +235,11 @@ def resolve_resume(cfg: Any) -> Resume:
         return Resume(run, find_resume(run))
     path = Path(ckpt_path)
     if path.is_dir():
+        if not is_run(path):
+            raise CheckpointError(
+                f"ckpt_path={ckpt_path} is a directory but not a run of train.py (it has no "
+                f"{CONFIG}); pass a run directory or a .ckpt file"
+            )
         checkpoint = find_resume(path)
         if checkpoint is None:
             raise CheckpointError(
@@ -146,7 +275,7 @@ def _run_of_file(path: Path) -> Path | None:
     """The run directory a checkpoint file belongs to, or None for a loose file."""
     path = path.resolve()
     for run in (path.parent.parent, path.parent):  # checkpoints/<name>.ckpt, hpc_ckpt_<n>.ckpt
-        if (run / CONFIG).is_file():
+        if is_run(run):
             return run
     return None
 
@@ -157,7 +286,7 @@ def runs_of(outputs: Path, multirun: Path | None, run_name: str) -> list[Path]:
     candidates = [*(Path(outputs) / run_name).glob("*/")]
     if multirun is not None:
         candidates += [d for d in Path(multirun).glob("*/*/") if job.fullmatch(d.name)]
-    runs = [d.resolve() for d in candidates if (d / CONFIG).is_file()]
+    runs = [d.resolve() for d in candidates if is_run(d)]
     return sorted(runs, key=lambda d: (d / CONFIG).stat().st_mtime_ns)
 
 
