@@ -11,6 +11,7 @@ passed their checks: a mistyped value fails in a second.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -63,7 +64,19 @@ def task_direction(task: str) -> str:
     return {"max": "maximize", "min": "minimize"}[get_task(task).mode]
 
 
+def sweep_name(default: str) -> str:
+    """In a multirun job, its sweep's name (the sweep directory's), else `default`: what the
+    trackers group a sweep's jobs by (`logger=mlflow`'s experiment, `logger=wandb`'s group)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().sweep.dir).name
+    return default
+
+
 OmegaConf.register_new_resolver("task_direction", task_direction, replace=True)
+OmegaConf.register_new_resolver("sweep_name", sweep_name, replace=True)
 # hydra.run.dir: a resumed run's own directory, else a new one no other run shares. Cached: the
 # directory is created when first resolved, and every later read must name the same one.
 OmegaConf.register_new_resolver("run_dir", run_dir, replace=True, use_cache=True)

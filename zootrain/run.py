@@ -37,6 +37,7 @@ from .predictions import write_pictures
 from .report import quiet_lightning, route_lightning_logs
 from .result import RunResult
 from .runs import BACKBONE, CONFIG, Resume, check_resume, find_resume, resolve_resume
+from .trackers import log_run_end
 
 
 def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> RunResult:
@@ -60,7 +61,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> RunRes
         write_config(cfg, run.run_dir / CONFIG)
     fit_seconds = fit(trainer, module, datamodule, run)
     with requeue_signal_ignored(cfg.requeue_signal):
-        return finish(cfg, trainer, module, datamodule, run, fit_seconds)
+        result = finish(cfg, trainer, module, datamodule, run, fit_seconds)
+        log_run_end(trainer.loggers, result, run.run_dir)  # trackers: final metrics, artifacts
+    return result
 
 
 def open_run(cfg: DictConfig) -> Resume:

@@ -8,6 +8,7 @@ A run owns one directory for its whole life, and a resume continues in it:
              checkpoints/backbone.safetensors   the best checkpoint's backbone (`create(pretrained=)`)
              hpc_ckpt_<n>.ckpt          Lightning's save on a SLURM requeue signal
              eval/<checkpoint>-<split>/ eval.py's pictures
+             trackers.json              the run's MLflow / W&B run ids: a resume continues them
 
 A new single run gets `<outputs>/<run_name>/<time>/`, created exclusively: a second run of the
 same `run_name` started in the same second gets `<time>_1/` (mkdir is atomic, also on NFS).
@@ -50,6 +51,7 @@ REQUEUE_CHECKPOINTS = "hpc_ckpt_*.ckpt"  # Lightning's name for the save on a re
 BACKBONE = "backbone.safetensors"  # in checkpoints/, beside the checkpoint it came from
 METRICS_PLOT = "metrics.png"
 EVAL = "eval"
+TRACKERS = "trackers.json"  # the ids of the run's MLflow / W&B runs (zootrain.trackers)
 
 
 def new_run_dir(outputs: str | os.PathLike, run_name: str) -> Path:
@@ -351,6 +353,8 @@ ALLOWED_TARGETS: tuple[str, ...] = (
     "zootrain.data.",
     "zootrain.callbacks.",
     "zootrain.loggers.CSVLogger",
+    "zootrain.trackers.MLFlowLogger",
+    "zootrain.trackers.WandbLogger",
     "torch.optim.",
     "lightning.Trainer",
     "lightning.pytorch.Trainer",
