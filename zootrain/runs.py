@@ -361,6 +361,7 @@ ALLOWED_TARGETS: tuple[str, ...] = (
     "lightning.pytorch.callbacks.",
     "lightning.pytorch.loggers.",
     "lightning.pytorch.strategies.",
+    "lightning.pytorch.profilers.SimpleProfiler",  # debug=profiler
 )
 
 
