@@ -10,6 +10,7 @@ passed their checks: a mistyped value fails in a second.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -85,3 +86,7 @@ OmegaConf.register_new_resolver("run_dir", run_dir, replace=True, use_cache=True
 # so Hydra validates them against those dataclasses (wanted: a mistyped key fails) and warns
 # that this matching is deprecated. Each file is complete on its own should the matching go.
 warnings.filterwarnings("ignore", message=r"(?s).*validated against ConfigStore schema")
+
+# Hydra imports every plugin when it starts; the Optuna sweeper's imports alembic (through
+# optuna's database storage), which logs "setup plugin ..." for each of its own at INFO level.
+logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -73,7 +73,9 @@ class StudySweeper(OptunaSweeperImpl):
         if self.url is None:  # storage: null, a study in memory: the plugin's own sweep
             return
         storage = open_storage(self.url, self.heartbeat_interval)
-        self.storage = storage  # what the plugin's sweep creates (loads) its study in
+        # What the plugin's sweep loads its study from (and logs: an object, not the URL with
+        # its password).
+        self.storage = storage
         study = optuna.create_study(
             study_name=self.study_name,
             storage=storage,
@@ -132,8 +134,6 @@ def open_storage(url: str, heartbeat_interval: int) -> RDBStorage:
     prefix = "sqlite:///"
     if url.startswith(prefix) and url != f"{prefix}:memory:":
         Path(url.removeprefix(prefix)).parent.mkdir(parents=True, exist_ok=True)
-    # Alembic (which creates Optuna's tables) logs each of its plugins at INFO level.
-    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():  # "heartbeat_interval is experimental" (optuna 2.10)
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
