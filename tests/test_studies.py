@@ -61,13 +61,14 @@ def test_a_killed_study_goes_on_where_it_stopped(tmp_path: Path) -> None:
         first = subprocess.Popen(
             sweep_command(tmp_path), cwd=tmp_path, env=env, stdout=output, stderr=output
         )
-        third_job = sweep / f"2-{STUDY}"
+        # Trial 2's job has started once Hydra wrote its overrides (the summary reads them).
+        third_job = sweep / f"2-{STUDY}" / ".hydra" / "overrides.yaml"
         deadline = time.monotonic() + 300
-        while not third_job.is_dir() and first.poll() is None and time.monotonic() < deadline:
+        while not third_job.is_file() and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         first.send_signal(signal.SIGKILL)
         first.wait()
-    assert third_job.is_dir(), log.read_text()[-3000:]
+    assert third_job.is_file(), log.read_text()[-3000:]
     before = trials(storage)
     assert [t.state.name for t in before] == ["COMPLETE", "COMPLETE", "RUNNING"]
 
