@@ -18,6 +18,8 @@ import pytest
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
+from zootrain.checks import check_config
+from zootrain.errors import ConfigError
 from zootrain.report import user_message
 from zootrain.run import train
 from zootrain.runs import TRACKERS
@@ -146,11 +148,16 @@ def test_both_trackers_record_a_run_and_its_resume(tmp_path: Path, offline_wandb
 def test_a_tracker_without_its_package_names_the_extra(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, option: str, package: str
 ) -> None:
+    """At start-up (train.py's checks, before torch is imported), and where the logger is built."""
     monkeypatch.setitem(sys.modules, package, None)  # `import <package>` raises ImportError
     cfg = config(tmp_path, f"logger={option}")
+    expected = (
+        f"logger={option} needs the {package} package, which is not installed: "
+        f"pip install 'backbone-zoo[{option}]'"
+    )
+    with pytest.raises(ConfigError) as early:
+        check_config(cfg)
+    assert str(early.value) == expected
     with pytest.raises(InstantiationException) as error:
         instantiate(cfg.logger[option])
-    assert user_message(error.value) == (
-        f"logger.{option}: logger={option} needs the {package} package, which is not "
-        f"installed: pip install 'backbone-zoo[{option}]'"
-    )
+    assert user_message(error.value) == f"logger.{option}: {expected}"

@@ -38,6 +38,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from backbones.weights import atomic_path
 
+from .checks import missing_tracker
 from .cli import sweep_name
 from .errors import ConfigError
 from .result import RunResult
@@ -86,15 +87,13 @@ def run_files(result: RunResult, run_dir: Path) -> list[tuple[Path, str | None]]
     return files
 
 
-def require(package: str, option: str) -> None:
-    """A tracker's package, or one line naming the extra that installs it."""
+def require(package: str, extra: str) -> None:
+    """A tracker's package, or one line naming the extra that installs it (train.py says so
+    before anything is built: `zootrain.checks.check_trackers`)."""
     try:
         importlib.import_module(package)
     except ImportError:
-        raise ConfigError(
-            f"logger={option} needs the {package} package, which is not installed: "
-            f"pip install 'backbone-zoo[{option}]'"
-        ) from None
+        raise ConfigError(missing_tracker(package, extra)) from None
 
 
 def recall(run_dir: Path, tracker: str) -> dict[str, Any] | None:
