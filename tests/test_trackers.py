@@ -9,7 +9,9 @@ W&B's own protobuf messages. wandb >= 0.2x (its Go core) writes no `files/config
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from zootrain.report import user_message
 from zootrain.run import train
 from zootrain.runs import TRACKERS
 
-from .test_training import TINY, config
+from .test_training import ROOT, TINY, config
 
 BOTH = [*TINY, "logger=[mlflow,wandb]", "scheduler=none", "export_backbone=true"]
 BOTH += ["data.num_train=64", "data.num_val=32"]  # 2 steps an epoch
@@ -161,3 +163,22 @@ def test_a_tracker_without_its_package_names_the_extra(
     with pytest.raises(InstantiationException) as error:
         instantiate(cfg.logger[option])
     assert user_message(error.value) == f"logger.{option}: {expected}"
+
+
+def test_the_command_says_it_in_one_line(tmp_path: Path) -> None:
+    """`python train.py logger=mlflow` without MLflow: one line, the extra's brackets intact."""
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['mlflow'] = None\n"
+        f"sys.argv = ['train.py', 'logger=mlflow', 'paths.outputs={tmp_path}']\n"
+        f"runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert done.stderr == (
+        "error: logger=mlflow needs the mlflow package, which is not installed: "
+        "pip install 'backbone-zoo[mlflow]'\n"
+    )
