@@ -55,7 +55,7 @@ def test_a_killed_study_goes_on_where_it_stopped(tmp_path: Path) -> None:
     again: trials 0 and 1 are kept unchanged, trial 2 is failed, 2 more run (4 have run)."""
     sweep = tmp_path / "multirun" / STUDY
     storage = f"sqlite:///{sweep}/optuna.db"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}  # the log, if killed
     log = tmp_path / "first.log"
     with log.open("w") as output:
         first = subprocess.Popen(
@@ -63,7 +63,7 @@ def test_a_killed_study_goes_on_where_it_stopped(tmp_path: Path) -> None:
         )
         # Trial 2's job has started once Hydra wrote its overrides (the summary reads them).
         third_job = sweep / f"2-{STUDY}" / ".hydra" / "overrides.yaml"
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 900  # as test_scale's sweeps: a shared, busy machine
         while not third_job.is_file() and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         first.send_signal(signal.SIGKILL)
@@ -73,7 +73,7 @@ def test_a_killed_study_goes_on_where_it_stopped(tmp_path: Path) -> None:
     assert [t.state.name for t in before] == ["COMPLETE", "COMPLETE", "RUNNING"]
 
     again = subprocess.run(
-        sweep_command(tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True
+        sweep_command(tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "2 of n_trials=4 trials have run, 2 to go" in again.stdout + again.stderr
