@@ -193,7 +193,7 @@ def test_optuna_search_space_follows_the_backbone() -> None:
     for backbone, expected in (("resnet18", True), ("mobilenetv3", False), ("convnext", True)):
         cfg = hydra_config("hparams_search=optuna", f"backbone={backbone}")
         assert cfg.hydra.sweeper.direction == "maximize"
-        assert cfg.hydra.sweeper.storage is None  # SQLite fails with optuna 2.10 + SQLAlchemy 2
+        assert cfg.hydra.sweeper.storage == f"sqlite:///multirun/{cfg.run_name}/optuna.db"
         trial = optuna.create_study().ask()
         drop_path_search_space(cfg, trial)
         assert ("backbone.drop_path_rate" in trial.params) == expected, backbone

@@ -8,6 +8,7 @@ learning rate, BatchNorm on batches of one).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import signal
 from dataclasses import dataclass
@@ -157,6 +158,7 @@ def check_config(cfg: DictConfig) -> None:
     requeue = _select(cfg, "requeue_signal")
     if requeue is not None and f"SIG{requeue}" not in signal.Signals.__members__:
         raise ConfigError(f"requeue_signal={requeue} is not a signal name; use USR1 or USR2")
+    check_trackers(cfg)
     pretrained = _select(cfg, "backbone.pretrained")
     if isinstance(pretrained, str) and pretrained.endswith(".ckpt"):
         run = Path(pretrained).parent.parent
@@ -194,6 +196,29 @@ def _typed(cfg: DictConfig, key: str, rule: Rule) -> Any:
 def _first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+# The trackers' loggers (zootrain.trackers) and (package, extra) each needs.
+TRACKER_PACKAGES = {
+    "zootrain.trackers.MLFlowLogger": ("mlflow", "mlflow"),
+    "zootrain.trackers.WandbLogger": ("wandb", "wandb"),
+}
+
+
+def check_trackers(cfg: DictConfig) -> None:
+    """A tracker chosen (`logger=mlflow`) whose package is not installed: the extra to install."""
+    for spec in (_select(cfg, "logger") or {}).values():
+        needs = TRACKER_PACKAGES.get((spec or {}).get("_target_"))
+        if needs is not None and importlib.util.find_spec(needs[0]) is None:
+            raise ConfigError(missing_tracker(*needs))
+
+
+def missing_tracker(package: str, extra: str) -> str:
+    """What a tracker whose package is missing says: the extra that installs it."""
+    return (
+        f"logger={extra} needs the {package} package, which is not installed: "
+        f"pip install 'backbone-zoo[{extra}]'"
+    )
 
 
 def check_eval_config(cfg: DictConfig) -> None:

@@ -11,8 +11,10 @@ passed their checks: a mistyped value fails in a second.
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -79,7 +81,19 @@ def _exits_on_user_error(resolver: Callable[..., Any]) -> Callable[..., Any]:
     return resolve
 
 
+def sweep_name(default: str) -> str:
+    """In a multirun job, its sweep's name (the sweep directory's), else `default`: what the
+    trackers group a sweep's jobs by (`logger=mlflow`'s experiment, `logger=wandb`'s group)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().sweep.dir).name
+    return default
+
+
 OmegaConf.register_new_resolver("task_direction", task_direction, replace=True)
+OmegaConf.register_new_resolver("sweep_name", sweep_name, replace=True)
 # hydra.run.dir: a resumed run's own directory, else a new one no other run shares. Cached: the
 # directory is created when first resolved, and every later read must name the same one.
 OmegaConf.register_new_resolver(
@@ -98,3 +112,7 @@ OmegaConf.register_new_resolver(
 # so Hydra validates them against those dataclasses (wanted: a mistyped key fails) and warns
 # that this matching is deprecated. Each file is complete on its own should the matching go.
 warnings.filterwarnings("ignore", message=r"(?s).*validated against ConfigStore schema")
+
+# Hydra imports every plugin when it starts; the Optuna sweeper's imports alembic (through
+# optuna's database storage), which logs "setup plugin ..." for each of its own at INFO level.
+logging.getLogger("alembic").setLevel(logging.WARNING)

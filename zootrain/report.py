@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from hydra.errors import InstantiationException
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import UserError
@@ -91,7 +92,11 @@ def user_message(error: BaseException) -> str:
 
 
 def _fail(message: str) -> None:
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    # escaped: a message's own brackets (`pip install 'backbone-zoo[mlflow]'`, `data.classes=[a,b]`)
+    # are text, not Rich markup
+    Console(stderr=True, soft_wrap=True).print(
+        f"[bold red]error:[/] {escape(message)}", highlight=False
+    )
     to_log_file(logging.ERROR, f"error: {message}")
     sys.exit(1)
 

@@ -47,6 +47,7 @@ from .runs import (
     resolve_resume,
     run_dir_locked,
 )
+from .trackers import log_run_end
 
 
 def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> RunResult:
@@ -74,7 +75,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> RunRes
         with stops_reported(trainer, run, "fit"):
             fit_seconds = fit(trainer, module, datamodule, run)
         with requeue_signal_ignored(cfg.requeue_signal), stops_reported(trainer, run, "finish"):
-            return finish(cfg, trainer, module, datamodule, run, fit_seconds)
+            result = finish(cfg, trainer, module, datamodule, run, fit_seconds)
+            log_run_end(trainer.loggers, result, run.run_dir)  # trackers: final metrics, files
+        return result
 
 
 def open_run(cfg: DictConfig, run: Resume) -> None:

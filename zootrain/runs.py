@@ -8,6 +8,7 @@ A run owns one directory for its whole life, and a resume continues in it:
              checkpoints/backbone.safetensors   the best checkpoint's backbone (`create(pretrained=)`)
              hpc_ckpt_<n>.ckpt          Lightning's save on a SLURM requeue signal
              eval/<checkpoint>-<split>/ eval.py's pictures
+             trackers.json              the run's MLflow / W&B run ids: a resume continues them
 
 A new single run gets `<outputs>/<run_name>/<time>/`, created exclusively: a second run of the
 same `run_name` started in the same second gets `<time>_1/` (mkdir is atomic, also on NFS).
@@ -59,6 +60,7 @@ METRICS_PLOT = "metrics.png"
 EVAL = "eval"
 LOCK = ".lock"  # held (flock) by the one live process of the run
 RECORD = ".hydra"  # Hydra's record of how the run was started; later ones beside it
+TRACKERS = "trackers.json"  # the ids of the run's MLflow / W&B runs (zootrain.trackers)
 
 
 def new_run_dir(outputs: str | os.PathLike, run_name: str) -> Path:
@@ -480,12 +482,15 @@ ALLOWED_TARGETS: tuple[str, ...] = (
     "zootrain.data.",
     "zootrain.callbacks.",
     "zootrain.loggers.CSVLogger",
+    "zootrain.trackers.MLFlowLogger",
+    "zootrain.trackers.WandbLogger",
     "torch.optim.",
     "lightning.Trainer",
     "lightning.pytorch.Trainer",
     "lightning.pytorch.callbacks.",
     "lightning.pytorch.loggers.",
     "lightning.pytorch.strategies.",
+    "lightning.pytorch.profilers.SimpleProfiler",  # debug=profiler
 )
 
 
