@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from .report import user_errors
-from .runs import run_dir, run_log, run_subdir
+from .runs import release_run_dir, run_dir, run_log, run_subdir
 
 
 def train_command(cfg: DictConfig) -> float | None:
@@ -38,13 +38,16 @@ def train_command(cfg: DictConfig) -> float | None:
         context = multirun_job()
     else:
         context = user_errors()
-    with context as job:
-        check_config(cfg)
-        from .run import train
+    try:
+        with context as job:
+            check_config(cfg)
+            from .run import train
 
-        result = train(cfg)
-        if job is not None:  # the job's row in the sweep summary
-            job.finish(result)
+            result = train(cfg)
+            if job is not None:  # the job's row in the sweep summary
+                job.finish(result)
+    finally:  # the lock Hydra's log took (run_log), also when the run never started
+        release_run_dir(HydraConfig.get().runtime.output_dir)
     from lightning.pytorch.utilities import rank_zero_only
 
     if rank_zero_only.rank == 0:  # DDP: rank 0 reports (and its return value is the one used)
