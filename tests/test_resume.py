@@ -184,6 +184,9 @@ def test_ckpt_path_names_run_directories(tmp_path: Path) -> None:
     torch.save({}, loose)
     other = run(tmp_path, f"ckpt_path={loose}", name="new")
     assert resolve_resume(other).run_dir == Path(other.paths.output_dir)
+    with pytest.raises(CheckpointError, match=r"is a directory but not a run of train\.py"):
+        resolve_resume(run(tmp_path, f"ckpt_path={tmp_path}"))
+    (tmp_path / "config.yaml").write_text("")  # a run that stopped before its first epoch
     with pytest.raises(CheckpointError, match=r"holds no checkpoints/last\.ckpt"):
         resolve_resume(run(tmp_path, f"ckpt_path={tmp_path}"))
     assert resolve_resume(run(tmp_path)) == (Path(run(tmp_path).paths.output_dir), None)
