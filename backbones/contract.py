@@ -7,6 +7,7 @@ grad checkpointing) and `ClassifierCfg` (the reference classifier, as data for t
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -111,6 +112,21 @@ class Backbone(nn.Module):
     that produces a level, call `self.add_level(channels, stride)`. They end their
     `__init__` with `self.finalize()`, which drops stages past the coarsest requested level,
     freezes what `frozen_stages` asks for and validates the settings.
+
+    The contract's arguments are taken here, once, and mean the same in every family; a
+    family's constructor takes its own options and passes `**common` on. A family without
+    stochastic depth or dilation lists the argument in `unsupported`: it then accepts only
+    the value that asks for nothing (`drop_path_rate=0`, `output_stride=32`).
+
+    Args:
+        out_features: levels to return, e.g. ("C3", "C4", "C5"); any of `feature_info`'s.
+        in_chans: input channels.
+        frozen_stages: -1 nothing, 0 the stem, k the stem and the first k stages: no
+            gradients, and their BatchNorms stay in eval mode.
+        norm_eval: keep every BatchNorm in eval mode while training.
+        norm_layer: the norm, called with a channel count; None for the family's default.
+        drop_path_rate: stochastic depth of the residual blocks, rising over the blocks to
+            this rate, in [0, 1).
     """
 
     # Source library -> rules that turn its classifier state dict into ours; a family whose
@@ -120,6 +136,8 @@ class Backbone(nn.Module):
     # What `heads.build_classifier` puts on top to rebuild the reference classifier; a family
     # whose variants differ (e.g. in dropout) sets it per instance.
     classifier_cfg: ClassifierCfg = ClassifierCfg()
+    # Common arguments this family does not have (no residual blocks to drop, say).
+    unsupported: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -128,6 +146,8 @@ class Backbone(nn.Module):
         in_chans: int = 3,
         frozen_stages: int = -1,
         norm_eval: bool = False,
+        norm_layer: LayerFn | None = None,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         if isinstance(out_features, str):
@@ -139,10 +159,21 @@ class Backbone(nn.Module):
                 "frozen_stages must be -1 (nothing frozen), 0 (the stem) or k > 0 "
                 f"(the stem and the first k stages), got {frozen_stages!r}"
             )
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        asked = {"drop_path_rate": drop_path_rate}
+        refused = [k for k in self.unsupported if asked[k] != COMMON_DEFAULTS[k]]
+        if refused:
+            raise TypeError(
+                f"{type(self).__name__} has no {refused[0]} (got {asked[refused[0]]!r}); "
+                f"leave it at {COMMON_DEFAULTS[refused[0]]!r}"
+            )
         self.out_features = tuple(out_features)
         self.in_chans = in_chans
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
+        self.norm_layer = norm_layer
+        self.drop_path_rate = drop_path_rate
         self.feature_info = FeatureInfoList(self.out_features)
         self._level_module: dict[str, int] = {}  # level name -> index in (stem, *stages)
         self._grad_checkpointing = False
@@ -255,6 +286,14 @@ class Backbone(nn.Module):
             if isinstance(module, nn.Conv2d):
                 return name
         raise RuntimeError(f"{type(self).__name__} has no Conv2d")
+
+
+# The contract's arguments, each with the value that asks for nothing (its default).
+COMMON_DEFAULTS: dict[str, object] = {
+    name: param.default
+    for name, param in inspect.signature(Backbone.__init__).parameters.items()
+    if param.kind is param.KEYWORD_ONLY
+}
 
 
 @contextmanager

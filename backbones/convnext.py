@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .contract import DEFAULT_OUT_FEATURES, Backbone, ClassifierCfg, Rules
+from .contract import Backbone, ClassifierCfg, Rules
 from .layers import DropPath, LayerFn, LayerNorm2d, drop_path_rates
 from .registry import register_backbone
 
@@ -104,40 +104,20 @@ class ConvNeXt(Backbone):
 
     Args:
         cfg: the variant (blocks and channels per stage).
-        out_features: levels to return, any of C2..C5.
-        in_chans: input channels.
-        frozen_stages: -1 nothing, 0 the stem, k the stem and the first k stages.
-        norm_eval: keep every BatchNorm in eval mode while training (ConvNeXt's LayerNorms
-            have no running statistics, so this only matters with a BatchNorm `norm_layer`).
-        norm_layer: a norm over the channels of an NCHW tensor, called with a channel count;
-            LayerNorm2d with eps 1e-6 by default.
-        drop_path_rate: stochastic depth, rising linearly over the blocks to this rate.
         layer_scale_init: initial value of the per-channel scale on each block's branch.
+        **common: the contract's arguments (`Backbone`); levels C2..C5; LayerNorm2d with eps
+            1e-6 by default (`norm_eval` only matters with a BatchNorm `norm_layer`: LayerNorms
+            have no running statistics).
     """
 
     # torchvision's and timm's head: global average pool, LayerNorm, linear.
     classifier_cfg = ClassifierCfg(norm_layer=LayerNorm2d6)
 
-    def __init__(
-        self,
-        cfg: ConvNeXtCfg,
-        *,
-        out_features: Sequence[str] = DEFAULT_OUT_FEATURES,
-        in_chans: int = 3,
-        frozen_stages: int = -1,
-        norm_eval: bool = False,
-        norm_layer: LayerFn = LayerNorm2d6,
-        drop_path_rate: float = 0.0,
-        layer_scale_init: float = 1e-6,
-    ) -> None:
-        super().__init__(
-            out_features=out_features,
-            in_chans=in_chans,
-            frozen_stages=frozen_stages,
-            norm_eval=norm_eval,
-        )
-        rates = drop_path_rates(drop_path_rate, cfg.depths)
-        self.stem = Stem(in_chans, cfg.widths[0], norm_layer)  # /4, the same stride as C2
+    def __init__(self, cfg: ConvNeXtCfg, *, layer_scale_init: float = 1e-6, **common: Any) -> None:
+        super().__init__(**common)
+        norm_layer = self.norm_layer or LayerNorm2d6
+        rates = drop_path_rates(self.drop_path_rate, cfg.depths)
+        self.stem = Stem(self.in_chans, cfg.widths[0], norm_layer)  # /4, the same stride as C2
 
         self.stages = nn.ModuleList()
         in_channels = cfg.widths[0]

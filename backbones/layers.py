@@ -11,6 +11,13 @@ from torch import nn
 
 LayerFn = Callable[..., nn.Module]
 
+# In-place activations: the families' layers overwrite their input instead of allocating,
+# one memory pass less (the input is never needed again: a norm or a sum produced it).
+ReLU = partial(nn.ReLU, inplace=True)
+ReLU6 = partial(nn.ReLU6, inplace=True)
+Hardswish = partial(nn.Hardswish, inplace=True)
+SiLU = partial(nn.SiLU, inplace=True)
+
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
     """Round `value` to the nearest multiple of `divisor`, never going below 90% of it.
@@ -22,6 +29,22 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     if rounded < 0.9 * value:  # rounding down must not remove more than 10%
         rounded += divisor
     return rounded
+
+
+def init_he_normal(model: nn.Module, mode: str = "fan_out") -> None:
+    """He-normal convs (He et al. 2015) with zero biases, unit norms: torchvision's CNN init.
+
+    `mode="fan_out"` is torchvision's ResNet, VGG, MobileNet and EfficientNet init; DenseNet's
+    keeps PyTorch's default `"fan_in"`.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode=mode, nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d | nn.GroupNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
 
 class ConvNormAct(nn.Module):

@@ -6,18 +6,15 @@ ResNet v1.5 stride placement, as torchvision and timm: a bottleneck downsamples 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 
-from .contract import DEFAULT_OUT_FEATURES, Backbone, Rules
-from .layers import ConvNormAct, DropPath, LayerFn, drop_path_rates
+from .contract import Backbone, Rules
+from .layers import ConvNormAct, DropPath, LayerFn, ReLU, drop_path_rates, init_he_normal
 from .registry import register_backbone
-
-ReLU = partial(nn.ReLU, inplace=True)
 
 
 class BasicBlock(nn.Module):
@@ -105,40 +102,21 @@ class ResNet(Backbone):
 
     Args:
         cfg: the variant (block type, blocks per stage, groups, width per group).
-        out_features: levels to return, any of C1..C5.
-        in_chans: input channels.
-        frozen_stages: -1 nothing, 0 the stem, k the stem and the first k stages.
-        norm_eval: keep every BatchNorm in eval mode while training.
-        norm_layer: called with a channel count; BatchNorm2d by default.
-        drop_path_rate: stochastic depth, rising linearly over the blocks to this rate.
         zero_init_residual: zero the last norm of each block, so blocks start as identities.
+        **common: the contract's arguments (`Backbone`); levels C1..C5, BatchNorm2d by default.
     """
 
-    def __init__(
-        self,
-        cfg: ResNetCfg,
-        *,
-        out_features: Sequence[str] = DEFAULT_OUT_FEATURES,
-        in_chans: int = 3,
-        frozen_stages: int = -1,
-        norm_eval: bool = False,
-        norm_layer: LayerFn = nn.BatchNorm2d,
-        drop_path_rate: float = 0.0,
-        zero_init_residual: bool = False,
-    ) -> None:
-        super().__init__(
-            out_features=out_features,
-            in_chans=in_chans,
-            frozen_stages=frozen_stages,
-            norm_eval=norm_eval,
+    def __init__(self, cfg: ResNetCfg, *, zero_init_residual: bool = False, **common: Any) -> None:
+        super().__init__(**common)
+        block, norm_layer = cfg.block, self.norm_layer or nn.BatchNorm2d
+        self.stem = ConvNormAct(
+            self.in_chans, 64, 7, stride=2, norm_layer=norm_layer, act_layer=ReLU
         )
-        block = cfg.block
-        self.stem = ConvNormAct(in_chans, 64, 7, stride=2, norm_layer=norm_layer, act_layer=ReLU)
         self.add_level(64, stride=2)
 
         self.stages = nn.ModuleList()
         in_channels, stride = 64, 2
-        rates = drop_path_rates(drop_path_rate, cfg.depths)
+        rates = drop_path_rates(self.drop_path_rate, cfg.depths)
         for index, depth in enumerate(cfg.depths):
             channels = 64 * 2**index
             first_stride = 1 if index == 0 else 2
@@ -160,22 +138,14 @@ class ResNet(Backbone):
             self.stages.append(nn.Sequential(layers))
             self.add_level(in_channels, stride)
 
-        self._init_weights(zero_init_residual)
-        self.finalize()
-
-    def _init_weights(self, zero_init_residual: bool) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d | nn.GroupNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_he_normal(self)
         if zero_init_residual:
             for module in self.modules():
                 if isinstance(module, Bottleneck):
                     nn.init.zeros_(module.conv3.norm.weight)
                 elif isinstance(module, BasicBlock):
                     nn.init.zeros_(module.conv2.norm.weight)
+        self.finalize()
 
     # torchvision and timm name the parameters of these networks identically.
     _RULES: Rules = (
