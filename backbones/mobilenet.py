@@ -25,6 +25,7 @@ from .layers import (
     ReLU,
     ReLU6,
     SqueezeExcite,
+    drop_path_rates,
     init_he_normal,
     make_divisible,
 )
@@ -39,11 +40,11 @@ class MobileNetV2(Backbone):
         cfg: the network at width 1 (stem, stages, head conv).
         width_mult: channel multiplier (e.g. 0.35, 0.5, 0.75, 1.0, 1.4); the head conv is
             never narrowed below its width-1 size.
-        **common: the contract's arguments (`Backbone`); levels C1..C5, BatchNorm2d by default.
+        **common: the contract's arguments (`Backbone`); levels C1..C5, BatchNorm2d by default;
+            `drop_path_rate` as EfficientNet's (block i of n: `drop_path_rate * i / n`).
     """
 
     classifier_cfg = ClassifierCfg(dropout=0.2)
-    unsupported = ("drop_path_rate",)
 
     def __init__(self, cfg: MobileNetV2Cfg, *, width_mult: float = 1.0, **common: Any) -> None:
         super().__init__(**common)
@@ -55,9 +56,13 @@ class MobileNetV2(Backbone):
 
         self.stages = nn.ModuleList()
         in_channels, stride = cfg.stem_channels, 2
-        for row in cfg.stages:
+        # block i of n drops its branch with rate drop_path_rate * i / n, as EfficientNet's
+        rates = drop_path_rates(
+            self.drop_path_rate, [row.depth for row in cfg.stages], endpoint=False
+        )
+        for row, row_rates in zip(cfg.stages, rates, strict=True):
             blocks = []
-            for i in range(row.depth):
+            for i, rate in enumerate(row_rates):
                 blocks.append(
                     InvertedResidual(
                         in_channels,
@@ -66,6 +71,7 @@ class MobileNetV2(Backbone):
                         stride=row.stride if i == 0 else 1,
                         act_layer=ReLU6,
                         norm_layer=norm_layer,
+                        drop_path=rate,
                     )
                 )
                 in_channels = row.out_channels
@@ -94,10 +100,9 @@ class MobileNetV3(Backbone):
         cfg: the variant at width 1 (large or small).
         width_mult: channel multiplier (e.g. 0.35, 0.5, 0.75, 1.0, 1.4).
         **common: the contract's arguments (`Backbone`); levels C1..C5, BatchNorm2d with eps
-            1e-3 and momentum 0.01 by default, as torchvision's.
+            1e-3 and momentum 0.01 by default, as torchvision's; `drop_path_rate` as
+            EfficientNet's (block i of n: `drop_path_rate * i / n`).
     """
-
-    unsupported = ("drop_path_rate",)
 
     def __init__(self, cfg: MobileNetV3Cfg, *, width_mult: float = 1.0, **common: Any) -> None:
         super().__init__(**common)
@@ -119,9 +124,10 @@ class MobileNetV3(Backbone):
         self.stages = nn.ModuleList()
         in_channels, stride = cfg.stem_channels, 2
         remaining = iter(cfg.blocks)
-        for depth in depths:
+        rates = drop_path_rates(self.drop_path_rate, depths, endpoint=False)
+        for depth, row_rates in zip(depths, rates, strict=True):
             blocks = []
-            for block in islice(remaining, depth):
+            for block, rate in zip(islice(remaining, depth), row_rates, strict=True):
                 se_layer = None
                 if block.se:
                     se_layer = partial(
@@ -140,6 +146,7 @@ class MobileNetV3(Backbone):
                         act_layer=block.act,
                         se_layer=se_layer,
                         norm_layer=norm_layer,
+                        drop_path=rate,
                     )
                 )
                 in_channels = block.out_channels
