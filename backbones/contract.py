@@ -127,6 +127,9 @@ class Backbone(nn.Module):
         norm_layer: the norm, called with a channel count; None for the family's default.
         drop_path_rate: stochastic depth of the residual blocks, rising over the blocks to
             this rate, in [0, 1).
+        output_stride: 32, or 16 / 8 to dilate the stages past that stride instead of
+            striding them (DeepLab, Chen et al. 2017); the levels keep their names, and
+            `feature_info`, `channels`, `strides` report their real strides.
     """
 
     # Source library -> rules that turn its classifier state dict into ours; a family whose
@@ -148,6 +151,7 @@ class Backbone(nn.Module):
         norm_eval: bool = False,
         norm_layer: LayerFn | None = None,
         drop_path_rate: float = 0.0,
+        output_stride: int = 32,
     ) -> None:
         super().__init__()
         if isinstance(out_features, str):
@@ -161,7 +165,12 @@ class Backbone(nn.Module):
             )
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
-        asked = {"drop_path_rate": drop_path_rate}
+        if output_stride not in (8, 16, 32):
+            raise ValueError(
+                f"output_stride must be 8, 16 or 32 (the stride of C5, dilated past it), got "
+                f"{output_stride!r}"
+            )
+        asked = {"drop_path_rate": drop_path_rate, "output_stride": output_stride}
         refused = [k for k in self.unsupported if asked[k] != COMMON_DEFAULTS[k]]
         if refused:
             raise TypeError(
@@ -174,6 +183,7 @@ class Backbone(nn.Module):
         self.norm_eval = norm_eval
         self.norm_layer = norm_layer
         self.drop_path_rate = drop_path_rate
+        self.output_stride = output_stride
         self.feature_info = FeatureInfoList(self.out_features)
         self._level_module: dict[str, int] = {}  # level name -> index in (stem, *stages)
         self._grad_checkpointing = False
@@ -181,8 +191,10 @@ class Backbone(nn.Module):
     def add_level(self, channels: int, stride: int) -> None:
         """Record that the module built last (the stem or the newest stage) outputs a level.
 
-        Called again for the same stride, the later module replaces the earlier one:
-        `Ck` is the last module whose output has stride 2**k.
+        `stride` is the module's stride without dilation, 2**k for `Ck`: it names the level,
+        which keeps its name when `output_stride` dilates it; `feature_info` records the real
+        stride, min(stride, output_stride). Called again for the same stride, the later module
+        replaces the earlier one: `Ck` is the last module whose output has stride 2**k.
         """
         k = int(math.log2(stride))
         if 2**k != stride:
@@ -191,7 +203,8 @@ class Backbone(nn.Module):
         built = len(self.stages) if hasattr(self, "stages") else 0
         if name in self._level_module:
             self.feature_info[:] = [f for f in self.feature_info if f.name != name]
-        self.feature_info.append(FeatureInfo(name=name, channels=channels, stride=stride))
+        real = min(stride, self.output_stride)
+        self.feature_info.append(FeatureInfo(name=name, channels=channels, stride=real))
         self._level_module[name] = built
 
     def finalize(self) -> None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .contract import Backbone, ClassifierCfg, Rules
-from .layers import DropPath, LayerFn, LayerNorm2d, drop_path_rates
+from .layers import Dilation, DropPath, LayerFn, LayerNorm2d, drop_path_rates
 from .registry import register_backbone
 
 LayerNorm2d6 = partial(LayerNorm2d, eps=1e-6)
@@ -51,15 +51,32 @@ class Stem(nn.Module):
 
 
 class Downsample(nn.Module):
-    """A norm, then a 2x2 conv with stride 2: halves the size between stages."""
+    """A norm, then a 2x2 conv with stride 2: halves the size between stages.
 
-    def __init__(self, in_channels: int, out_channels: int, norm_layer: LayerFn) -> None:
+    Dilated instead (`stride=1`, for `output_stride`), the 2x2 conv keeps the size: zero
+    padding of `dilation` rows and columns, the extra one at the bottom and right, as timm's
+    "same" padding.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        norm_layer: LayerFn,
+        stride: int = 2,
+        dilation: int = 1,
+    ) -> None:
         super().__init__()
         self.norm = norm_layer(in_channels)
-        self.conv = nn.Conv2d(in_channels, out_channels, 2, stride=2)
+        self.conv = nn.Conv2d(in_channels, out_channels, 2, stride=stride, dilation=dilation)
+        before = dilation // 2
+        self.padding = (before, dilation - before) * 2  # left, right, top, bottom
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(pad_to_multiple(self.norm(x), 2))  # (B, C', ceil(H/2), ceil(W/2))
+        x = self.norm(x)
+        if self.conv.stride == (2, 2):
+            return self.conv(pad_to_multiple(x, 2))  # (B, C', ceil(H/2), ceil(W/2))
+        return self.conv(F.pad(x, self.padding))  # (B, C', H, W)
 
 
 class ConvNeXtBlock(nn.Module):
@@ -71,9 +88,12 @@ class ConvNeXtBlock(nn.Module):
         norm_layer: LayerFn = LayerNorm2d6,
         layer_scale_init: float = 1e-6,
         drop_path: float = 0.0,
+        dilation: int = 1,
     ) -> None:
         super().__init__()
-        self.dwconv = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+        self.dwconv = nn.Conv2d(
+            channels, channels, 7, padding=3 * dilation, dilation=dilation, groups=channels
+        )
         self.norm = norm_layer(channels)
         self.fc1 = nn.Linear(channels, 4 * channels)
         self.act = nn.GELU()
@@ -121,13 +141,19 @@ class ConvNeXt(Backbone):
 
         self.stages = nn.ModuleList()
         in_channels = cfg.widths[0]
+        dilate = Dilation(self.output_stride)
+        dilate(4)  # the stem
         for index, (depth, width) in enumerate(zip(cfg.depths, cfg.widths, strict=True)):
             layers: OrderedDict[str, nn.Module] = OrderedDict()
             if index > 0:
-                layers["downsample"] = Downsample(in_channels, width, norm_layer)
+                # dilated instead of strided, it keeps the dilation before it (timm's rule)
+                stride, dilation = dilate(2)
+                layers["downsample"] = Downsample(in_channels, width, norm_layer, stride, dilation)
             layers["blocks"] = nn.Sequential(
                 *(
-                    ConvNeXtBlock(width, norm_layer, layer_scale_init, rates[index][i])
+                    ConvNeXtBlock(
+                        width, norm_layer, layer_scale_init, rates[index][i], dilate.dilation
+                    )
                     for i in range(depth)
                 )
             )

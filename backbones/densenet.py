@@ -116,12 +116,12 @@ class DenseNet(Backbone):
         cfg: the variant (layers per block, growth rate, stem width, bottleneck factor).
         memory_efficient: recompute each layer's concatenation and bottleneck during backward
             (same outputs and gradients, about half the stored activations, more compute).
-        **common: the contract's arguments (`Backbone`) but `drop_path_rate`;
-            levels C1..C5, BatchNorm2d by default.
+        **common: the contract's arguments (`Backbone`) but `drop_path_rate` and
+            `output_stride`; levels C1..C5, BatchNorm2d by default.
     """
 
-    # Dense blocks have no residual branch to drop.
-    unsupported = ("drop_path_rate",)
+    # Dense blocks have no residual branch to drop, and no reference has a dilated DenseNet.
+    unsupported = ("drop_path_rate", "output_stride")
 
     def __init__(self, cfg: DenseNetCfg, *, memory_efficient: bool = False, **common: Any) -> None:
         super().__init__(**common)

@@ -15,6 +15,7 @@ from .contract import Backbone, ClassifierCfg
 from .layers import (
     BatchNorm2dTF,
     ConvNormAct,
+    Dilation,
     InvertedResidual,
     LayerFn,
     SiLU,
@@ -51,16 +52,21 @@ class EfficientNet(Backbone):
         rates = drop_path_rates(
             self.drop_path_rate, [row.depth for row in cfg.stages], endpoint=False
         )
+        dilate = Dilation(self.output_stride)
+        dilate(2)  # the stem
         for row, row_rates in zip(cfg.stages, rates, strict=True):
             blocks = []
             for i, rate in enumerate(row_rates):
+                # a block dilated instead of strided keeps the dilation before it (timm's rule)
+                block_stride, dilation = dilate(row.stride if i == 0 else 1)
                 blocks.append(
                     InvertedResidual(
                         in_channels,
                         row.out_channels,
                         expanded_channels=make_divisible(in_channels * row.expand_ratio),
                         kernel_size=row.kernel_size,
-                        stride=row.stride if i == 0 else 1,
+                        stride=block_stride,
+                        dilation=dilation,
                         act_layer=SiLU,
                         # squeezed relative to the block's input, not its expanded width
                         se_layer=partial(

@@ -19,6 +19,7 @@ from .contract import Backbone, ClassifierCfg, Rules
 from .layers import (
     BatchNorm2dTF,
     ConvNormAct,
+    Dilation,
     Hardswish,
     InvertedResidual,
     LayerFn,
@@ -60,15 +61,20 @@ class MobileNetV2(Backbone):
         rates = drop_path_rates(
             self.drop_path_rate, [row.depth for row in cfg.stages], endpoint=False
         )
+        dilate = Dilation(self.output_stride)
+        dilate(2)  # the stem
         for row, row_rates in zip(cfg.stages, rates, strict=True):
             blocks = []
             for i, rate in enumerate(row_rates):
+                # a block dilated instead of strided keeps the dilation before it (timm's rule)
+                block_stride, dilation = dilate(row.stride if i == 0 else 1)
                 blocks.append(
                     InvertedResidual(
                         in_channels,
                         row.out_channels,
                         expanded_channels=in_channels * row.expand_ratio,
-                        stride=row.stride if i == 0 else 1,
+                        stride=block_stride,
+                        dilation=dilation,
                         act_layer=ReLU6,
                         norm_layer=norm_layer,
                         drop_path=rate,
@@ -101,7 +107,8 @@ class MobileNetV3(Backbone):
         width_mult: channel multiplier (e.g. 0.35, 0.5, 0.75, 1.0, 1.4).
         **common: the contract's arguments (`Backbone`); levels C1..C5, BatchNorm2d with eps
             1e-3 and momentum 0.01 by default, as torchvision's; `drop_path_rate` as
-            EfficientNet's (block i of n: `drop_path_rate * i / n`).
+            EfficientNet's (block i of n: `drop_path_rate * i / n`); `output_stride=16` is
+            torchvision's `dilated=True`.
     """
 
     def __init__(self, cfg: MobileNetV3Cfg, *, width_mult: float = 1.0, **common: Any) -> None:
@@ -125,9 +132,14 @@ class MobileNetV3(Backbone):
         in_channels, stride = cfg.stem_channels, 2
         remaining = iter(cfg.blocks)
         rates = drop_path_rates(self.drop_path_rate, depths, endpoint=False)
+        dilate = Dilation(self.output_stride)
+        dilate(2)  # the stem
         for depth, row_rates in zip(depths, rates, strict=True):
             blocks = []
             for block, rate in zip(islice(remaining, depth), row_rates, strict=True):
+                # a block dilated instead of strided takes the new dilation, as torchvision's
+                # `mobilenet_v3_large(dilated=True)` (DeepLabV3's and LR-ASPP's backbone)
+                block_stride, _ = dilate(block.stride)
                 se_layer = None
                 if block.se:
                     se_layer = partial(
@@ -142,7 +154,8 @@ class MobileNetV3(Backbone):
                         block.out_channels,
                         expanded_channels=block.expanded_channels,
                         kernel_size=block.kernel_size,
-                        stride=block.stride,
+                        stride=block_stride,
+                        dilation=dilate.dilation,
                         act_layer=block.act,
                         se_layer=se_layer,
                         norm_layer=norm_layer,

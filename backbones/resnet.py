@@ -13,12 +13,25 @@ import torch
 from torch import nn
 
 from .contract import Backbone, Rules
-from .layers import ConvNormAct, DropPath, LayerFn, ReLU, drop_path_rates, init_he_normal
+from .layers import (
+    ConvNormAct,
+    Dilation,
+    DropPath,
+    LayerFn,
+    ReLU,
+    drop_path_rates,
+    init_he_normal,
+)
 from .registry import register_backbone
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs with an identity (or 1x1 projection) shortcut."""
+    """Two 3x3 convs with an identity (or 1x1 projection) shortcut.
+
+    `first_dilation` (default `dilation`) is the first conv's: where a stage is dilated
+    instead of strided, its first block keeps the dilation of the stage before (timm's rule;
+    torchvision has no dilated BasicBlock).
+    """
 
     expansion = 1
 
@@ -31,15 +44,25 @@ class BasicBlock(nn.Module):
         width_per_group: int = 64,
         norm_layer: LayerFn = nn.BatchNorm2d,
         drop_path: float = 0.0,
+        dilation: int = 1,
+        first_dilation: int | None = None,
     ) -> None:
         super().__init__()
         if groups != 1 or width_per_group != 64:
             raise ValueError("BasicBlock supports only groups=1 and width_per_group=64")
         out_channels = channels * self.expansion
         self.conv1 = ConvNormAct(
-            in_channels, channels, 3, stride, norm_layer=norm_layer, act_layer=ReLU
+            in_channels,
+            channels,
+            3,
+            stride,
+            dilation=first_dilation or dilation,
+            norm_layer=norm_layer,
+            act_layer=ReLU,
         )
-        self.conv2 = ConvNormAct(channels, out_channels, 3, norm_layer=norm_layer, act_layer=None)
+        self.conv2 = ConvNormAct(
+            channels, out_channels, 3, dilation=dilation, norm_layer=norm_layer, act_layer=None
+        )
         self.shortcut = _shortcut(in_channels, out_channels, stride, norm_layer)
         self.drop_path = DropPath(drop_path)
         self.act = ReLU()
@@ -51,7 +74,11 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce -> 3x3 (grouped for ResNeXt) -> 1x1 expand by 4, plus the shortcut."""
+    """1x1 reduce -> 3x3 (grouped for ResNeXt) -> 1x1 expand by 4, plus the shortcut.
+
+    The 3x3 conv has `first_dilation` (default `dilation`): the first block of a dilated
+    stage keeps the dilation of the stage before, as torchvision's and timm's.
+    """
 
     expansion = 4
 
@@ -64,13 +91,22 @@ class Bottleneck(nn.Module):
         width_per_group: int = 64,
         norm_layer: LayerFn = nn.BatchNorm2d,
         drop_path: float = 0.0,
+        dilation: int = 1,
+        first_dilation: int | None = None,
     ) -> None:
         super().__init__()
         width = int(channels * width_per_group / 64) * groups
         out_channels = channels * self.expansion
         self.conv1 = ConvNormAct(in_channels, width, 1, norm_layer=norm_layer, act_layer=ReLU)
         self.conv2 = ConvNormAct(
-            width, width, 3, stride, groups=groups, norm_layer=norm_layer, act_layer=ReLU
+            width,
+            width,
+            3,
+            stride,
+            dilation=first_dilation or dilation,
+            groups=groups,
+            norm_layer=norm_layer,
+            act_layer=ReLU,
         )
         self.conv3 = ConvNormAct(width, out_channels, 1, norm_layer=norm_layer, act_layer=None)
         self.shortcut = _shortcut(in_channels, out_channels, stride, norm_layer)
@@ -117,9 +153,11 @@ class ResNet(Backbone):
         self.stages = nn.ModuleList()
         in_channels, stride = 64, 2
         rates = drop_path_rates(self.drop_path_rate, cfg.depths)
+        dilate = Dilation(self.output_stride)
+        dilate(4)  # the stem and its max-pool: never dilated
         for index, depth in enumerate(cfg.depths):
             channels = 64 * 2**index
-            first_stride = 1 if index == 0 else 2
+            first_stride, first_dilation = dilate(1 if index == 0 else 2)
             layers: OrderedDict[str, nn.Module] = OrderedDict()
             if index == 0:  # C2 starts with the stem's max-pool
                 layers["pool"] = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -132,6 +170,8 @@ class ResNet(Backbone):
                     width_per_group=cfg.width_per_group,
                     norm_layer=norm_layer,
                     drop_path=rates[index][i],
+                    dilation=dilate.dilation,
+                    first_dilation=first_dilation if i == 0 else dilate.dilation,
                 )
                 in_channels = channels * block.expansion
             stride *= 2

@@ -35,14 +35,15 @@ class VGG(Backbone):
 
     Args:
         cfg: the variant (convs per block, and whether each is followed by a norm).
-        **common: the contract's arguments (`Backbone`) but `drop_path_rate`;
-            levels C1..C5; `frozen_stages=k` freezes the convs up to Ck; `norm_layer=None` keeps the variant's norm (BatchNorm2d for `_bn`, none otherwise).
+        **common: the contract's arguments (`Backbone`) but `drop_path_rate` and
+            `output_stride`; levels C1..C5; `frozen_stages=k` freezes the convs up to Ck;
+            `norm_layer=None` keeps the variant's norm (BatchNorm2d for `_bn`, none otherwise).
     """
 
     # torchvision's head: 7x7 average pool, flatten, two 4096-wide hidden layers with dropout.
     classifier_cfg = ClassifierCfg(pool_size=7, hidden_channels=(4096, 4096), dropout=0.5)
-    # No residual blocks to drop.
-    unsupported = ("drop_path_rate",)
+    # No residual blocks to drop, and neither torchvision nor timm has a dilated VGG.
+    unsupported = ("drop_path_rate", "output_stride")
 
     def __init__(self, cfg: VGGCfg, **common: Any) -> None:
         super().__init__(**common)

@@ -11,7 +11,7 @@ from torch import nn
 from backbones import Backbone
 from backbones.layers import ConvNormAct, GroupNorm, LayerFn, ReLU
 
-from ._levels import check_features, parse_levels
+from ._levels import check_features, check_undilated, parse_levels
 from .fpn import FPN
 
 
@@ -116,6 +116,7 @@ class Segmenter(nn.Module):
         head_channels: int = 128,
     ) -> None:
         super().__init__()
+        check_undilated("Segmenter", backbone.strides)
         self.backbone = backbone
         self.neck = FPN(backbone.channels, fpn_channels)
         self.head = SemanticFPNHead(self.neck.channels, num_classes, head_channels)
