@@ -110,21 +110,22 @@ def test_families_torchvision_cannot_dilate_are_timms(
 )
 def test_levels_keep_their_names_and_report_real_strides(name: str) -> None:
     with torch.device("meta"):
-        plain = create(name)
-    shapes = {k: v.shape for k, v in plain.state_dict().items()}
-    for output_stride in (8, 16):
-        with torch.device("meta"):
-            dilated = create(name, output_stride=output_stride)
-        assert [(f.name, f.channels) for f in dilated.feature_info] == [
-            (f.name, f.channels) for f in plain.feature_info
+        models = {os: create(name, output_stride=os) for os in (8, 16)}
+    for output_stride, model in models.items():
+        assert [f.stride for f in model.feature_info] == [
+            min(2 ** int(f.name[1:]), output_stride) for f in model.feature_info
         ]
-        assert [f.stride for f in dilated.feature_info] == [
-            min(f.stride, output_stride) for f in plain.feature_info
-        ]
-        assert dilated.strides == {"C3": 8, "C4": min(16, output_stride), "C5": output_stride}
-        assert dilated.feature_info.reduction() == list(dilated.strides.values())
-        # the same parameters: the undilated network's weights load as they are
-        assert {k: v.shape for k, v in dilated.state_dict().items()} == shapes
+        assert model.strides == {"C3": 8, "C4": min(16, output_stride), "C5": output_stride}
+        assert model.feature_info.reduction() == list(model.strides.values())
+    # the same levels and parameters at every output stride: any weights load as they are
+    # (the parity tests above load undilated references into dilated models, strictly)
+    eight, sixteen = models.values()
+    assert [(f.name, f.channels) for f in eight.feature_info] == [
+        (f.name, f.channels) for f in sixteen.feature_info
+    ]
+    assert {k: v.shape for k, v in eight.state_dict().items()} == {
+        k: v.shape for k, v in sixteen.state_dict().items()
+    }
 
 
 @pytest.mark.parametrize("name", DILATED)
