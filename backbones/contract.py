@@ -11,7 +11,7 @@ import inspect
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -30,26 +30,61 @@ Rules = tuple[tuple[str, str | None], ...]
 
 @dataclass(frozen=True)
 class FeatureInfo:
-    """One pyramid level: its name `C<k>`, channel count and stride (2**k)."""
+    """One pyramid level: its name `C<k>`, channel count and stride (2**k, less if dilated).
+
+    It also answers timm's dict keys, `info["num_chs"]`, `info["reduction"]` and
+    `info["module"]` (the path of the module that outputs the level: `stem`, `stages.<i>`;
+    not compared, it says where the level comes from, not what it is).
+    """
 
     name: str
     channels: int
     stride: int
+    module: str = field(default="", compare=False)
+
+    def __getitem__(self, key: str) -> str | int:
+        if key not in TIMM_KEYS:
+            raise KeyError(f"FeatureInfo has no {key!r}; its keys are {list(TIMM_KEYS)}")
+        return getattr(self, TIMM_KEYS[key])
+
+    def get(self, key: str, default: object = None) -> object:
+        """`info[key]`, or `default` for a key it does not have (as a timm feature dict)."""
+        return self[key] if key in TIMM_KEYS else default
+
+    def keys(self) -> list[str]:
+        """timm's keys (so `dict(info)` is timm's feature dict, plus our `name`)."""
+        return list(TIMM_KEYS)
+
+
+# timm's feature-dict key -> FeatureInfo attribute
+TIMM_KEYS = {"num_chs": "channels", "reduction": "stride", "module": "module", "name": "name"}
 
 
 class FeatureInfoList(list[FeatureInfo]):
     """`Backbone.feature_info`: every level the backbone has, answering timm's questions too.
 
-    It is a list of `FeatureInfo`, fine to coarse. Like timm's `FeatureInfo` of a
-    `features_only` model, `channels()`, `reduction()` (the stride) and `get_dicts()` describe
-    the levels the backbone returns (`out_features`), in the order `forward` returns them,
+    It is a list of `FeatureInfo`, fine to coarse, indexed as timm indexes its levels. Like
+    timm's `FeatureInfo` of a `features_only` model, `channels()`, `reduction()` (the stride),
+    `module_name()` and `get_dicts()` describe the levels the backbone returns
+    (`out_features`; their positions are `out_indices`), in the order `forward` returns them,
     or, given `idx`, the levels at those list positions. So code written for timm's feature
     extractors reads ours unchanged; `heads.FeatureList` returns the maps as a list.
     """
 
-    def __init__(self, out_features: Sequence[str]) -> None:
-        super().__init__()
+    def __init__(self, out_features: Sequence[str], levels: Sequence[FeatureInfo] = ()) -> None:
+        super().__init__(levels)
         self.out_features = tuple(out_features)
+
+    @property
+    def out_indices(self) -> tuple[int, ...]:
+        """The positions of the returned levels (timm's `out_indices`)."""
+        return tuple(self._returned())
+
+    def under(self, prefix: str) -> FeatureInfoList:
+        """The same levels with `prefix.` before each module path: for a model that holds the
+        backbone as its `prefix` attribute."""
+        moved = [replace(info, module=f"{prefix}.{info.module}") for info in self]
+        return FeatureInfoList(self.out_features, moved)
 
     def get(self, key: str, idx: int | Sequence[int] | None = None) -> object:
         """timm's accessor: `key` of the returned levels, of level `idx`, or of each of `idx`."""
@@ -75,18 +110,19 @@ class FeatureInfoList(list[FeatureInfo]):
         """Strides of the returned levels, fine to coarse (or of level `idx`)."""
         return self.get("reduction", idx)
 
+    def module_name(self, idx: int | Sequence[int] | None = None) -> list[str] | str:
+        """Paths of the modules that output the returned levels (or level `idx`)."""
+        return self.get("module", idx)
+
     def _returned(self) -> list[int]:
         return [i for i, info in enumerate(self) if info.name in self.out_features]
 
     def _as_dict(self, index: int, keys: Sequence[str] | None) -> dict[str, object]:
         info = self[index]
-        full = {"num_chs": info.channels, "reduction": info.stride, "name": info.name}
-        if keys is None:
-            return full
-        unknown = [k for k in keys if k not in full]
+        unknown = [k for k in keys or () if k not in TIMM_KEYS]
         if unknown:
-            raise KeyError(f"feature_info has no {unknown}; its keys are {list(full)}")
-        return {k: full[k] for k in keys}
+            raise KeyError(f"feature_info has no {unknown}; its keys are {list(TIMM_KEYS)}")
+        return {k: info[k] for k in (TIMM_KEYS if keys is None else keys)}
 
 
 @dataclass(frozen=True)
@@ -204,7 +240,8 @@ class Backbone(nn.Module):
         if name in self._level_module:
             self.feature_info[:] = [f for f in self.feature_info if f.name != name]
         real = min(stride, self.output_stride)
-        self.feature_info.append(FeatureInfo(name=name, channels=channels, stride=real))
+        module = f"stages.{built - 1}" if built else "stem"
+        self.feature_info.append(FeatureInfo(name, channels, real, module))
         self._level_module[name] = built
 
     def finalize(self) -> None:
