@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from backbones import Backbone, convert, create, list_backbones
+from backbones import Backbone, convert, create, get_entry, list_backbones
 from heads import ClassificationHead, Classifier, Segmenter
 from heads.detection import BackboneWithFPN, Detector
 
@@ -141,7 +141,7 @@ def test_dilated_shapes_on_an_odd_size(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["vgg16", "densenet121"])
 def test_families_without_dilation_refuse_it(name: str) -> None:
-    family = "VGG" if name == "vgg16" else "DenseNet"
+    family = get_entry(name).family.__name__
     with pytest.raises(
         TypeError,
         match=rf"^{name} got an unexpected keyword argument 'output_stride'\. 'output_stride' is "
@@ -152,6 +152,10 @@ def test_families_without_dilation_refuse_it(name: str) -> None:
         create(name, output_stride=16)
     with torch.device("meta"):
         assert create(name, output_stride=32).strides["C5"] == 32  # asks for nothing: accepted
+        # built directly, the family says the same in fewer words
+        family = get_entry(name).family
+        with pytest.raises(TypeError, match=rf"^{family.__name__} has no output_stride \(got 8\)"):
+            get_entry(name).fn(output_stride=8)
 
 
 @pytest.mark.parametrize("output_stride", [4, 64, 12])
