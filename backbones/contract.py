@@ -7,10 +7,11 @@ grad checkpointing) and `ClassifierCfg` (the reference classifier, as data for t
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -29,26 +30,61 @@ Rules = tuple[tuple[str, str | None], ...]
 
 @dataclass(frozen=True)
 class FeatureInfo:
-    """One pyramid level: its name `C<k>`, channel count and stride (2**k)."""
+    """One pyramid level: its name `C<k>`, channel count and stride (2**k, less if dilated).
+
+    It also answers timm's dict keys, `info["num_chs"]`, `info["reduction"]` and
+    `info["module"]` (the path of the module that outputs the level: `stem`, `stages.<i>`;
+    not compared, it says where the level comes from, not what it is).
+    """
 
     name: str
     channels: int
     stride: int
+    module: str = field(default="", compare=False)
+
+    def __getitem__(self, key: str) -> str | int:
+        if key not in TIMM_KEYS:
+            raise KeyError(f"FeatureInfo has no {key!r}; its keys are {list(TIMM_KEYS)}")
+        return getattr(self, TIMM_KEYS[key])
+
+    def get(self, key: str, default: object = None) -> object:
+        """`info[key]`, or `default` for a key it does not have (as a timm feature dict)."""
+        return self[key] if key in TIMM_KEYS else default
+
+    def keys(self) -> list[str]:
+        """timm's keys (so `dict(info)` is timm's feature dict, plus our `name`)."""
+        return list(TIMM_KEYS)
+
+
+# timm's feature-dict key -> FeatureInfo attribute
+TIMM_KEYS = {"num_chs": "channels", "reduction": "stride", "module": "module", "name": "name"}
 
 
 class FeatureInfoList(list[FeatureInfo]):
     """`Backbone.feature_info`: every level the backbone has, answering timm's questions too.
 
-    It is a list of `FeatureInfo`, fine to coarse. Like timm's `FeatureInfo` of a
-    `features_only` model, `channels()`, `reduction()` (the stride) and `get_dicts()` describe
-    the levels the backbone returns (`out_features`), in the order `forward` returns them,
+    It is a list of `FeatureInfo`, fine to coarse, indexed as timm indexes its levels. Like
+    timm's `FeatureInfo` of a `features_only` model, `channels()`, `reduction()` (the stride),
+    `module_name()` and `get_dicts()` describe the levels the backbone returns
+    (`out_features`; their positions are `out_indices`), in the order `forward` returns them,
     or, given `idx`, the levels at those list positions. So code written for timm's feature
     extractors reads ours unchanged; `heads.FeatureList` returns the maps as a list.
     """
 
-    def __init__(self, out_features: Sequence[str]) -> None:
-        super().__init__()
+    def __init__(self, out_features: Sequence[str], levels: Sequence[FeatureInfo] = ()) -> None:
+        super().__init__(levels)
         self.out_features = tuple(out_features)
+
+    @property
+    def out_indices(self) -> tuple[int, ...]:
+        """The positions of the returned levels (timm's `out_indices`)."""
+        return tuple(self._returned())
+
+    def under(self, prefix: str) -> FeatureInfoList:
+        """The same levels with `prefix.` before each module path: for a model that holds the
+        backbone as its `prefix` attribute."""
+        moved = [replace(info, module=f"{prefix}.{info.module}") for info in self]
+        return FeatureInfoList(self.out_features, moved)
 
     def get(self, key: str, idx: int | Sequence[int] | None = None) -> object:
         """timm's accessor: `key` of the returned levels, of level `idx`, or of each of `idx`."""
@@ -74,18 +110,19 @@ class FeatureInfoList(list[FeatureInfo]):
         """Strides of the returned levels, fine to coarse (or of level `idx`)."""
         return self.get("reduction", idx)
 
+    def module_name(self, idx: int | Sequence[int] | None = None) -> list[str] | str:
+        """Paths of the modules that output the returned levels (or level `idx`)."""
+        return self.get("module", idx)
+
     def _returned(self) -> list[int]:
         return [i for i, info in enumerate(self) if info.name in self.out_features]
 
     def _as_dict(self, index: int, keys: Sequence[str] | None) -> dict[str, object]:
         info = self[index]
-        full = {"num_chs": info.channels, "reduction": info.stride, "name": info.name}
-        if keys is None:
-            return full
-        unknown = [k for k in keys if k not in full]
+        unknown = [k for k in keys or () if k not in TIMM_KEYS]
         if unknown:
-            raise KeyError(f"feature_info has no {unknown}; its keys are {list(full)}")
-        return {k: full[k] for k in keys}
+            raise KeyError(f"feature_info has no {unknown}; its keys are {list(TIMM_KEYS)}")
+        return {k: info[k] for k in (TIMM_KEYS if keys is None else keys)}
 
 
 @dataclass(frozen=True)
@@ -111,6 +148,24 @@ class Backbone(nn.Module):
     that produces a level, call `self.add_level(channels, stride)`. They end their
     `__init__` with `self.finalize()`, which drops stages past the coarsest requested level,
     freezes what `frozen_stages` asks for and validates the settings.
+
+    The contract's arguments are taken here, once, and mean the same in every family; a
+    family's constructor takes its own options and passes `**common` on. A family without
+    stochastic depth or dilation lists the argument in `unsupported`: it then accepts only
+    the value that asks for nothing (`drop_path_rate=0`, `output_stride=32`).
+
+    Args:
+        out_features: levels to return, e.g. ("C3", "C4", "C5"); any of `feature_info`'s.
+        in_chans: input channels.
+        frozen_stages: -1 nothing, 0 the stem, k the stem and the first k stages: no
+            gradients, and their BatchNorms stay in eval mode.
+        norm_eval: keep every BatchNorm in eval mode while training.
+        norm_layer: the norm, called with a channel count; None for the family's default.
+        drop_path_rate: stochastic depth of the residual blocks, rising over the blocks to
+            this rate, in [0, 1).
+        output_stride: 32, or 16 / 8 to dilate the stages past that stride instead of
+            striding them (DeepLab, Chen et al. 2017); the levels keep their names, and
+            `feature_info`, `channels`, `strides` report their real strides.
     """
 
     # Source library -> rules that turn its classifier state dict into ours; a family whose
@@ -120,6 +175,8 @@ class Backbone(nn.Module):
     # What `heads.build_classifier` puts on top to rebuild the reference classifier; a family
     # whose variants differ (e.g. in dropout) sets it per instance.
     classifier_cfg: ClassifierCfg = ClassifierCfg()
+    # Common arguments this family does not have (no residual blocks to drop, say).
+    unsupported: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -128,6 +185,9 @@ class Backbone(nn.Module):
         in_chans: int = 3,
         frozen_stages: int = -1,
         norm_eval: bool = False,
+        norm_layer: LayerFn | None = None,
+        drop_path_rate: float = 0.0,
+        output_stride: int = 32,
     ) -> None:
         super().__init__()
         if isinstance(out_features, str):
@@ -139,10 +199,27 @@ class Backbone(nn.Module):
                 "frozen_stages must be -1 (nothing frozen), 0 (the stem) or k > 0 "
                 f"(the stem and the first k stages), got {frozen_stages!r}"
             )
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        if output_stride not in (8, 16, 32):
+            raise ValueError(
+                f"output_stride must be 8, 16 or 32 (the stride of C5, dilated past it), got "
+                f"{output_stride!r}"
+            )
+        asked = {"drop_path_rate": drop_path_rate, "output_stride": output_stride}
+        refused = [k for k in self.unsupported if asked[k] != COMMON_DEFAULTS[k]]
+        if refused:
+            raise TypeError(
+                f"{type(self).__name__} has no {refused[0]} (got {asked[refused[0]]!r}); "
+                f"leave it at {COMMON_DEFAULTS[refused[0]]!r}"
+            )
         self.out_features = tuple(out_features)
         self.in_chans = in_chans
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
+        self.norm_layer = norm_layer
+        self.drop_path_rate = drop_path_rate
+        self.output_stride = output_stride
         self.feature_info = FeatureInfoList(self.out_features)
         self._level_module: dict[str, int] = {}  # level name -> index in (stem, *stages)
         self._grad_checkpointing = False
@@ -150,8 +227,10 @@ class Backbone(nn.Module):
     def add_level(self, channels: int, stride: int) -> None:
         """Record that the module built last (the stem or the newest stage) outputs a level.
 
-        Called again for the same stride, the later module replaces the earlier one:
-        `Ck` is the last module whose output has stride 2**k.
+        `stride` is the module's stride without dilation, 2**k for `Ck`: it names the level,
+        which keeps its name when `output_stride` dilates it; `feature_info` records the real
+        stride, min(stride, output_stride). Called again for the same stride, the later module
+        replaces the earlier one: `Ck` is the last module whose output has stride 2**k.
         """
         k = int(math.log2(stride))
         if 2**k != stride:
@@ -160,7 +239,9 @@ class Backbone(nn.Module):
         built = len(self.stages) if hasattr(self, "stages") else 0
         if name in self._level_module:
             self.feature_info[:] = [f for f in self.feature_info if f.name != name]
-        self.feature_info.append(FeatureInfo(name=name, channels=channels, stride=stride))
+        real = min(stride, self.output_stride)
+        module = f"stages.{built - 1}" if built else "stem"
+        self.feature_info.append(FeatureInfo(name, channels, real, module))
         self._level_module[name] = built
 
     def finalize(self) -> None:
@@ -255,6 +336,14 @@ class Backbone(nn.Module):
             if isinstance(module, nn.Conv2d):
                 return name
         raise RuntimeError(f"{type(self).__name__} has no Conv2d")
+
+
+# The contract's arguments, each with the value that asks for nothing (its default).
+COMMON_DEFAULTS: dict[str, object] = {
+    name: param.default
+    for name, param in inspect.signature(Backbone.__init__).parameters.items()
+    if param.kind is param.KEYWORD_ONLY
+}
 
 
 @contextmanager

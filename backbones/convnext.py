@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .contract import DEFAULT_OUT_FEATURES, Backbone, ClassifierCfg, Rules
-from .layers import DropPath, LayerFn, LayerNorm2d, drop_path_rates
+from .contract import Backbone, ClassifierCfg, Rules
+from .layers import Dilation, DropPath, LayerFn, LayerNorm2d, drop_path_rates
 from .registry import register_backbone
 
 LayerNorm2d6 = partial(LayerNorm2d, eps=1e-6)
@@ -51,15 +51,32 @@ class Stem(nn.Module):
 
 
 class Downsample(nn.Module):
-    """A norm, then a 2x2 conv with stride 2: halves the size between stages."""
+    """A norm, then a 2x2 conv with stride 2: halves the size between stages.
 
-    def __init__(self, in_channels: int, out_channels: int, norm_layer: LayerFn) -> None:
+    Dilated instead (`stride=1`, for `output_stride`), the 2x2 conv keeps the size: zero
+    padding of `dilation` rows and columns, the extra one at the bottom and right, as timm's
+    "same" padding.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        norm_layer: LayerFn,
+        stride: int = 2,
+        dilation: int = 1,
+    ) -> None:
         super().__init__()
         self.norm = norm_layer(in_channels)
-        self.conv = nn.Conv2d(in_channels, out_channels, 2, stride=2)
+        self.conv = nn.Conv2d(in_channels, out_channels, 2, stride=stride, dilation=dilation)
+        before = dilation // 2
+        self.padding = (before, dilation - before) * 2  # left, right, top, bottom
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(pad_to_multiple(self.norm(x), 2))  # (B, C', ceil(H/2), ceil(W/2))
+        x = self.norm(x)
+        if self.conv.stride == (2, 2):
+            return self.conv(pad_to_multiple(x, 2))  # (B, C', ceil(H/2), ceil(W/2))
+        return self.conv(F.pad(x, self.padding))  # (B, C', H, W)
 
 
 class ConvNeXtBlock(nn.Module):
@@ -71,9 +88,12 @@ class ConvNeXtBlock(nn.Module):
         norm_layer: LayerFn = LayerNorm2d6,
         layer_scale_init: float = 1e-6,
         drop_path: float = 0.0,
+        dilation: int = 1,
     ) -> None:
         super().__init__()
-        self.dwconv = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+        self.dwconv = nn.Conv2d(
+            channels, channels, 7, padding=3 * dilation, dilation=dilation, groups=channels
+        )
         self.norm = norm_layer(channels)
         self.fc1 = nn.Linear(channels, 4 * channels)
         self.act = nn.GELU()
@@ -104,50 +124,36 @@ class ConvNeXt(Backbone):
 
     Args:
         cfg: the variant (blocks and channels per stage).
-        out_features: levels to return, any of C2..C5.
-        in_chans: input channels.
-        frozen_stages: -1 nothing, 0 the stem, k the stem and the first k stages.
-        norm_eval: keep every BatchNorm in eval mode while training (ConvNeXt's LayerNorms
-            have no running statistics, so this only matters with a BatchNorm `norm_layer`).
-        norm_layer: a norm over the channels of an NCHW tensor, called with a channel count;
-            LayerNorm2d with eps 1e-6 by default.
-        drop_path_rate: stochastic depth, rising linearly over the blocks to this rate.
         layer_scale_init: initial value of the per-channel scale on each block's branch.
+        **common: the contract's arguments (`Backbone`); levels C2..C5; LayerNorm2d with eps
+            1e-6 by default (`norm_eval` only matters with a BatchNorm `norm_layer`: LayerNorms
+            have no running statistics).
     """
 
     # torchvision's and timm's head: global average pool, LayerNorm, linear.
     classifier_cfg = ClassifierCfg(norm_layer=LayerNorm2d6)
 
-    def __init__(
-        self,
-        cfg: ConvNeXtCfg,
-        *,
-        out_features: Sequence[str] = DEFAULT_OUT_FEATURES,
-        in_chans: int = 3,
-        frozen_stages: int = -1,
-        norm_eval: bool = False,
-        norm_layer: LayerFn = LayerNorm2d6,
-        drop_path_rate: float = 0.0,
-        layer_scale_init: float = 1e-6,
-    ) -> None:
-        super().__init__(
-            out_features=out_features,
-            in_chans=in_chans,
-            frozen_stages=frozen_stages,
-            norm_eval=norm_eval,
-        )
-        rates = drop_path_rates(drop_path_rate, cfg.depths)
-        self.stem = Stem(in_chans, cfg.widths[0], norm_layer)  # /4, the same stride as C2
+    def __init__(self, cfg: ConvNeXtCfg, *, layer_scale_init: float = 1e-6, **common: Any) -> None:
+        super().__init__(**common)
+        norm_layer = self.norm_layer or LayerNorm2d6
+        rates = drop_path_rates(self.drop_path_rate, cfg.depths)
+        self.stem = Stem(self.in_chans, cfg.widths[0], norm_layer)  # /4, the same stride as C2
 
         self.stages = nn.ModuleList()
         in_channels = cfg.widths[0]
+        dilate = Dilation(self.output_stride)
+        dilate(4)  # the stem
         for index, (depth, width) in enumerate(zip(cfg.depths, cfg.widths, strict=True)):
             layers: OrderedDict[str, nn.Module] = OrderedDict()
             if index > 0:
-                layers["downsample"] = Downsample(in_channels, width, norm_layer)
+                # dilated instead of strided, it keeps the dilation before it (timm's rule)
+                stride, dilation = dilate(2)
+                layers["downsample"] = Downsample(in_channels, width, norm_layer, stride, dilation)
             layers["blocks"] = nn.Sequential(
                 *(
-                    ConvNeXtBlock(width, norm_layer, layer_scale_init, rates[index][i])
+                    ConvNeXtBlock(
+                        width, norm_layer, layer_scale_init, rates[index][i], dilate.dilation
+                    )
                     for i in range(depth)
                 )
             )

@@ -6,16 +6,15 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .contract import DEFAULT_OUT_FEATURES, Backbone, Rules, keep_norm_stats_on_recompute
-from .layers import ConvNormAct, LayerFn
+from .contract import Backbone, Rules, keep_norm_stats_on_recompute
+from .layers import ConvNormAct, LayerFn, ReLU, init_he_normal
 from .registry import register_backbone
-
-ReLU = partial(nn.ReLU, inplace=True)
 
 
 class DenseLayer(nn.Module):
@@ -115,35 +114,21 @@ class DenseNet(Backbone):
 
     Args:
         cfg: the variant (layers per block, growth rate, stem width, bottleneck factor).
-        out_features: levels to return, any of C1..C5.
-        in_chans: input channels.
-        frozen_stages: -1 nothing, 0 the stem, k the stem and the first k stages.
-        norm_eval: keep every BatchNorm in eval mode while training.
-        norm_layer: called with a channel count; BatchNorm2d by default.
         memory_efficient: recompute each layer's concatenation and bottleneck during backward
             (same outputs and gradients, about half the stored activations, more compute).
+        **common: the contract's arguments (`Backbone`) but `drop_path_rate` and
+            `output_stride`; levels C1..C5, BatchNorm2d by default.
     """
 
-    def __init__(
-        self,
-        cfg: DenseNetCfg,
-        *,
-        out_features: Sequence[str] = DEFAULT_OUT_FEATURES,
-        in_chans: int = 3,
-        frozen_stages: int = -1,
-        norm_eval: bool = False,
-        norm_layer: LayerFn = nn.BatchNorm2d,
-        memory_efficient: bool = False,
-    ) -> None:
-        super().__init__(
-            out_features=out_features,
-            in_chans=in_chans,
-            frozen_stages=frozen_stages,
-            norm_eval=norm_eval,
-        )
+    # Dense blocks have no residual branch to drop, and no reference has a dilated DenseNet.
+    unsupported = ("drop_path_rate", "output_stride")
+
+    def __init__(self, cfg: DenseNetCfg, *, memory_efficient: bool = False, **common: Any) -> None:
+        super().__init__(**common)
+        norm_layer = self.norm_layer or nn.BatchNorm2d
         channels = cfg.stem_channels
         self.stem = ConvNormAct(
-            in_chans, channels, 7, stride=2, norm_layer=norm_layer, act_layer=ReLU
+            self.in_chans, channels, 7, stride=2, norm_layer=norm_layer, act_layer=ReLU
         )
         self.add_level(channels, stride=2)
 
@@ -167,16 +152,8 @@ class DenseNet(Backbone):
 
         rules = _rules(cfg.depths)  # the layer count per block varies by variant
         self.weight_rules = {"torchvision": rules, "timm": rules}
-        self._init_weights()
+        init_he_normal(self, mode="fan_in")
         self.finalize()
-
-    def _init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight)
-            elif isinstance(module, nn.BatchNorm2d | nn.GroupNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
 
 
 def _rules(depths: Sequence[int]) -> Rules:

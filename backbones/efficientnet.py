@@ -5,26 +5,27 @@ SiLU (MBConv); B1..B7 are B0 scaled in width and depth by the compound scaling r
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import Any
 
 from torch import nn
 
-from .contract import DEFAULT_OUT_FEATURES, Backbone, ClassifierCfg
+from .contract import Backbone, ClassifierCfg
 from .layers import (
     BatchNorm2dTF,
     ConvNormAct,
+    Dilation,
     InvertedResidual,
     LayerFn,
+    SiLU,
     SqueezeExcite,
     drop_path_rates,
+    init_he_normal,
     make_divisible,
 )
-from .mobilenet import init_weights, timm_rules, torchvision_block_rules, torchvision_rules
+from .mobile_weights import timm_rules, torchvision_block_rules, torchvision_rules
 from .registry import register_backbone
-
-SiLU = partial(nn.SiLU, inplace=True)
 
 
 class EfficientNet(Backbone):
@@ -32,52 +33,40 @@ class EfficientNet(Backbone):
 
     Args:
         cfg: the variant (stem, rows, head conv, classifier dropout, norm).
-        out_features: levels to return, any of C1..C5.
-        in_chans: input channels.
-        frozen_stages: -1 nothing, 0 the stem, k the stem and the first k stages.
-        norm_eval: keep every BatchNorm in eval mode while training.
-        norm_layer: called with a channel count; by default the variant's (torchvision's:
-            BatchNorm2d, with eps 1e-3 and momentum 0.01 for B5..B7).
-        drop_path_rate: stochastic depth of block i of n is `drop_path_rate * i / n`, so 0.2
-            means what torchvision's `stochastic_depth_prob=0.2` means.
+        **common: the contract's arguments (`Backbone`); levels C1..C5; the variant's norm
+            by default (torchvision's: BatchNorm2d, with eps 1e-3 and momentum 0.01 for
+            B5..B7). `drop_path_rate` gives block i of n the rate `drop_path_rate * i / n`, so
+            0.2 means what torchvision's `stochastic_depth_prob=0.2` means.
     """
 
-    def __init__(
-        self,
-        cfg: EfficientNetCfg,
-        *,
-        out_features: Sequence[str] = DEFAULT_OUT_FEATURES,
-        in_chans: int = 3,
-        frozen_stages: int = -1,
-        norm_eval: bool = False,
-        norm_layer: LayerFn | None = None,
-        drop_path_rate: float = 0.0,
-    ) -> None:
-        super().__init__(
-            out_features=out_features,
-            in_chans=in_chans,
-            frozen_stages=frozen_stages,
-            norm_eval=norm_eval,
-        )
-        norm_layer = cfg.norm_layer if norm_layer is None else norm_layer
+    def __init__(self, cfg: EfficientNetCfg, **common: Any) -> None:
+        super().__init__(**common)
+        norm_layer = self.norm_layer or cfg.norm_layer
         self.stem = ConvNormAct(
-            in_chans, cfg.stem_channels, 3, stride=2, norm_layer=norm_layer, act_layer=SiLU
+            self.in_chans, cfg.stem_channels, 3, stride=2, norm_layer=norm_layer, act_layer=SiLU
         )
         self.add_level(cfg.stem_channels, stride=2)
 
         self.stages = nn.ModuleList()
         in_channels, stride = cfg.stem_channels, 2
-        rates = drop_path_rates(drop_path_rate, [row.depth for row in cfg.stages], endpoint=False)
+        rates = drop_path_rates(
+            self.drop_path_rate, [row.depth for row in cfg.stages], endpoint=False
+        )
+        dilate = Dilation(self.output_stride)
+        dilate(2)  # the stem
         for row, row_rates in zip(cfg.stages, rates, strict=True):
             blocks = []
             for i, rate in enumerate(row_rates):
+                # a block dilated instead of strided keeps the dilation before it (timm's rule)
+                block_stride, dilation = dilate(row.stride if i == 0 else 1)
                 blocks.append(
                     InvertedResidual(
                         in_channels,
                         row.out_channels,
                         expanded_channels=make_divisible(in_channels * row.expand_ratio),
                         kernel_size=row.kernel_size,
-                        stride=row.stride if i == 0 else 1,
+                        stride=block_stride,
+                        dilation=dilation,
                         act_layer=SiLU,
                         # squeezed relative to the block's input, not its expanded width
                         se_layer=partial(
@@ -108,7 +97,7 @@ class EfficientNet(Backbone):
             ),
             "timm": timm_rules(len(self.stages)),
         }
-        init_weights(self)
+        init_he_normal(self)
         self.finalize()
 
 

@@ -11,6 +11,13 @@ from torch import nn
 
 LayerFn = Callable[..., nn.Module]
 
+# In-place activations: the families' layers overwrite their input instead of allocating,
+# one memory pass less (the input is never needed again: a norm or a sum produced it).
+ReLU = partial(nn.ReLU, inplace=True)
+ReLU6 = partial(nn.ReLU6, inplace=True)
+Hardswish = partial(nn.Hardswish, inplace=True)
+SiLU = partial(nn.SiLU, inplace=True)
+
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
     """Round `value` to the nearest multiple of `divisor`, never going below 90% of it.
@@ -22,6 +29,22 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     if rounded < 0.9 * value:  # rounding down must not remove more than 10%
         rounded += divisor
     return rounded
+
+
+def init_he_normal(model: nn.Module, mode: str = "fan_out") -> None:
+    """He-normal convs (He et al. 2015) with zero biases, unit norms: torchvision's CNN init.
+
+    `mode="fan_out"` is torchvision's ResNet, VGG, MobileNet and EfficientNet init; DenseNet's
+    keeps PyTorch's default `"fan_in"`.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode=mode, nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d | nn.GroupNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
 
 class ConvNormAct(nn.Module):
@@ -142,6 +165,30 @@ def drop_path_rates(
     return per_stage
 
 
+class Dilation:
+    """Turns the strides past `output_stride` into dilation while a family builds (DeepLab,
+    Chen et al. 2017): the maps keep their size, and later convs see as far as before.
+
+    Call it with the stride of each module in build order: it returns the stride to build that
+    module with and the dilation before it; `dilation` is the one after it. Where a stride
+    becomes dilation, torchvision's and timm's ResNets, timm's EfficientNets and ConvNeXt build
+    that module with the dilation before it, torchvision's MobileNetV3 with the one after.
+    """
+
+    def __init__(self, output_stride: int = 32) -> None:
+        self.output_stride = output_stride
+        self.stride = 1  # the real stride of what is built so far
+        self.dilation = 1
+
+    def __call__(self, stride: int) -> tuple[int, int]:
+        before = self.dilation
+        if self.stride * stride > self.output_stride:
+            self.dilation *= stride
+            stride = 1
+        self.stride *= stride
+        return stride, before
+
+
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channel dimension of an NCHW tensor (as in ConvNeXt)."""
 
@@ -191,6 +238,7 @@ class InvertedResidual(nn.Module):
         expanded_channels: channels of the depthwise conv.
         kernel_size: depthwise kernel size.
         stride: depthwise stride.
+        dilation: depthwise dilation.
         act_layer: activation after the expand and depthwise convs.
         se_layer: called with `expanded_channels`; `None` for no squeeze-excite.
         norm_layer: called with a channel count.
@@ -204,6 +252,7 @@ class InvertedResidual(nn.Module):
         expanded_channels: int,
         kernel_size: int = 3,
         stride: int = 1,
+        dilation: int = 1,
         act_layer: LayerFn = nn.ReLU,
         se_layer: LayerFn | None = None,
         norm_layer: LayerFn = nn.BatchNorm2d,
@@ -223,6 +272,7 @@ class InvertedResidual(nn.Module):
             expanded_channels,
             kernel_size,
             stride,
+            dilation=dilation,
             groups=expanded_channels,
             norm_layer=norm_layer,
             act_layer=act_layer,

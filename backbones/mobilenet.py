@@ -8,29 +8,30 @@ exactly as torchvision computes it, so `mobilenet_v2(width_mult=0.5)` converts f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from itertools import groupby, islice
+from typing import Any
 
 from torch import nn
 
-from .contract import DEFAULT_OUT_FEATURES, Backbone, ClassifierCfg, Rules
+from .contract import Backbone, ClassifierCfg, Rules
 from .layers import (
     BatchNorm2dTF,
     ConvNormAct,
+    Dilation,
+    Hardswish,
     InvertedResidual,
     LayerFn,
+    ReLU,
+    ReLU6,
     SqueezeExcite,
+    drop_path_rates,
+    init_he_normal,
     make_divisible,
 )
+from .mobile_weights import conv_norm_rules, timm_rules, torchvision_block_rules, torchvision_rules
 from .registry import register_backbone
-
-ReLU = partial(nn.ReLU, inplace=True)
-ReLU6 = partial(nn.ReLU6, inplace=True)
-Hardswish = partial(nn.Hardswish, inplace=True)
-# (block, source key prefix regex, our key prefix) -> that block's rules
-BlockRules = Callable[[InvertedResidual, str, str], Rules]
 
 
 class MobileNetV2(Backbone):
@@ -40,51 +41,43 @@ class MobileNetV2(Backbone):
         cfg: the network at width 1 (stem, stages, head conv).
         width_mult: channel multiplier (e.g. 0.35, 0.5, 0.75, 1.0, 1.4); the head conv is
             never narrowed below its width-1 size.
-        out_features: levels to return, any of C1..C5.
-        in_chans: input channels.
-        frozen_stages: -1 nothing, 0 the stem, k the stem and the first k stages.
-        norm_eval: keep every BatchNorm in eval mode while training.
-        norm_layer: called with a channel count; BatchNorm2d by default.
+        **common: the contract's arguments (`Backbone`); levels C1..C5, BatchNorm2d by default;
+            `drop_path_rate` as EfficientNet's (block i of n: `drop_path_rate * i / n`).
     """
 
     classifier_cfg = ClassifierCfg(dropout=0.2)
 
-    def __init__(
-        self,
-        cfg: MobileNetV2Cfg,
-        *,
-        width_mult: float = 1.0,
-        out_features: Sequence[str] = DEFAULT_OUT_FEATURES,
-        in_chans: int = 3,
-        frozen_stages: int = -1,
-        norm_eval: bool = False,
-        norm_layer: LayerFn = nn.BatchNorm2d,
-    ) -> None:
-        super().__init__(
-            out_features=out_features,
-            in_chans=in_chans,
-            frozen_stages=frozen_stages,
-            norm_eval=norm_eval,
-        )
-        cfg = cfg.scaled(width_mult)
+    def __init__(self, cfg: MobileNetV2Cfg, *, width_mult: float = 1.0, **common: Any) -> None:
+        super().__init__(**common)
+        cfg, norm_layer = cfg.scaled(width_mult), self.norm_layer or nn.BatchNorm2d
         self.stem = ConvNormAct(
-            in_chans, cfg.stem_channels, 3, stride=2, norm_layer=norm_layer, act_layer=ReLU6
+            self.in_chans, cfg.stem_channels, 3, stride=2, norm_layer=norm_layer, act_layer=ReLU6
         )
         self.add_level(cfg.stem_channels, stride=2)
 
         self.stages = nn.ModuleList()
         in_channels, stride = cfg.stem_channels, 2
-        for row in cfg.stages:
+        # block i of n drops its branch with rate drop_path_rate * i / n, as EfficientNet's
+        rates = drop_path_rates(
+            self.drop_path_rate, [row.depth for row in cfg.stages], endpoint=False
+        )
+        dilate = Dilation(self.output_stride)
+        dilate(2)  # the stem
+        for row, row_rates in zip(cfg.stages, rates, strict=True):
             blocks = []
-            for i in range(row.depth):
+            for i, rate in enumerate(row_rates):
+                # a block dilated instead of strided keeps the dilation before it (timm's rule)
+                block_stride, dilation = dilate(row.stride if i == 0 else 1)
                 blocks.append(
                     InvertedResidual(
                         in_channels,
                         row.out_channels,
                         expanded_channels=in_channels * row.expand_ratio,
-                        stride=row.stride if i == 0 else 1,
+                        stride=block_stride,
+                        dilation=dilation,
                         act_layer=ReLU6,
                         norm_layer=norm_layer,
+                        drop_path=rate,
                     )
                 )
                 in_channels = row.out_channels
@@ -102,7 +95,7 @@ class MobileNetV2(Backbone):
             ),
             "timm": timm_rules(len(self.stages)),
         }
-        init_weights(self)
+        init_he_normal(self)
         self.finalize()
 
 
@@ -112,46 +105,41 @@ class MobileNetV3(Backbone):
     Args:
         cfg: the variant at width 1 (large or small).
         width_mult: channel multiplier (e.g. 0.35, 0.5, 0.75, 1.0, 1.4).
-        out_features: levels to return, any of C1..C5.
-        in_chans: input channels.
-        frozen_stages: -1 nothing, 0 the stem, k the stem and the first k stages.
-        norm_eval: keep every BatchNorm in eval mode while training.
-        norm_layer: called with a channel count; BatchNorm2d with eps 1e-3 and momentum 0.01
-            by default, as torchvision's.
+        **common: the contract's arguments (`Backbone`); levels C1..C5, BatchNorm2d with eps
+            1e-3 and momentum 0.01 by default, as torchvision's; `drop_path_rate` as
+            EfficientNet's (block i of n: `drop_path_rate * i / n`); `output_stride=16` is
+            torchvision's `dilated=True`.
     """
 
-    def __init__(
-        self,
-        cfg: MobileNetV3Cfg,
-        *,
-        width_mult: float = 1.0,
-        out_features: Sequence[str] = DEFAULT_OUT_FEATURES,
-        in_chans: int = 3,
-        frozen_stages: int = -1,
-        norm_eval: bool = False,
-        norm_layer: LayerFn = BatchNorm2dTF,
-    ) -> None:
-        super().__init__(
-            out_features=out_features,
-            in_chans=in_chans,
-            frozen_stages=frozen_stages,
-            norm_eval=norm_eval,
-        )
+    def __init__(self, cfg: MobileNetV3Cfg, *, width_mult: float = 1.0, **common: Any) -> None:
+        super().__init__(**common)
+        norm_layer = self.norm_layer or BatchNorm2dTF
         # A stage is a row of blocks with the same output channels, as timm groups them; rows
         # are found at width 1, since narrow widths can round two rows to one channel count.
         depths = [len(list(row)) for _, row in groupby(cfg.blocks, key=lambda b: b.out_channels)]
         cfg = cfg.scaled(width_mult)
         self.stem = ConvNormAct(
-            in_chans, cfg.stem_channels, 3, stride=2, norm_layer=norm_layer, act_layer=Hardswish
+            self.in_chans,
+            cfg.stem_channels,
+            3,
+            stride=2,
+            norm_layer=norm_layer,
+            act_layer=Hardswish,
         )
         self.add_level(cfg.stem_channels, stride=2)
 
         self.stages = nn.ModuleList()
         in_channels, stride = cfg.stem_channels, 2
         remaining = iter(cfg.blocks)
-        for depth in depths:
+        rates = drop_path_rates(self.drop_path_rate, depths, endpoint=False)
+        dilate = Dilation(self.output_stride)
+        dilate(2)  # the stem
+        for depth, row_rates in zip(depths, rates, strict=True):
             blocks = []
-            for block in islice(remaining, depth):
+            for block, rate in zip(islice(remaining, depth), row_rates, strict=True):
+                # a block dilated instead of strided takes the new dilation, as torchvision's
+                # `mobilenet_v3_large(dilated=True)` (DeepLabV3's and LR-ASPP's backbone)
+                block_stride, _ = dilate(block.stride)
                 se_layer = None
                 if block.se:
                     se_layer = partial(
@@ -166,10 +154,12 @@ class MobileNetV3(Backbone):
                         block.out_channels,
                         expanded_channels=block.expanded_channels,
                         kernel_size=block.kernel_size,
-                        stride=block.stride,
+                        stride=block_stride,
+                        dilation=dilate.dilation,
                         act_layer=block.act,
                         se_layer=se_layer,
                         norm_layer=norm_layer,
+                        drop_path=rate,
                     )
                 )
                 in_channels = block.out_channels
@@ -196,52 +186,11 @@ class MobileNetV3(Backbone):
                 ),
             )
         }
-        init_weights(self)
+        init_he_normal(self)
         self.finalize()
 
 
-def init_weights(model: nn.Module) -> None:
-    """torchvision's initialisation of these families: He-normal convs (fan out), unit norms."""
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d | nn.GroupNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-
-
 # ----------------------------------------------------------------------------- weight rules
-# torchvision numbers the stem, every block and the head conv in one flat `features`
-# sequence, so its rules are generated from the blocks as built; timm nests blocks by row, as
-# we do, and one set of regexes covers every variant.
-
-
-def torchvision_rules(
-    stages: nn.ModuleList, block_rules: BlockRules, classifier: Rules, nested: bool = False
-) -> Rules:
-    """Rules for torchvision's `features`: stem, blocks (flat, or nested by row), head conv."""
-    rules: list[tuple[str, str | None]] = [
-        (r"features\.0\.0\.weight", "backbone.stem.conv.weight"),
-        (r"features\.0\.1\.(\w+)", r"backbone.stem.norm.\1"),
-    ]
-    index = 1
-    for s, stage in enumerate(stages[:-1]):
-        for b, block in enumerate(stage):
-            source = rf"features\.{s + 1}\.{b}\." if nested else rf"features\.{index}\."
-            rules += block_rules(block, source, f"backbone.stages.{s}.{b}.")
-            index += 1
-    head = len(stages) if nested else index
-    rules += _conv_norm(rf"features\.{head}\.", f"backbone.stages.{len(stages) - 1}.")
-    return (*rules, *classifier)
-
-
-def _conv_norm(source: str, target: str) -> Rules:
-    return (
-        (rf"{source}0\.weight", f"{target}conv.weight"),
-        (rf"{source}1\.(\w+)", rf"{target}norm.\1"),
-    )
 
 
 def _torchvision_v2_block(block: InvertedResidual, source: str, target: str) -> Rules:
@@ -251,7 +200,7 @@ def _torchvision_v2_block(block: InvertedResidual, source: str, target: str) -> 
     rules = [
         rule
         for j, part in enumerate(parts)
-        for rule in _conv_norm(rf"{source}conv\.{j}\.", f"{target}{part}.")
+        for rule in conv_norm_rules(rf"{source}conv\.{j}\.", f"{target}{part}.")
     ]
     j = len(parts)
     rules += [
@@ -259,53 +208,6 @@ def _torchvision_v2_block(block: InvertedResidual, source: str, target: str) -> 
         (rf"{source}conv\.{j + 1}\.(\w+)", rf"{target}project.norm.\1"),
     ]
     return tuple(rules)
-
-
-def torchvision_block_rules(block: InvertedResidual, source: str, target: str) -> Rules:
-    """torchvision's V3 / EfficientNet block: `block.j` is (expand,) depthwise, (se,) project."""
-    parts = [
-        name
-        for name, module in (
-            ("expand", block.expand),
-            ("depthwise", block.depthwise),
-            ("se", block.se),
-            ("project", block.project),
-        )
-        if not isinstance(module, nn.Identity)
-    ]
-    rules: list[tuple[str, str | None]] = []
-    for j, part in enumerate(parts):
-        if part == "se":
-            rules.append((rf"{source}block\.{j}\.(fc[12]\.\w+)", rf"{target}se.\1"))
-        else:
-            rules += _conv_norm(rf"{source}block\.{j}\.", f"{target}{part}.")
-    return tuple(rules)
-
-
-def timm_rules(num_stages: int) -> Rules:
-    """timm's MobileNetV2 / EfficientNet keys; its row 0 blocks are depthwise-separable."""
-    head = f"backbone.stages.{num_stages - 1}"
-    return (
-        (r"conv_stem\.weight", "backbone.stem.conv.weight"),
-        (r"bn1\.(\w+)", r"backbone.stem.norm.\1"),
-        # row 0: conv_dw, bn1, (se,) conv_pw, bn2
-        (r"blocks\.0\.(\d+)\.conv_dw\.weight", r"backbone.stages.0.\1.depthwise.conv.weight"),
-        (r"blocks\.0\.(\d+)\.bn1\.(\w+)", r"backbone.stages.0.\1.depthwise.norm.\2"),
-        (r"blocks\.0\.(\d+)\.conv_pw\.weight", r"backbone.stages.0.\1.project.conv.weight"),
-        (r"blocks\.0\.(\d+)\.bn2\.(\w+)", r"backbone.stages.0.\1.project.norm.\2"),
-        # other rows: conv_pw, bn1, conv_dw, bn2, (se,) conv_pwl, bn3
-        (r"blocks\.(\d+)\.(\d+)\.conv_pw\.weight", r"backbone.stages.\1.\2.expand.conv.weight"),
-        (r"blocks\.(\d+)\.(\d+)\.bn1\.(\w+)", r"backbone.stages.\1.\2.expand.norm.\3"),
-        (r"blocks\.(\d+)\.(\d+)\.conv_dw\.weight", r"backbone.stages.\1.\2.depthwise.conv.weight"),
-        (r"blocks\.(\d+)\.(\d+)\.bn2\.(\w+)", r"backbone.stages.\1.\2.depthwise.norm.\3"),
-        (r"blocks\.(\d+)\.(\d+)\.conv_pwl\.weight", r"backbone.stages.\1.\2.project.conv.weight"),
-        (r"blocks\.(\d+)\.(\d+)\.bn3\.(\w+)", r"backbone.stages.\1.\2.project.norm.\3"),
-        (r"blocks\.(\d+)\.(\d+)\.se\.conv_reduce\.(\w+)", r"backbone.stages.\1.\2.se.fc1.\3"),
-        (r"blocks\.(\d+)\.(\d+)\.se\.conv_expand\.(\w+)", r"backbone.stages.\1.\2.se.fc2.\3"),
-        (r"conv_head\.weight", f"{head}.conv.weight"),
-        (r"bn2\.(\w+)", rf"{head}.norm.\1"),
-        (r"classifier\.(\w+)", r"head.fc.\1"),
-    )
 
 
 # ----------------------------------------------------------------------------- variants

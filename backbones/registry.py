@@ -14,7 +14,7 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from .contract import Backbone
+from .contract import COMMON_DEFAULTS, Backbone
 
 # Per-channel RGB statistics of ImageNet, which every family's pretrained weights (torchvision's
 # and the timm ones we convert) were trained on.
@@ -100,45 +100,59 @@ def get_entry(name: str) -> Entry:
     return _REGISTRY[name]
 
 
-def _arguments(family: type[Backbone]) -> list[str] | None:
-    """The options `family.__init__` takes by keyword, or None when it takes **kwargs.
+def family_arguments(family: type[Backbone]) -> list[str] | None:
+    """The options `family` takes by keyword: the contract's (less those it lacks), then its own.
 
-    Arguments without a default (the variant's cfg) are the registered constructor's to pass.
+    A family constructor passes `**common` on to `Backbone`; arguments without a default (the
+    variant's cfg) are the registered constructor's to pass. None: no signature to check.
     """
     params = inspect.signature(family.__init__).parameters.values()
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return None
     keyword = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return [p.name for p in params if p.kind in keyword and p.default is not p.empty]
+    own = [p.name for p in params if p.kind in keyword and p.default is not p.empty]
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        return own
+    if not issubclass(family, Backbone):
+        return None
+    common = [name for name in COMMON_DEFAULTS if name not in family.unsupported]
+    return [*common, *(name for name in own if name not in common)]
 
 
 def check_arguments(name: str, kwargs: Mapping[str, object]) -> None:
-    """Raise a TypeError naming the options of `name`'s family for one it does not take."""
+    """Raise a TypeError naming the options of `name`'s family for one it does not take.
+
+    A contract argument the family lacks (`drop_path_rate` of VGG) passes when it asks for
+    nothing: the family builds what it would without it.
+    """
     # Families differ in their options (memory_efficient, drop_path_rate, ...): say which
     # ones this family has, and which families have the one asked for, instead of Python's
     # bare "unexpected keyword argument".
     family = get_entry(name).family
-    accepted = _arguments(family) if family is not None else None
+    accepted = family_arguments(family) if family is not None else None
     if accepted is None:
         return
-    for key in kwargs:
-        if key in accepted:
+    for key, value in kwargs.items():
+        if key in accepted or (key in COMMON_DEFAULTS and value == COMMON_DEFAULTS[key]):
             continue
-        others = sorted(
-            {
-                entry.family.__name__
-                for entry in _REGISTRY.values()
-                if entry.family is not None and key in (_arguments(entry.family) or ())
-            }
-        )
-        close = difflib.get_close_matches(key, accepted, n=1)
-        if others:
-            hint = f"{key!r} is an argument of {', '.join(others)}, not of {family.__name__}. "
-        elif close:
-            hint = f"Did you mean {close[0]!r}? "
-        else:
-            hint = ""
-        raise TypeError(
-            f"{name} got an unexpected keyword argument {key!r}. {hint}"
-            f"{family.__name__} takes: {', '.join(accepted)}."
-        )
+        raise TypeError(_unknown_argument(name, family, key, accepted))
+
+
+def _unknown_argument(name: str, family: type[Backbone], key: str, accepted: list[str]) -> str:
+    """The message for backbone `name` asked for an option `key` it does not have."""
+    others = sorted(
+        {
+            entry.family.__name__
+            for entry in _REGISTRY.values()
+            if entry.family is not None and key in (family_arguments(entry.family) or ())
+        }
+    )
+    close = difflib.get_close_matches(key, accepted, n=1)
+    if others:
+        hint = f"{key!r} is an argument of {', '.join(others)}, not of {family.__name__}. "
+    elif close:
+        hint = f"Did you mean {close[0]!r}? "
+    else:
+        hint = ""
+    return (
+        f"{name} got an unexpected keyword argument {key!r}. {hint}"
+        f"{family.__name__} takes: {', '.join(accepted)}."
+    )

@@ -6,22 +6,32 @@ ResNet v1.5 stride placement, as torchvision and timm: a bottleneck downsamples 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 
-from .contract import DEFAULT_OUT_FEATURES, Backbone, Rules
-from .layers import ConvNormAct, DropPath, LayerFn, drop_path_rates
+from .contract import Backbone, Rules
+from .layers import (
+    ConvNormAct,
+    Dilation,
+    DropPath,
+    LayerFn,
+    ReLU,
+    drop_path_rates,
+    init_he_normal,
+)
 from .registry import register_backbone
-
-ReLU = partial(nn.ReLU, inplace=True)
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs with an identity (or 1x1 projection) shortcut."""
+    """Two 3x3 convs with an identity (or 1x1 projection) shortcut.
+
+    `first_dilation` (default `dilation`) is the first conv's: where a stage is dilated
+    instead of strided, its first block keeps the dilation of the stage before (timm's rule;
+    torchvision has no dilated BasicBlock).
+    """
 
     expansion = 1
 
@@ -34,15 +44,25 @@ class BasicBlock(nn.Module):
         width_per_group: int = 64,
         norm_layer: LayerFn = nn.BatchNorm2d,
         drop_path: float = 0.0,
+        dilation: int = 1,
+        first_dilation: int | None = None,
     ) -> None:
         super().__init__()
         if groups != 1 or width_per_group != 64:
             raise ValueError("BasicBlock supports only groups=1 and width_per_group=64")
         out_channels = channels * self.expansion
         self.conv1 = ConvNormAct(
-            in_channels, channels, 3, stride, norm_layer=norm_layer, act_layer=ReLU
+            in_channels,
+            channels,
+            3,
+            stride,
+            dilation=first_dilation or dilation,
+            norm_layer=norm_layer,
+            act_layer=ReLU,
         )
-        self.conv2 = ConvNormAct(channels, out_channels, 3, norm_layer=norm_layer, act_layer=None)
+        self.conv2 = ConvNormAct(
+            channels, out_channels, 3, dilation=dilation, norm_layer=norm_layer, act_layer=None
+        )
         self.shortcut = _shortcut(in_channels, out_channels, stride, norm_layer)
         self.drop_path = DropPath(drop_path)
         self.act = ReLU()
@@ -54,7 +74,11 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce -> 3x3 (grouped for ResNeXt) -> 1x1 expand by 4, plus the shortcut."""
+    """1x1 reduce -> 3x3 (grouped for ResNeXt) -> 1x1 expand by 4, plus the shortcut.
+
+    The 3x3 conv has `first_dilation` (default `dilation`): the first block of a dilated
+    stage keeps the dilation of the stage before, as torchvision's and timm's.
+    """
 
     expansion = 4
 
@@ -67,13 +91,22 @@ class Bottleneck(nn.Module):
         width_per_group: int = 64,
         norm_layer: LayerFn = nn.BatchNorm2d,
         drop_path: float = 0.0,
+        dilation: int = 1,
+        first_dilation: int | None = None,
     ) -> None:
         super().__init__()
         width = int(channels * width_per_group / 64) * groups
         out_channels = channels * self.expansion
         self.conv1 = ConvNormAct(in_channels, width, 1, norm_layer=norm_layer, act_layer=ReLU)
         self.conv2 = ConvNormAct(
-            width, width, 3, stride, groups=groups, norm_layer=norm_layer, act_layer=ReLU
+            width,
+            width,
+            3,
+            stride,
+            dilation=first_dilation or dilation,
+            groups=groups,
+            norm_layer=norm_layer,
+            act_layer=ReLU,
         )
         self.conv3 = ConvNormAct(width, out_channels, 1, norm_layer=norm_layer, act_layer=None)
         self.shortcut = _shortcut(in_channels, out_channels, stride, norm_layer)
@@ -105,43 +138,26 @@ class ResNet(Backbone):
 
     Args:
         cfg: the variant (block type, blocks per stage, groups, width per group).
-        out_features: levels to return, any of C1..C5.
-        in_chans: input channels.
-        frozen_stages: -1 nothing, 0 the stem, k the stem and the first k stages.
-        norm_eval: keep every BatchNorm in eval mode while training.
-        norm_layer: called with a channel count; BatchNorm2d by default.
-        drop_path_rate: stochastic depth, rising linearly over the blocks to this rate.
         zero_init_residual: zero the last norm of each block, so blocks start as identities.
+        **common: the contract's arguments (`Backbone`); levels C1..C5, BatchNorm2d by default.
     """
 
-    def __init__(
-        self,
-        cfg: ResNetCfg,
-        *,
-        out_features: Sequence[str] = DEFAULT_OUT_FEATURES,
-        in_chans: int = 3,
-        frozen_stages: int = -1,
-        norm_eval: bool = False,
-        norm_layer: LayerFn = nn.BatchNorm2d,
-        drop_path_rate: float = 0.0,
-        zero_init_residual: bool = False,
-    ) -> None:
-        super().__init__(
-            out_features=out_features,
-            in_chans=in_chans,
-            frozen_stages=frozen_stages,
-            norm_eval=norm_eval,
+    def __init__(self, cfg: ResNetCfg, *, zero_init_residual: bool = False, **common: Any) -> None:
+        super().__init__(**common)
+        block, norm_layer = cfg.block, self.norm_layer or nn.BatchNorm2d
+        self.stem = ConvNormAct(
+            self.in_chans, 64, 7, stride=2, norm_layer=norm_layer, act_layer=ReLU
         )
-        block = cfg.block
-        self.stem = ConvNormAct(in_chans, 64, 7, stride=2, norm_layer=norm_layer, act_layer=ReLU)
         self.add_level(64, stride=2)
 
         self.stages = nn.ModuleList()
         in_channels, stride = 64, 2
-        rates = drop_path_rates(drop_path_rate, cfg.depths)
+        rates = drop_path_rates(self.drop_path_rate, cfg.depths)
+        dilate = Dilation(self.output_stride)
+        dilate(4)  # the stem and its max-pool: never dilated
         for index, depth in enumerate(cfg.depths):
             channels = 64 * 2**index
-            first_stride = 1 if index == 0 else 2
+            first_stride, first_dilation = dilate(1 if index == 0 else 2)
             layers: OrderedDict[str, nn.Module] = OrderedDict()
             if index == 0:  # C2 starts with the stem's max-pool
                 layers["pool"] = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -154,28 +170,22 @@ class ResNet(Backbone):
                     width_per_group=cfg.width_per_group,
                     norm_layer=norm_layer,
                     drop_path=rates[index][i],
+                    dilation=dilate.dilation,
+                    first_dilation=first_dilation if i == 0 else dilate.dilation,
                 )
                 in_channels = channels * block.expansion
             stride *= 2
             self.stages.append(nn.Sequential(layers))
             self.add_level(in_channels, stride)
 
-        self._init_weights(zero_init_residual)
-        self.finalize()
-
-    def _init_weights(self, zero_init_residual: bool) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d | nn.GroupNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_he_normal(self)
         if zero_init_residual:
             for module in self.modules():
                 if isinstance(module, Bottleneck):
                     nn.init.zeros_(module.conv3.norm.weight)
                 elif isinstance(module, BasicBlock):
                     nn.init.zeros_(module.conv2.norm.weight)
+        self.finalize()
 
     # torchvision and timm name the parameters of these networks identically.
     _RULES: Rules = (

@@ -13,15 +13,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
+from typing import Any
 
 from torch import nn
 
-from .contract import DEFAULT_OUT_FEATURES, Backbone, ClassifierCfg, Rules
-from .layers import ConvNormAct, LayerFn
+from .contract import Backbone, ClassifierCfg, Rules
+from .layers import ConvNormAct, LayerFn, ReLU, init_he_normal
 from .registry import register_backbone
 
-ReLU = partial(nn.ReLU, inplace=True)
 WIDTHS = (64, 128, 256, 512, 512)  # channels of the five blocks
 
 
@@ -36,37 +35,21 @@ class VGG(Backbone):
 
     Args:
         cfg: the variant (convs per block, and whether each is followed by a norm).
-        out_features: levels to return, any of C1..C5.
-        in_chans: input channels.
-        frozen_stages: -1 nothing, 0 the stem (conv1_x), k the stem and the first k stages
-            (the convs up to the level Ck).
-        norm_eval: keep every BatchNorm in eval mode while training.
-        norm_layer: the norm after each conv, called with a channel count; None keeps the
-            variant's (BatchNorm2d for the `_bn` variants, no norm for the others).
+        **common: the contract's arguments (`Backbone`) but `drop_path_rate` and
+            `output_stride`; levels C1..C5; `frozen_stages=k` freezes the convs up to Ck;
+            `norm_layer=None` keeps the variant's norm (BatchNorm2d for `_bn`, none otherwise).
     """
 
     # torchvision's head: 7x7 average pool, flatten, two 4096-wide hidden layers with dropout.
     classifier_cfg = ClassifierCfg(pool_size=7, hidden_channels=(4096, 4096), dropout=0.5)
+    # No residual blocks to drop, and neither torchvision nor timm has a dilated VGG.
+    unsupported = ("drop_path_rate", "output_stride")
 
-    def __init__(
-        self,
-        cfg: VGGCfg,
-        *,
-        out_features: Sequence[str] = DEFAULT_OUT_FEATURES,
-        in_chans: int = 3,
-        frozen_stages: int = -1,
-        norm_eval: bool = False,
-        norm_layer: LayerFn | None = None,
-    ) -> None:
-        super().__init__(
-            out_features=out_features,
-            in_chans=in_chans,
-            frozen_stages=frozen_stages,
-            norm_eval=norm_eval,
-        )
-        norm_layer = cfg.norm_layer if norm_layer is None else norm_layer
+    def __init__(self, cfg: VGGCfg, **common: Any) -> None:
+        super().__init__(**common)
+        norm_layer = self.norm_layer or cfg.norm_layer
         blocks = []
-        in_channels = in_chans
+        in_channels = self.in_chans
         for depth, width in zip(cfg.depths, WIDTHS, strict=True):
             layers: OrderedDict[str, nn.Module] = OrderedDict()
             if blocks:  # every block but the first runs on the previous block's pooled output
@@ -88,18 +71,8 @@ class VGG(Backbone):
         self.add_level(WIDTHS[-1], stride=32)
 
         self.weight_rules = {"torchvision": _torchvision_rules(cfg.depths, norm_layer is not None)}
-        self._init_weights()
+        init_he_normal(self)
         self.finalize()
-
-    def _init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d | nn.GroupNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
 
 
 def _max_pool() -> nn.MaxPool2d:

@@ -1,9 +1,10 @@
-"""Pretrained weights: reading files safely, converting torchvision/timm keys into ours, loading.
+"""Pretrained weights: converting torchvision/timm keys into ours, downloading, loading.
 
 Our key space is that of `heads.build_classifier(name)`: `backbone.*` and `head.*`.
 Conversion is key by key from rules each family declares (`Backbone.weight_rules`); every
 source key must be matched, and the backbone keys must come out complete and of the right
 shapes, or a `WeightsError` names the offending keys. Nothing is loaded until all checks pass.
+Reading and writing the files is `files.py`'s.
 """
 
 from __future__ import annotations
@@ -11,133 +12,29 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 import warnings
-import zipfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .contract import Backbone, Rules
+from .files import (  # WeightsError and read_state_dict are also users' names for them here
+    StateDict,
+    WeightsError,
+    check_file_metadata,
+    first_line,
+    name_list,
+    read_state_dict,
+    save_safetensors,
+    unwrap_state_dict,
+)
 from .registry import get_entry
 
-StateDict = dict[str, torch.Tensor]
 Pretrained = str | os.PathLike | Mapping[str, torch.Tensor]
 
 SOURCES = ("torchvision", "timm")
-FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
-# Containers that training scripts wrap state dicts in, and prefixes wrappers add to keys.
-_CONTAINER_KEYS = ("state_dict", "model", "model_state_dict")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-class WeightsError(RuntimeError):
-    """Pretrained weights could not be read, converted or loaded; the message says why."""
-
-
-# ------------------------------------------------------------------------------- reading
-
-
-def read_state_dict(path: str | os.PathLike, allow_non_finite: bool = False) -> StateDict:
-    """Read a `.pth`/`.pt` (tensors only, `weights_only=True`) or `.safetensors` file.
-
-    A file with NaN or infinite values (a diverged run, a damaged copy) is refused, naming the
-    tensors, unless `allow_non_finite`: to load one anyway, pass the state dict it returns,
-    `create(name, pretrained=read_state_dict(path, allow_non_finite=True))`.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no weights file at {str(path)!r}. `pretrained` takes 'torchvision', 'timm', "
-            f"or the path of an existing {'/'.join(FILE_SUFFIXES)} file."
-        )
-    if path.suffix not in FILE_SUFFIXES:
-        raise WeightsError(
-            f"{path}: unknown weights format {path.suffix!r}; expected one of {FILE_SUFFIXES}"
-        )
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(path, framework="pt") as f:
-                state_dict = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
-        except SafetensorError as e:
-            raise WeightsError(
-                f"{path} is not a readable safetensors file ({e}); it may be truncated or "
-                "corrupt: download or convert it again."
-            ) from None
-    else:
-        state_dict = unwrap_state_dict(_torch_load(path), origin=str(path))
-    if not allow_non_finite:
-        _check_finite(state_dict, path)
-    return state_dict
-
-
-def _torch_load(path: Path) -> object:
-    """`torch.load(weights_only=True)`, with one message per way a file can fail it."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for files that are not its own
-        code = _pickled_code(path)
-        if code:
-            raise WeightsError(
-                f"{path} holds pickled code, not loaded: it names {_names(code)}, which "
-                "loading would import and run, and we never do. If you trust the file, re-save "
-                "its weights: `torch.save(torch.load(path, weights_only=False).state_dict(), "
-                "'clean.pth')` (or save them as .safetensors) and pass the new file."
-            ) from None
-        # torch's own first line is about its weights_only default, not about this file
-        why = "not a torch.save archive" if not zipfile.is_zipfile(path) else _first_line(e)
-        raise WeightsError(
-            f"{path} is not a readable PyTorch checkpoint ({why}); it may be truncated or "
-            "corrupt, or not a weights file: download or save it again."
-        ) from None
-
-
-def _pickled_code(path: Path) -> list[str]:
-    """The functions and classes outside torch's tensor types that the file's pickle names."""
-    try:  # reads the pickle's opcodes; executes nothing
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # not a torch.save zip archive: no pickle to look into
-        return []
-
-
-def _check_finite(state_dict: StateDict, path: Path) -> None:
-    bad = [
-        key
-        for key, value in state_dict.items()
-        if value.is_floating_point() or value.is_complex()
-        if not torch.isfinite(value).all()
-    ]
-    if bad:
-        raise WeightsError(
-            f"{path} holds NaN or infinite values in {len(bad)} tensor(s): {_names(bad)}. "
-            "Nothing was loaded: the weights come from a diverged run or a damaged copy. To "
-            "load them anyway: create(name, pretrained=read_state_dict(path, "
-            "allow_non_finite=True)) (backbones.weights.read_state_dict)."
-        )
-
-
-def unwrap_state_dict(obj: object, origin: str = "checkpoint") -> StateDict:
-    """Find the state dict in a checkpoint (`{"state_dict": ...}`, `{"model": ...}`, DDP keys)."""
-    while isinstance(obj, Mapping):
-        inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            break
-        obj = inner
-    if not isinstance(obj, Mapping) or not obj:
-        raise WeightsError(f"{origin} holds no state dict (a mapping of names to tensors)")
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise WeightsError(f"{origin} is not a state dict: {_names(bad)} are not tensors")
-    state_dict = dict(obj)
-    for prefix in _WRAPPER_PREFIXES:
-        if all(k.startswith(prefix) for k in state_dict):
-            state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
-    return state_dict
 
 
 # ---------------------------------------------------------------------------- converting
@@ -162,7 +59,7 @@ def convert(
     if unmatched:
         raise WeightsError(
             f"{len(unmatched)} keys of this checkpoint are not part of {source}'s {name}: "
-            f"{_names(unmatched)}. Is it a checkpoint of another architecture?"
+            f"{name_list(unmatched)}. Is it a checkpoint of another architecture?"
         )
     converted = _fit_singleton_dims(converted, reference)
     _check_backbone(name, converted, reference)
@@ -188,7 +85,7 @@ def to_ours(name: str, state_dict: Mapping[str, torch.Tensor]) -> StateDict:
             raise WeightsError(
                 f"this checkpoint is neither ours nor {' / '.join(attempts) or 'any library'}'s "
                 f"{name}: {len(unmatched)} of its {len(keys)} keys are unknown, e.g. "
-                f"{_names(unmatched)}. Is it a checkpoint of another architecture?"
+                f"{name_list(unmatched)}. Is it a checkpoint of another architecture?"
             )
         ours = _fit_singleton_dims(attempts[matched[0]][0], reference)
         _check_backbone(name, ours, reference)
@@ -268,11 +165,11 @@ def _diff(expected: Mapping[str, torch.Size], got: Mapping[str, torch.Size]) -> 
     ]
     parts = []
     if missing:
-        parts.append(f"{len(missing)} missing ({_names(missing)})")
+        parts.append(f"{len(missing)} missing ({name_list(missing)})")
     if unexpected:
-        parts.append(f"{len(unexpected)} unexpected ({_names(unexpected)})")
+        parts.append(f"{len(unexpected)} unexpected ({name_list(unexpected)})")
     if wrong:
-        parts.append(f"{len(wrong)} of the wrong shape (checkpoint vs model: {_names(wrong)})")
+        parts.append(f"{len(wrong)} of the wrong shape (checkpoint vs model: {name_list(wrong)})")
     return "; ".join(parts)
 
 
@@ -298,12 +195,19 @@ def download(name: str, source: str) -> StateDict:
         return fetch()
     except Exception as e:  # network errors differ by library and version
         raise WeightsError(
-            f"could not download {source}'s {name} weights from {where} ({_first_line(e)}). "
+            f"could not download {source}'s {name} weights from {where} ({first_line(e)}). "
             "If this machine is offline: on one with internet run `python -m backbones "
             f"fetch-weights {name} --source {source} --out DIR`, copy the .safetensors file "
             "it writes here and pass its path as `pretrained=` (a file downloaded by hand from "
             "the address above works too)."
         ) from e
+
+
+def fetch_weights(name: str, source: str, out_dir: str | os.PathLike) -> Path:
+    """Download, convert to our keys and save as `<out_dir>/<name>-<source>.safetensors`."""
+    ours = to_ours(name, download(name, source))
+    path = Path(out_dir) / f"{name}-{source}.safetensors"
+    return save_safetensors(ours, path, metadata={"backbone": name, "source": source})
 
 
 def resolve(name: str, pretrained: Pretrained) -> StateDict:
@@ -313,7 +217,7 @@ def resolve(name: str, pretrained: Pretrained) -> StateDict:
     elif isinstance(pretrained, str) and pretrained in SOURCES:
         raw = download(name, pretrained)
     elif isinstance(pretrained, str | os.PathLike):
-        _check_file_metadata(name, Path(pretrained))
+        check_file_metadata(name, Path(pretrained))
         raw = read_state_dict(pretrained)
     else:
         raise TypeError(
@@ -381,87 +285,3 @@ def load_into(
             f"{origin}: loaded {len(fitting)} tensors, skipped the rest: {problems}", stacklevel=3
         )
     module.load_state_dict(fitting, strict=not problems)
-
-
-# ------------------------------------------------------------------------------- saving
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds.
-
-    A crash or an exception never leaves half a file under the final name. The file gets the
-    mode a plain `open` would (0666 less the umask), not mkstemp's private 0600. An `OSError`
-    in the block (a full disk) names `path`, not the temp file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, mode)  # after the block: some writers (safetensors) create the file anew
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _umask() -> int:
-    # Reading the umask means setting it: set it straight back (one process-wide call pair).
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def save_safetensors(
-    state_dict: Mapping[str, torch.Tensor],
-    path: str | os.PathLike,
-    metadata: dict[str, str] | None = None,
-) -> Path:
-    """Write atomically (temp file + rename), so a crash never leaves half a file."""
-    path = Path(path)
-    tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
-    with atomic_path(path) as tmp:
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-        except SafetensorError as e:
-            # The Rust writer reports a failed write (a full disk) as "... (os error 28)"
-            code = re.search(r"\(os error (\d+)\)", str(e))
-            if code is None:
-                raise
-            raise OSError(int(code[1]), os.strerror(int(code[1]))) from e
-    return path
-
-
-def fetch_weights(name: str, source: str, out_dir: str | os.PathLike) -> Path:
-    """Download, convert to our keys and save as `<out_dir>/<name>-<source>.safetensors`."""
-    ours = to_ours(name, download(name, source))
-    path = Path(out_dir) / f"{name}-{source}.safetensors"
-    return save_safetensors(ours, path, metadata={"backbone": name, "source": source})
-
-
-def _check_file_metadata(name: str, path: Path) -> None:
-    # Files written by fetch_weights say which backbone they hold: catch a mix-up early.
-    if path.suffix != ".safetensors" or not path.is_file():
-        return
-    try:
-        with safe_open(path, framework="pt") as f:
-            stored = (f.metadata() or {}).get("backbone")
-    except SafetensorError:
-        return  # read_state_dict reports the corrupt file
-    if stored is not None and stored != name:
-        raise WeightsError(f"{path} holds weights for {stored!r}, not {name!r}")
-
-
-def _names(keys: list[str], limit: int = 6) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__

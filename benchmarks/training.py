@@ -47,8 +47,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from backbones.tools.bench import set_up_allocator
-from backbones.weights import atomic_path
+from backbones.files import atomic_path
+from backbones.tools.bench import TRAINING_SECTION, set_up_allocator
 from benchmarks.syncs import HostSyncs, StepSyncs
 from zootrain.build import build_datamodule, build_module, build_trainer
 from zootrain.devices import resolve_device_defaults, trains_on_cuda
@@ -65,7 +65,6 @@ GPU_SETUPS = {
 }
 RUNS = ("bare", "lightning", "pipeline epoch 1", "pipeline")
 LOADER = "loader alone"  # timed once per setup, after the rounds
-RESULTS_SECTION = "# Training benchmark"
 
 
 def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
@@ -372,9 +371,9 @@ def plot(setups: list[Setup], steps: int, path: Path, device: str) -> None:
 def update_results(results: Path, section: list[str]) -> None:
     """Replace the training section of RESULTS.md (everything from its heading on)."""
     text = results.read_text() if results.is_file() else ""
-    kept = text.split(f"\n{RESULTS_SECTION}\n")[0].rstrip("\n")
+    kept = text.split(f"\n{TRAINING_SECTION}\n")[0].rstrip("\n")
     with atomic_path(results) as tmp:
-        tmp.write_text(f"{kept}\n\n{RESULTS_SECTION}\n\n" + "\n".join(section) + "\n")
+        tmp.write_text(f"{kept}\n\n{TRAINING_SECTION}\n\n" + "\n".join(section) + "\n")
 
 
 def main(argv: list[str] | None = None) -> list[Setup]:

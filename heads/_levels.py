@@ -53,6 +53,23 @@ def parse_levels(
     return indices
 
 
+def check_undilated(owner: str, strides: Mapping[str, int]) -> None:
+    """Refuse levels not at the stride their name says: a backbone built with `output_stride`.
+
+    An FPN merges each level into the one twice as fine, and the detectors size anchors by
+    the level's name; dilated levels share one stride and would be mislabelled.
+    """
+    dilated = any(stride != 2 ** int(name[1:]) for name, stride in strides.items())
+    if dilated:
+        levels = ", ".join(f"{name} (stride {stride})" for name, stride in strides.items())
+        raise ValueError(
+            f"{owner} builds an FPN, which needs each level at twice the stride of the one "
+            f"before; this backbone is dilated: {levels}. Build it with output_stride=32 (the "
+            "default) for an FPN; dilated levels serve heads that keep one resolution, such as "
+            "DeepLabV3's (segmentation_models_pytorch's DeepLabV3Plus on a `tu-zoo_` encoder)."
+        )
+
+
 def check_features(
     owner: str, expected: Mapping[str, int], features: Mapping[str, torch.Tensor]
 ) -> None:

@@ -25,6 +25,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from backbones import Backbone
 from backbones.layers import LayerFn
 
+from ._levels import check_undilated
 from .fpn import FPN
 
 # torchvision's names for the extra levels of its FPN (`LastLevelMaxPool`, `LastLevelP6P7`)
@@ -59,6 +60,7 @@ class BackboneWithFPN(nn.Module):
         norm_layer: LayerFn | None = None,
     ) -> None:
         super().__init__()
+        check_undilated("BackboneWithFPN", backbone.strides)
         self.body = backbone
         self.fpn = FPN(backbone.channels, out_channels, extra_blocks, p6p7_from, norm_layer)
         self.out_channels = out_channels

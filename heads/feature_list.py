@@ -13,9 +13,10 @@ class FeatureList(nn.Module):
 
     Code written for `timm.create_model(name, features_only=True)` reads
     `model.feature_info.channels()` / `.reduction()` and indexes the maps it returns; this
-    gives it our backbone: `feature_info` is the backbone's (`FeatureInfoList`), and
-    `channels()[i]` and `reduction()[i]` describe `forward(x)[i]`. The backbone's
-    `out_features` choose the maps, as timm's `out_indices` do.
+    gives it our backbone: `feature_info` is the backbone's (`FeatureInfoList`), with module
+    paths in this model (`backbone.stages.<i>`), and `channels()[i]` and `reduction()[i]`
+    describe `forward(x)[i]`. The backbone's `out_features` choose the maps, as timm's
+    `out_indices` do; `import backbones.timm_models` builds one by timm name.
 
     Args:
         backbone: any registered backbone (`backbones.create(name, out_features=...)`).
@@ -29,11 +30,7 @@ class FeatureList(nn.Module):
                 f"got {type(backbone).__name__}"
             )
         self.backbone = backbone
-
-    @property
-    def feature_info(self) -> FeatureInfoList:
-        """The backbone's levels; `channels()` and `reduction()` describe the returned maps."""
-        return self.backbone.feature_info
+        self.feature_info: FeatureInfoList = backbone.feature_info.under("backbone")
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.backbone(x).values())  # [(B, C_k, H / 2**k, W / 2**k) per level]

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from backbones import Backbone
-from backbones.layers import ConvNormAct, GroupNorm, LayerFn
+from backbones.layers import ConvNormAct, GroupNorm, LayerFn, ReLU
 
-from ._levels import check_features, parse_levels
+from ._levels import check_features, check_undilated, parse_levels
 from .fpn import FPN
-
-ReLU = partial(nn.ReLU, inplace=True)
 
 
 class SemanticFPNHead(nn.Module):
@@ -31,8 +28,8 @@ class SemanticFPNHead(nn.Module):
         in_channels: pyramid level -> channels, fine to coarse, consecutive strides; pass
             `fpn.channels` (P2..P5 in the paper, where the finest level has stride 4).
         num_classes: number of logits per pixel.
-        channels: width of the upsampling stages (128 in the paper).
-        norm_layer: called with `channels`; GroupNorm with up to 32 groups, as the paper.
+        head_channels: width of the upsampling stages (128 in the paper).
+        norm_layer: called with `head_channels`; GroupNorm with up to 32 groups, as the paper.
         act_layer: activation of the stages.
         dropout: dropout on the summed map, before the classifier.
     """
@@ -41,7 +38,7 @@ class SemanticFPNHead(nn.Module):
         self,
         in_channels: Mapping[str, int],
         num_classes: int,
-        channels: int = 128,
+        head_channels: int = 128,
         norm_layer: LayerFn | None = GroupNorm,
         act_layer: LayerFn = ReLU,
         dropout: float = 0.0,
@@ -57,8 +54,8 @@ class SemanticFPNHead(nn.Module):
             self.stages[name] = nn.Sequential(
                 *(
                     ConvNormAct(
-                        in_ch if i == 0 else channels,
-                        channels,
+                        in_ch if i == 0 else head_channels,
+                        head_channels,
                         3,
                         norm_layer=norm_layer,
                         act_layer=act_layer,
@@ -67,7 +64,7 @@ class SemanticFPNHead(nn.Module):
                 )
             )
         self.drop = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        self.classifier = nn.Conv2d(head_channels, num_classes, 1)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -92,7 +89,7 @@ class SemanticFPNHead(nn.Module):
                 if index - step > 0:  # up one level, to that level's exact size
                     finer = features[names[index - step - 1]].shape[-2:]
                     x = F.interpolate(x, size=finer, mode="bilinear", align_corners=False)
-            out = x if out is None else out + x  # (B, channels, H_f, W_f)
+            out = x if out is None else out + x  # (B, head_channels, H_f, W_f)
         logits = self.classifier(self.drop(out))  # (B, num_classes, H_f, W_f)
         return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
@@ -119,6 +116,7 @@ class Segmenter(nn.Module):
         head_channels: int = 128,
     ) -> None:
         super().__init__()
+        check_undilated("Segmenter", backbone.strides)
         self.backbone = backbone
         self.neck = FPN(backbone.channels, fpn_channels)
         self.head = SemanticFPNHead(self.neck.channels, num_classes, head_channels)

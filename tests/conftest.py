@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 
@@ -49,6 +50,24 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
             if name.rsplit(".", 1)[-1] in LAYER_SCALES:
                 uniform(param, 0.5, 1.5)
     return model
+
+
+def randomize_weights(model: nn.Module, seed: int = 0) -> nn.Module:
+    """He-normal (fan-in) weights, small random biases, then `randomize_norms`.
+
+    Under the libraries' own init (fan-out) and random norm statistics, a deep MobileNet's or
+    EfficientNet's eval-mode output barely depends on its input (~1e-6 relative between two
+    images), so an eval-mode comparison could not tell a wrong conv from a right one; fan-in
+    keeps the activations' scale through the depth, and the input shows.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim > 1:  # conv / linear weights
+                param.normal_(0.0, math.sqrt(2.0 / param[0].numel()), generator=generator)
+            else:
+                param.uniform_(-0.1, 0.1, generator=generator)
+    return randomize_norms(model, seed)
 
 
 def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -11,8 +11,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from backbones import Backbone, list_backbones
+from backbones import Backbone, get_entry, list_backbones
 from backbones.layers import DropPath
+from backbones.registry import family_arguments
 from zootrain.build import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +84,14 @@ def test_drop_path_rate_reaches_the_families_that_have_it() -> None:
     cfg = backbone_config("backbone=vgg16", "+backbone.drop_path_rate=0.2")
     with pytest.raises(Exception, match="'drop_path_rate' is an argument of ConvNeXt"):
         build_model(cfg, num_classes=3)
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_a_config_offers_drop_path_rate_where_the_family_has_it(name: str) -> None:
+    """What Optuna searches (`backbone.drop_path_rate` where the config has it) follows the code."""
+    options = OmegaConf.load(BACKBONES / f"{name}.yaml")
+    has_it = "drop_path_rate" in family_arguments(get_entry(name).family)
+    assert ("drop_path_rate" in options) == has_it
 
 
 def test_help_lists_the_options_and_aliases_without_base() -> None:

@@ -78,9 +78,18 @@ def test_answers_equal_timms_for_every_index_form() -> None:
         assert ours.get_dicts(["num_chs", "reduction"], idx) == theirs.get_dicts(
             ["num_chs", "reduction"], idx
         )
-    assert ours.get_dicts(idx=2) == {"num_chs": 512, "reduction": 8, "name": "C3"}
-    with pytest.raises(KeyError, match=r"no \['module'\]; its keys are \['num_chs', 'reduction'"):
-        ours.get_dicts(keys=["module"])
+    assert ours.get_dicts(idx=2) == {
+        "num_chs": 512,
+        "reduction": 8,
+        "module": "stages.1",
+        "name": "C3",
+    }
+    assert ours[2]["num_chs"] == theirs[2]["num_chs"] and ours[2] == FeatureInfo("C3", 512, 8)
+    assert ours.module_name() == ["stem", "stages.0", "stages.1", "stages.2", "stages.3"]
+    with pytest.raises(KeyError, match=r"no \['stage'\]; its keys are \['num_chs', 'reduction', "):
+        ours.get_dicts(keys=["stage"])
+    with pytest.raises(KeyError, match=r"FeatureInfo has no 'index'; its keys are \['num_chs'"):
+        ours[0]["index"]
 
 
 def test_feature_info_describes_what_forward_returns() -> None:

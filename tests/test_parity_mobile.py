@@ -106,3 +106,45 @@ def test_drop_path_rate_is_torchvision_stochastic_depth() -> None:
         torch.manual_seed(1)
         outputs.append(model(x))
     assert max_rel_error(*outputs) <= 1e-5
+
+
+def test_mobilenet_v2_drop_path_rate_is_timms() -> None:
+    torch.manual_seed(0)
+    reference = randomize_norms(timm.create_model("mobilenetv2_100", drop_path_rate=0.2))
+    ours = build_classifier("mobilenet_v2", drop_path_rate=0.2)
+    ours.load_state_dict(convert("mobilenet_v2", reference.state_dict(), source="timm"))
+    match_timm_dropout(ours, reference)
+    rates = [block.drop_path.p for stage in ours.backbone.stages[:-1] for block in stage]
+    assert rates == [0.2 * i / 17 for i in range(17)]
+    assert rates == [
+        getattr(block.drop_path, "drop_prob", 0.0)  # timm's rate-0 blocks have an Identity
+        for row in reference.blocks
+        for block in row
+    ]
+    # In train mode the same seed drops the same residual branches of the same samples.
+    x = torch.randn(8, 3, 32, 32)
+    outputs = []
+    for model in (ours.train(), reference.train()):
+        torch.manual_seed(1)
+        outputs.append(model(x))
+    assert max_rel_error(*outputs) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("name", "blocks"), [("mobilenet_v3_large", 15), ("mobilenet_v3_small", 11)]
+)
+def test_mobilenet_v3_drop_path_rate(name: str, blocks: int) -> None:
+    """As EfficientNet's: block i of n gets rate * i / n; with 0, torchvision's network."""
+    torch.manual_seed(0)
+    plain = randomize_norms(create(name, out_features=("C5",)))
+    dropping = create(name, out_features=("C5",), drop_path_rate=0.3)
+    dropping.load_state_dict(plain.state_dict())  # DropPath holds no state: same keys
+    rates = [block.drop_path.p for stage in dropping.stages[:-1] for block in stage]
+    assert rates == [0.3 * i / blocks for i in range(blocks)]
+    x = torch.randn(8, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(dropping.eval()(x)["C5"], plain.eval()(x)["C5"])
+        torch.manual_seed(1)
+        trained = dropping.train()(x)["C5"]
+        torch.manual_seed(1)
+        assert max_rel_error(trained, plain.train()(x)["C5"]) > 1e-3  # branches were dropped

@@ -24,7 +24,7 @@ from zootrain.evaluate import evaluate
 from zootrain.run import train
 
 from .test_training import TINY, config
-from .test_weights_files import Payload
+from .test_files import Payload
 
 SMALL = [
     *TINY,

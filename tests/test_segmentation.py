@@ -56,7 +56,7 @@ def test_stages_follow_the_paper() -> None:
 
 def test_matches_a_hand_computed_branch() -> None:
     torch.manual_seed(0)
-    head = SemanticFPNHead({"P3": 8, "P4": 8}, num_classes=3, channels=16).eval()
+    head = SemanticFPNHead({"P3": 8, "P4": 8}, num_classes=3, head_channels=16).eval()
     nn.init.normal_(head.classifier.weight)  # not the near-zero init: a real comparison
     p3, p4 = torch.randn(1, 8, 13, 17), torch.randn(1, 8, 7, 9)
     up4 = F.interpolate(head.stages["P4"][0](p4), size=(13, 17), mode="bilinear")
@@ -68,7 +68,7 @@ def test_matches_a_hand_computed_branch() -> None:
 @pytest.mark.parametrize("size", [(224, 224), (225, 289), (97, 33)])
 def test_logits_at_exact_size_for_any_input(size: tuple[int, int]) -> None:
     levels = dict.fromkeys(["P2", "P3", "P4", "P5"], 16)
-    head = SemanticFPNHead(levels, num_classes=4, channels=24, dropout=0.1)
+    head = SemanticFPNHead(levels, num_classes=4, head_channels=24, dropout=0.1)
     logits = head(_pyramid(levels, size), size=size)
     assert logits.shape == (2, 4, *size) and torch.isfinite(logits).all()
 
@@ -78,7 +78,7 @@ def test_options_and_init() -> None:
     assert isinstance(head.stages["C3"][0].norm, nn.BatchNorm2d)  # C levels: straight on a backbone
     assert head.stages["C3"][0].conv.in_channels == 40
     assert head.classifier.weight.std() < 0.01 and not head.classifier.bias.any()
-    no_norm = SemanticFPNHead({"P4": 8}, 2, channels=8, norm_layer=None)
+    no_norm = SemanticFPNHead({"P4": 8}, 2, head_channels=8, norm_layer=None)
     assert no_norm.stages["P4"][0].conv.bias is not None
 
 
@@ -99,7 +99,7 @@ def test_bad_input() -> None:
         SemanticFPNHead({"C3": 8, "P4": 8}, 3)
     with pytest.raises(ValueError, match="num_classes must be positive, got 0"):
         SemanticFPNHead({"P3": 8}, 0)
-    head = SemanticFPNHead({"P3": 8, "P4": 8, "P5": 8}, 3, channels=8)
+    head = SemanticFPNHead({"P3": 8, "P4": 8, "P5": 8}, 3, head_channels=8)
     features = _pyramid({"P3": 8, "P4": 8, "P5": 8}, (64, 64))
     with pytest.raises(
         ValueError,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from backbones.tools.bench import Row, write_results
-from benchmarks.training import RESULTS_SECTION, update_results
+from backbones.tools.bench import TRAINING_SECTION, Row, write_results
+from benchmarks.training import update_results
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "trainer.accelerator=cpu data.image_size=16 data.batch_size=2 trainer.log_every_n_steps=1"
@@ -25,7 +25,7 @@ def test_both_benchmarks_keep_their_sections_of_results_md(tmp_path: Path) -> No
     write_results(rows, ["- inference rerun"], results, tmp_path / "plot.png", "cpu")
     text = results.read_text()
     assert text.startswith("# Backbone inference benchmark") and "inference rerun" in text
-    assert text.count(RESULTS_SECTION) == 1 and "first training" not in text
+    assert text.count(TRAINING_SECTION) == 1 and "first training" not in text
     assert text.rstrip().endswith("| second training table |")
 
 

@@ -13,7 +13,8 @@ import torchvision
 from torch import nn
 
 from backbones import WeightsError, convert, create
-from backbones.weights import load_into, read_state_dict, save_safetensors
+from backbones.files import read_state_dict, save_safetensors
+from backbones.weights import load_into
 from heads import build_classifier
 
 from .conftest import max_rel_error, randomize_norms

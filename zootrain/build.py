@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from backbones import input_normalization
-from backbones.weights import atomic_path
+from backbones.files import atomic_path
 
 from .callbacks import (
     DivergenceCheck,

@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from backbones.weights import atomic_path, save_safetensors
+from backbones.files import atomic_path, save_safetensors
 
 from .errors import CheckpointError
 from .runs import trusted_config

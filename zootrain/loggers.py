@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import csv_logs
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.trainer.states import TrainerFn
 
-from backbones.weights import atomic_path
+from backbones.files import atomic_path
 
 # The checkpoint entry that counts the metrics.csv rows written before the checkpoint was saved.
 ROWS_KEY = "metrics_csv_rows"

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from backbones.weights import atomic_path
+from backbones.files import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -27,7 +27,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from backbones.weights import atomic_path
+from backbones.files import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -42,9 +42,14 @@ from torch import nn
 
 from ..contract import Backbone
 from ..factory import create
+from ..files import atomic_path
 from ..registry import get_entry
-from ..weights import atomic_path, convert
+from ..weights import convert
 from .export import export
+
+# The heading of `python -m benchmarks.training`'s section of RESULTS.md, which follows this tool's
+# sections in the same file: both writers keep the other's part by it.
+TRAINING_SECTION = "# Training benchmark"
 
 # variant key -> label in the tables
 VARIANTS = {
@@ -375,7 +380,7 @@ def write_results(
         *table(rows),
     ]
     # `python -m benchmarks.training` keeps its section at the end of the same file.
-    old, marker = (markdown.read_text() if markdown.is_file() else ""), "\n# Training benchmark\n"
+    old, marker = (markdown.read_text() if markdown.is_file() else ""), f"\n{TRAINING_SECTION}\n"
     old, training = (
         (old[: old.index(marker)], old[old.index(marker) :]) if marker in old else (old, "")
     )

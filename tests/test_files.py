@@ -1,4 +1,4 @@
-"""backbones/weights.py's files: what reading refuses (pickled code, NaN/inf, not weights) and
+"""backbones/files.py: what reading refuses (pickled code, NaN/inf, not weights) and
 what writing keeps (the umask; a full disk named by the file it was writing)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from backbones import WeightsError, create
-from backbones.weights import atomic_path, read_state_dict, save_safetensors
+from backbones.files import atomic_path, read_state_dict, save_safetensors
 from zootrain.checkpoints import AtomicCheckpointIO
 
 
@@ -139,3 +139,10 @@ def test_a_full_disk_names_the_file_and_keeps_the_old_one(
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
     assert torch.load(path)["epoch"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temp file left
+
+
+def test_users_names_still_import_from_weights() -> None:
+    """README and docs showed `backbones.weights.WeightsError` / `.read_state_dict`."""
+    from backbones import weights
+
+    assert weights.WeightsError is WeightsError and weights.read_state_dict is read_state_dict
