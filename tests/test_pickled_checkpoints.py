@@ -23,8 +23,8 @@ from zootrain.errors import CheckpointError
 from zootrain.evaluate import evaluate
 from zootrain.run import train
 
-from .test_training import TINY, config
 from .test_files import Payload
+from .test_training import TINY, config
 
 SMALL = [
     *TINY,

@@ -450,5 +450,7 @@ def test_bn_momentum_overrides_every_batchnorm(tmp_path: Path) -> None:
 
     assert momenta() == {0.1}  # the training default
     assert momenta("bn_momentum=null") == {0.01}  # MobileNetV3's own
-    with pytest.raises(ConfigError, match=r"bn_momentum=0 cannot work: .* a number in \(0, 1\] or null"):
+    with pytest.raises(
+        ConfigError, match=r"bn_momentum=0 cannot work: .* a number in \(0, 1\] or null"
+    ):
         check_config(config(tmp_path, "bn_momentum=0"))

@@ -36,7 +36,7 @@ from lightning.pytorch.loggers import wandb as wandb_logs
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from backbones.weights import atomic_path
+from backbones.files import atomic_path
 
 from .checks import missing_tracker
 from .cli import sweep_name
