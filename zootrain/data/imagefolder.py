@@ -16,7 +16,7 @@ from backbones import IMAGENET_MEAN, IMAGENET_STD
 
 from ..errors import DatasetError
 from .base import DiskDataModule, Transformed
-from .images import read_rgb
+from .images import read_image
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +133,12 @@ class ImageFolderDataModule(DiskDataModule):
 
 class _ImageFolder(datasets.ImageFolder):
     """torchvision's ImageFolder on given classes and files (hidden folders are no classes),
-    read by `read_rgb` (16-bit PNGs scaled, an undecodable file named)."""
+    read by `read_image` (16-bit PNGs scaled, an undecodable file named)."""
 
     def __init__(self, root: Path, classes: list[str], files: set[str]) -> None:
         self._given_classes = classes
         super().__init__(
-            str(root), loader=read_rgb, is_valid_file=files.__contains__, allow_empty=True
+            str(root), loader=read_image, is_valid_file=files.__contains__, allow_empty=True
         )
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
