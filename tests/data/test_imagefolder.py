@@ -11,7 +11,7 @@ import torch
 from zootrain.data.imagefolder import ImageFolderDataModule
 from zootrain.errors import DatasetError
 
-from .helpers import BLUE, RED, fast_dev_run, save_image, unnormalise
+from .helpers import BLUE, RED, fast_dev_run, rgb, save_image
 
 
 def make_imagefolder(root: Path, test: bool = False) -> Path:
@@ -33,13 +33,13 @@ def test_imagefolder_batches(tmp_path: Path) -> None:
     assert datamodule.test_split == "val"  # no test/ folder: tested on val
     assert [len(datamodule.splits[s]) for s in ("train", "val", "test")] == [6, 4, 4]
     images, labels = next(iter(datamodule.train_dataloader()))
-    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.float32
+    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.uint8
     assert labels.dtype == torch.int64 and set(labels.tolist()) <= {0, 1}
-    # eval: every pixel is the class colour, normalised with ImageNet statistics
+    # eval: every pixel is the class colour
     images, labels = next(iter(datamodule.val_dataloader()))
     for image, label in zip(images, labels, strict=True):
         expected = torch.tensor(RED if label else BLUE).view(3, 1, 1) / 255
-        assert torch.allclose(unnormalise(image), expected.expand_as(image), atol=0.03)
+        assert torch.allclose(rgb(image), expected.expand_as(image), atol=0.03)
 
     with_test = ImageFolderDataModule("classification", make_imagefolder(tmp_path / "t", True))
     with_test.setup("test")

@@ -3,11 +3,13 @@
 `TaskDataModule` serves one task (chosen by the head: the kind of target its samples carry,
 how they batch, the augmentation preset) and owns the DataLoaders (their worker
 count, pinned memory and persistent workers follow the trainer's device, see `loader_workers`);
-subclasses fill `splits` and give `num_classes`. `DiskDataModule` adds what every real dataset needs:
-a `root` checked (and, where torchvision can, downloaded) before the model is built, with one
-message that shows the expected layout; the transform presets of `zootrain.data.transforms`,
-normalised with the backbone's statistics; and a seeded hold-out for datasets that have no
-validation split.
+subclasses fill `splits` and give `num_classes`. Samples carry uint8 images: the batches cross
+to the device as uint8 and are normalised there with the module's `mean` / `std`
+(`zootrain.module.TaskModule.on_after_batch_transfer`). `DiskDataModule` adds what every real
+dataset needs: a `root` checked (and, where torchvision can, downloaded) before the model is
+built, with one message that shows the expected layout; the transform presets of
+`zootrain.data.transforms` (decoding and geometry in uint8), with the backbone's statistics
+for the device; and a seeded hold-out for datasets that have no validation split.
 """
 
 from __future__ import annotations
@@ -79,8 +81,8 @@ class TaskDataModule(L.LightningDataModule):
     # The kinds of target (`zootrain.tasks.TARGETS`) its samples can carry: it serves the
     # tasks that ask for one of them.
     targets: tuple[str, ...] = ()
-    # The per-channel statistics the images are normalised with, which pictures undo; None
-    # when the images arrive in [0, 1].
+    # The per-channel statistics the uint8 images are normalised with on the device (after
+    # scaling to [0, 1]); None: scaled only.
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
@@ -289,7 +291,7 @@ class DiskDataModule(TaskDataModule):
 
     def _transform(self, train: bool, **options: Any) -> Callable:
         """The task's augmentation preset for a train or an eval split of this dataset."""
-        return self.task.transform(train, self.image_size, self.mean, self.std, **options)
+        return self.task.transform(train, self.image_size, **options)
 
     def _hold_out_splits(self, train: Dataset, test: Dataset) -> dict[str, Dataset]:
         """Splits of a dataset that has only train and test: val is a seeded random
