@@ -93,3 +93,16 @@ def fast_dev_run(tmp_path: Path, *overrides: str) -> dict[str, float]:
     metrics = train(cfg).metrics
     assert all(math.isfinite(v) for v in metrics.values()), metrics
     return metrics
+
+
+def natural(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """An (H, W, 3) uint8 image with a photograph's 1/f spectrum (noise or flat colour would make
+    an untypical JPEG: all high or no high frequencies)."""
+    rng = np.random.default_rng(seed)
+    fy, fx = np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None]
+    falloff = np.hypot(fx, fy)
+    falloff[0, 0] = 1.0
+    spectra = rng.normal(size=(3, *falloff.shape)) + 1j * rng.normal(size=(3, *falloff.shape))
+    pixels = np.fft.irfft2(spectra / falloff**1.25, s=(height, width)).transpose(1, 2, 0)
+    pixels = 128 + 50 * (pixels - pixels.mean()) / pixels.std()
+    return np.clip(pixels, 0, 255).astype(np.uint8)

@@ -19,7 +19,7 @@ from zootrain.data.voc import VOCSegmentationDataModule
 from zootrain.errors import DatasetError
 from zootrain.report import user_errors
 
-from .helpers import save_image
+from .helpers import natural, save_image
 from .test_pet import make_pet
 from .test_voc import make_voc
 
@@ -121,19 +121,6 @@ def test_a_truncated_image_is_named(tmp_path: Path, capsys: pytest.CaptureFixtur
         f"error: cannot decode the image {path} (OSError: image file is truncated"
     )
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-
-
-def natural(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """An (H, W, 3) uint8 image with a photograph's 1/f spectrum (noise or flat colour would make
-    an untypical JPEG: all high or no high frequencies)."""
-    rng = np.random.default_rng(seed)
-    fy, fx = np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None]
-    falloff = np.hypot(fx, fy)
-    falloff[0, 0] = 1.0
-    spectra = rng.normal(size=(3, *falloff.shape)) + 1j * rng.normal(size=(3, *falloff.shape))
-    pixels = np.fft.irfft2(spectra / falloff**1.25, s=(height, width)).transpose(1, 2, 0)
-    pixels = 128 + 50 * (pixels - pixels.mean()) / pixels.std()
-    return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
 decode = images.decode_jpeg  # the real one, while a test counts its calls

@@ -18,7 +18,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 import numpy as np
@@ -36,6 +36,7 @@ from .sampling import EpochLoader, EpochSampler, EpochSeeded
 from .transforms import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 MAX_AUTO_WORKERS = 8  # per GPU: what a DataLoader needs to keep one GPU fed on most data
@@ -107,6 +108,27 @@ class TaskDataModule(L.LightningDataModule):
         if trainer is None:
             return False, 1
         return isinstance(trainer.accelerator, CUDAAccelerator), trainer.num_devices
+
+    def _once_per_run(self, compute: Callable[[], T]) -> T:
+        """`compute()` on global rank 0 only, its result sent to every other rank: the work
+        each process needs once per run (listing a folder of a million files), done once.
+
+        Every rank calls it at the same point (in `setup`). A `DatasetError` on rank 0 is
+        raised on every rank, so that none waits for a result that will not come.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return compute()
+        outcome: tuple[T | None, str | None] = (None, None)
+        if trainer.global_rank == 0:
+            try:
+                outcome = (compute(), None)
+            except DatasetError as error:
+                outcome = (None, str(error))
+        result, message = trainer.strategy.broadcast(outcome, src=0)
+        if message is not None:
+            raise DatasetError(message)
+        return result
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if not self.splits:

@@ -16,7 +16,6 @@ clips those at 255: nearly every pixel turns white. Such images are scaled to 8 
 
 from __future__ import annotations
 
-import io
 import os
 import warnings
 
@@ -53,20 +52,16 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
             return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError:
             pass  # damaged, or a kind libjpeg-turbo refuses (12-bit): PIL reads it or names it
-    image = to_rgb(_decode(io.BytesIO(data), path))
+    # PIL reads the file again (from the page cache): its errors then name the file, not a buffer
+    image = to_rgb(open_image(path))
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W) view of HWC memory
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
     """The decoded image at `path`, as stored (masks keep their label values)."""
-    return _decode(path, path)
-
-
-def _decode(source: str | os.PathLike | io.BytesIO, path: str | os.PathLike) -> Image.Image:
-    """PIL's image of `source` decoded now: a truncated file fails here, named by `path`."""
     try:
-        with Image.open(source) as image:
-            image.load()
+        with Image.open(path) as image:
+            image.load()  # decode now: a truncated file fails here, with its name
             return image
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DatasetError(
