@@ -20,11 +20,12 @@ from .imagefolder import IMAGE_EXTENSIONS, _identity, verify_images, walk
 
 def image_files(root: Path) -> list[str]:
     """Every image file under `root`, by suffix, as ImageFolder's listing finds them."""
+    top = os.fsencode(root)
     return [
-        os.path.join(directory, name)
-        for directory, names in walk(str(root), {_identity(str(root))}, [])
+        os.fsdecode(os.path.join(directory, name))
+        for directory, names in walk(top, {_identity(top)}, [])
         for name in names
-        if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+        if os.path.splitext(os.fsdecode(name))[1].lower() in IMAGE_EXTENSIONS
     ]
 
 

