@@ -383,8 +383,8 @@ def update_results(results: Path, section: list[str]) -> None:
     """Put the loader section into RESULTS.md: in place of the old one, else before the training
     section (whose writer, benchmarks/training.py, rewrites everything from its heading on)."""
     text = results.read_text() if results.is_file() else ""
-    parts = re.split(r"(?m)^(?=# )", text)  # the text before the first heading, then sections
-    body = f"{SECTION}\n\n" + "\n".join(section) + "\n\n"
+    parts = [p for p in re.split(r"(?m)^(?=# )", text) if p]  # any preamble, then sections
+    body = f"{SECTION}\n\n" + "\n".join(section) + "\n"
     headings = [part.split("\n", 1)[0] for part in parts]
     if SECTION in headings:
         parts[headings.index(SECTION)] = body
@@ -392,13 +392,8 @@ def update_results(results: Path, section: list[str]) -> None:
         parts.insert(headings.index("# Training benchmark"), body)
     else:
         parts.append(body)
-    with atomic_path(results) as tmp:
-        tmp.write_text(
-            "".join(p if p.endswith("\n\n") else p.rstrip("\n") + "\n\n" for p in parts).rstrip(
-                "\n"
-            )
-            + "\n"
-        )
+    with atomic_path(results) as tmp:  # one blank line between sections
+        tmp.write_text("\n".join(part.rstrip("\n") + "\n" for part in parts))
 
 
 def main(argv: list[str] | None = None) -> list[str]:

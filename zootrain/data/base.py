@@ -365,7 +365,9 @@ class Transformed(Dataset):
         indices: Sequence[int] | None = None,
     ) -> None:
         self.dataset, self.transforms = dataset, transforms
-        self.indices = list(range(len(dataset))) if indices is None else list(indices)
+        # A range, not a list, for a whole dataset: a million int objects would be copied into
+        # every forked DataLoader worker as their reference counts are touched
+        self.indices = range(len(dataset)) if indices is None else list(indices)
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -2,9 +2,9 @@
 files named.
 
 `read_image` decodes a JPEG (found by its content, not its name) with
-`torchvision.io.decode_jpeg`: the same libjpeg-turbo as Pillow's, without PIL's image object,
-its RGB conversion copy and the array copy after it (the pixels are bit-identical with the
-wheels of torchvision 0.29 and Pillow 13). Everything else goes through PIL, which reads every
+`torchvision.io.decode_jpeg`: libjpeg-turbo, as Pillow decodes them, without PIL's image
+object, its RGB conversion copy and the array copy after it (the pixels are bit-identical with
+the wheels of torchvision 0.29 and Pillow 13: libjpeg-turbo 3.1.3 and 3.2.0). Everything else goes through PIL, which reads every
 format and mode (PNG of any depth, palettes, CMYK, TIFF, WebP, ...), as does a JPEG that
 libjpeg-turbo refuses: PIL then either reads it or names it as damaged.
 
