@@ -6,8 +6,9 @@
 For each setup (Hydra overrides of `train.py`), three runs train the same model (built by
 `zootrain.build`) with the same batch, precision, memory format, optimiser and device:
 
-- (a) bare: a plain loop over batches already on the device: autocast, forward, the task's
-  loss, `backward`, `step`. What a user would write instead of this project.
+- (a) bare: a plain loop over batches already on the device (uint8, as the loaders give
+  them): normalise, autocast, forward, the task's loss, `backward`, `step`. What a user would
+  write instead of this project.
 - (b) lightning: `TaskModule` in a `Trainer` made as `train.py` makes it (callbacks, progress
   bar, CSV logger), fed the same device batches: the framework's cost.
 - (c) pipeline: `zootrain.run.train(cfg)` itself, data module, loaders and all. Its first epoch
@@ -155,7 +156,7 @@ class Bench:
         self.on_cuda = trains_on_cuda(self.cfg.trainer)
         self.device = torch.device("cuda" if self.on_cuda else "cpu")
         datamodule = build_datamodule(self.cfg)
-        self.num_classes = datamodule.num_classes
+        self.data = _Data(datamodule.num_classes, datamodule.mean, datamodule.std)
         # Two augmented batches, drawn in this process (a few seconds at 224 px, batch 256).
         loader = iter(datamodule.train_dataloader())
         self.batches = [tuple(t.to(self.device) for t in next(loader)) for _ in range(2)]
@@ -176,7 +177,7 @@ class Bench:
             bool(self.cfg.trainer.deterministic),
             warn_only=self.cfg.trainer.deterministic == "warn",
         )
-        holder = build_module(self.cfg, _Classes(self.num_classes))
+        holder = build_module(self.cfg, self.data)
         model = holder.model.to(self.device)
         if self.cfg.compile:
             model.compile()
@@ -195,6 +196,7 @@ class Bench:
             x, y = self.batches[step % len(self.batches)]
             if self.cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            x = holder.normalize(x)
             with autocast(precision, self.device):
                 loss = sum(task.training_losses(model, x, y).values())
             optimizer.zero_grad(set_to_none=True)
@@ -212,7 +214,7 @@ class Bench:
         cfg = self.cfg.copy()
         with open_dict(cfg):  # one epoch of training only
             cfg.trainer.update(max_epochs=1, num_sanity_val_steps=0, limit_val_batches=0)
-        module = build_module(cfg, _Classes(self.num_classes))
+        module = build_module(cfg, self.data)
         window = Window(self.warmup, steps, self.device if timed else None)
         trainer = build_trainer(cfg, Path(cfg.paths.output_dir), module.task, [window, *extra])
         with warnings.catch_warnings():  # no validation here: the checkpoint has no metric
@@ -307,11 +309,13 @@ class Bench:
             self.setup.syncs[name] = text
 
 
-class _Classes:
+class _Data:
     """What `build_module` reads from a data module."""
 
-    def __init__(self, num_classes: int) -> None:
-        self.num_classes = num_classes
+    def __init__(
+        self, num_classes: int, mean: tuple[float, ...] | None, std: tuple[float, ...] | None
+    ) -> None:
+        self.num_classes, self.mean, self.std = num_classes, mean, std
 
 
 def table(setups: list[Setup], steps: int) -> list[str]:

@@ -12,12 +12,13 @@ from omegaconf import DictConfig, open_dict
 from torch import nn
 from torchvision.ops import box_iou
 
-from backbones import create
+from backbones import IMAGENET_MEAN, IMAGENET_STD, create
 from heads.detection import Detector
 from zootrain.build import build_datamodule, build_model, build_module
 from zootrain.checkpoints import load_checkpoint
 from zootrain.data.base import TaskDataModule
 from zootrain.data.shapes import ShapesDataset
+from zootrain.data.transforms import DeviceNormalize
 from zootrain.errors import NonFiniteLossError
 from zootrain.evaluate import evaluate
 from zootrain.module import TaskModule
@@ -74,7 +75,8 @@ def test_every_backbone_and_detection_head_config_builds(
     assert list(model.backbone.channels) == list(cfg.head.out_features)
     pyramid = model.detector.backbone
     assert pyramid.fpn.in_channels == model.backbone.channels
-    # Shapes images stay at their size and arrive normalised: the transform only batches.
+    # Shapes images stay at their size and arrive normalised (on the device): the transform
+    # only batches.
     transform = model.detector.transform
     assert transform.min_size == (cfg.data.image_size,)
     assert transform.max_size == cfg.data.image_size
@@ -151,7 +153,7 @@ def test_non_finite_loss_is_caught_for_detection(tmp_path: Path) -> None:
     module = build_module(cfg, datamodule)
     with torch.no_grad():  # a diverged classification branch
         module.model.detector.head.classification_head.cls_logits.weight.fill_(float("nan"))
-    batch = next(iter(datamodule.train_dataloader()))
+    batch = module.on_after_batch_transfer(next(iter(datamodule.train_dataloader())), 0)
     module.train().training_step(batch, batch_idx=3)  # noted on the device, no host sync
     with pytest.raises(NonFiniteLossError, match=r"became nan at step 0 \(epoch 0, batch 3\)"):
         module.check_finite()  # what the trainer runs every log_every_n_steps
@@ -274,7 +276,9 @@ def test_a_short_fit_finds_most_shapes_with_their_label() -> None:
         score_thresh=SCORE_THRESH,
     )
     collate = get_task("detection").collate
+    normalize = DeviceNormalize(IMAGENET_MEAN, IMAGENET_STD)  # what TaskModule does on the device
     images, targets = collate([held_out[i] for i in range(len(held_out))])
+    images = normalize(images)
     with torch.no_grad():
         untrained = _found(model.eval()(images), targets)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -282,7 +286,7 @@ def test_a_short_fit_finds_most_shapes_with_their_label() -> None:
     model.train()
     for indices in order.tolist():
         batch_images, batch_targets = collate([train[i] for i in indices])
-        loss = sum(model(batch_images, batch_targets).values())
+        loss = sum(model(normalize(batch_images), batch_targets).values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -47,7 +47,7 @@ def test_segmentation_validation_counts_with_bincount(
     datamodule = build_datamodule(cfg)
     datamodule.setup("fit")
     module = build_module(cfg, datamodule).eval()
-    batch = next(iter(datamodule.val_dataloader()))
+    batch = module.on_after_batch_transfer(next(iter(datamodule.val_dataloader())), 0)
     calls = []
     bincount = torch.bincount
     monkeypatch.setattr(torch, "bincount", lambda *a, **k: calls.append(1) or bincount(*a, **k))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from zootrain.build import build_datamodule
+from zootrain.build import build_datamodule, build_module
 from zootrain.data.shapes import ShapesDataModule
 from zootrain.evaluate import evaluate
 from zootrain.predictions import denormalise, plot_predictions, sample_indices
@@ -137,13 +137,18 @@ def test_the_samples_are_fixed_whatever_the_run_seed() -> None:
 
 
 def test_pictures_show_the_real_colours(tmp_path: Path) -> None:
-    """De-normalising with the data module's statistics gives back the drawn scene."""
+    """The images as the data gives them (uint8) and as the model takes them (normalised with
+    the data module's statistics) both show the drawn scene."""
     datamodule = build_datamodule(config(tmp_path, "data.image_size=32"))
     assert isinstance(datamodule, ShapesDataModule)
     dataset = datamodule.splits["val"]
     image, _ = dataset[3]
-    shown = denormalise(image, datamodule.mean, datamodule.std)  # (H, W, 3)
-    expected = dataset.scene(3).image.permute(1, 2, 0).numpy()
+    expected = dataset.scene(3).image.permute(1, 2, 0).numpy() / 255
+    assert abs(denormalise(image, datamodule.mean, datamodule.std) - expected).max() < 1e-6
+    module = build_module(config(tmp_path, "data.image_size=32"), datamodule)
+    normalised = module.normalize(image)
+    assert normalised.dtype == torch.float32
+    shown = denormalise(normalised, datamodule.mean, datamodule.std)  # (H, W, 3)
     assert abs(shown - expected).max() < 1e-5
 
 

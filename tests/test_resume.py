@@ -21,12 +21,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from zootrain.checkpoints import load_checkpoint
+from zootrain.data.imagefolder import ImageFolderDataModule
 from zootrain.data.sampling import EpochSampler, EpochSeeded
 from zootrain.data.shapes import ShapesDataset
 from zootrain.errors import CheckpointError, ConfigError
 from zootrain.run import train
 from zootrain.runs import check_unchanged, resolve_resume
 
+from .data.test_imagefolder import make_imagefolder
 from .frozen_second import make_run_dir
 from .test_training import CONFIGS, LEARNABLE, ROOT, TINY, config
 
@@ -319,6 +321,38 @@ def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path: Path, wor
     schedule, reference_schedule = got["lr_schedulers"][0], expected["lr_schedulers"][0]
     assert schedule["last_epoch"] == reference_schedule["last_epoch"] == 4 * 2
     assert schedule["_last_lr"] == pytest.approx(reference_schedule["_last_lr"])
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 2 worker processes")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_epoch_of_files_reads_what_the_whole_run_read(
+    tmp_path: Path, workers: int
+) -> None:
+    """Real files: a fresh data module (a resumed run) reading epoch 2 gets the order, crops and
+    flips the uninterrupted run got after epochs 0 and 1, with a damaged file's place taken by
+    the same next file (skip_bad_files), in the main process or in workers."""
+    root = make_imagefolder(tmp_path / "data")
+    cut = root / "train" / "cat" / "0.jpg"
+    cut.write_bytes(cut.read_bytes()[:-50])
+
+    def read(epochs: list[int]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        datamodule = ImageFolderDataModule(
+            "classification", root, image_size=16, batch_size=3, num_workers=workers,
+            skip_bad_files=True,
+        )  # fmt: skip
+        datamodule.sample_seed = 42
+        loader = datamodule.train_dataloader()
+        read = []
+        for epoch in epochs:
+            loader.sampler.set_epoch(epoch)  # what Lightning calls before each epoch
+            read.append(list(loader))
+        return read
+
+    whole, resumed = read([0, 1, 2]), read([2])
+    assert [len(batches) for batches in whole] == [2, 2, 2]  # 6 files, one of them damaged
+    for (images, labels), (again, again_labels) in zip(whole[2], resumed[0], strict=True):
+        assert torch.equal(images, again) and torch.equal(labels, again_labels)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(whole[1], whole[2], strict=True))
 
 
 def test_the_training_order_and_augmentations_follow_seed_and_epoch() -> None:

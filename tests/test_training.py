@@ -86,7 +86,8 @@ def hand_scores(
     """Mean loss and (pixel) accuracy over the validation set, from the model in eval mode."""
     model = module.model.eval()
     loss_sum, correct, counted = 0.0, 0, 0
-    for x, y in datamodule.val_dataloader():
+    for batch in datamodule.val_dataloader():
+        x, y = module.on_after_batch_transfer(batch, 0)  # uint8 images normalised
         logits = model(x)
         loss_sum += F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX).item() * len(x)
         valid = y != IGNORE_INDEX
@@ -419,7 +420,7 @@ def _one_step(cfg: DictConfig) -> tuple[dict, dict, list[dict]]:
     optimizer = module.configure_optimizers()["optimizer"]
     before = {k: v.clone() for k, v in module.state_dict().items()}
     module.train()
-    x, y = next(iter(datamodule.train_dataloader()))
+    x, y = module.on_after_batch_transfer(next(iter(datamodule.train_dataloader())), 0)
     module.task.loss(module(x), y).backward()
     optimizer.step()
     return before, module.state_dict(), optimizer.param_groups

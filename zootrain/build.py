@@ -84,6 +84,8 @@ def build_module(cfg: DictConfig, datamodule: TaskDataModule) -> TaskModule:
         channels_last=cfg.channels_last,
         compile=cfg.compile,
         config=plain_config(cfg),
+        mean=datamodule.mean,
+        std=datamodule.std,
     )
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,8 +14,16 @@ import torch
 from torch import nn
 from torch.nn.utils import get_total_norm
 
+from .data.transforms import DeviceNormalize
 from .errors import ConfigError, DivergedError, NonFiniteLossError
 from .tasks import get_task
+
+# Lightning warns whenever a module that overrides a batch hook is fitted with a data module (in
+# case the data module meant to own the hook): ours is the module's by design (see
+# `TaskModule.on_after_batch_transfer`), so the warning would greet every run.
+warnings.filterwarnings(
+    "ignore", message="You have overridden `on_after_batch_transfer` in `LightningModule`"
+)
 
 
 @contextlib.contextmanager
@@ -169,6 +178,9 @@ class TaskModule(L.LightningModule):
         channels_last: run the model and its inputs in channels_last memory format.
         compile: `torch.compile` the model (in place, so state dict keys do not change).
         config: the plain-container run config, stored in checkpoints for `eval.py`.
+        mean, std: the data module's per-channel statistics, which its uint8 batches are
+            normalised with once on the device (`on_after_batch_transfer`); None: scaled to
+            [0, 1] only.
     """
 
     def __init__(
@@ -182,6 +194,8 @@ class TaskModule(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         config: dict[str, Any] | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         # Plain containers only: OmegaConf objects would break weights_only loading.
@@ -196,6 +210,7 @@ class TaskModule(L.LightningModule):
         self.backbone_lr_mult = backbone_lr_mult
         self.channels_last = channels_last
         self.compile_model = compile
+        self.normalize = DeviceNormalize(mean, std)
         self._guard = NonFiniteGuard()
         self._resumed_total: int | None = None  # the schedule's length in a resumed checkpoint
         self._last_loss: torch.Tensor | None = None
@@ -217,6 +232,17 @@ class TaskModule(L.LightningModule):
         if self.channels_last and isinstance(x, torch.Tensor):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x) if target is None else self.model(x, target)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Images cross to the device as uint8 (a quarter of float32's bytes) and become the
+        # model's float input here, a whole batch at once (timm's PrefetchLoader does the same);
+        # anything but an (images, target) pair (the summary's example input) passes as it is.
+        if not (isinstance(batch, tuple | list) and len(batch) == 2):
+            return batch
+        images, target = batch
+        if self.channels_last and isinstance(images, torch.Tensor) and images.ndim == 4:
+            images = images.contiguous(memory_format=torch.channels_last)  # cheaper in uint8
+        return self.normalize(images), target
 
     def training_step(self, batch: tuple[Any, Any], batch_idx: int) -> torch.Tensor:
         x, target = batch

@@ -4,7 +4,8 @@
 checkpoint's weights) on this process alone: it updates a per-class torchmetrics metric
 (confusion matrix, per-class IoU or per-class AP) and draws the predictions for a fixed,
 seeded set of images of the split, the same images in every run on the same data. Images are
-shown de-normalised with the data module's `mean` / `std`, labelled with its `class_names`.
+shown as the data gives them (uint8, before the device normalises them), labelled with the data
+module's `class_names`.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def write_pictures(
     metric = task.per_class_metric(module.num_classes).to(module.device)
     with precision.forward_context():
         for batch in loader:
-            x, target = module.transfer_batch_to_device(batch, module.device, 0)
+            batch = module.transfer_batch_to_device(batch, module.device, 0)
+            x, target = module.on_after_batch_transfer(batch, 0)  # uint8 -> normalised
             output = module(precision.convert_input(x))
             with bincount_on_cpu(module.device):  # as validation counts: the same, faster
                 metric.update(output, target)
@@ -97,9 +99,11 @@ def _since(start: float) -> float:
 def _predict_samples(
     module: L.LightningModule, precision: Any, dataset: Any, count: int
 ) -> list[Sample]:
-    """The fixed samples of `dataset` and the model's outputs for them."""
+    """The fixed samples of `dataset` (images as it gives them) and the model's outputs for them."""
     pairs = [dataset[index] for index in sample_indices(len(dataset), count)]
-    images = [precision.convert_input(image.to(module.device)) for image, _ in pairs]
+    images = [
+        precision.convert_input(module.normalize(image.to(module.device))) for image, _ in pairs
+    ]
     outputs = module.task.predict(module, images)
     return [
         Sample(image=image, target=target, output=output)
@@ -110,7 +114,10 @@ def _predict_samples(
 def denormalise(
     image: torch.Tensor, mean: Sequence[float] | None, std: Sequence[float] | None
 ) -> Any:
-    """(3, H, W) normalised image -> (H, W, 3) numpy array in [0, 1], the real colours."""
+    """(3, H, W) image as the data gives it (uint8) or as the model takes it (normalised with
+    `mean` / `std`) -> (H, W, 3) numpy array in [0, 1], the real colours."""
+    if image.dtype == torch.uint8:
+        return (image.cpu().float() / 255).permute(1, 2, 0).numpy()
     image = image.float().cpu()
     if mean is not None and std is not None:
         image = image * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)

@@ -11,12 +11,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
-from backbones import IMAGENET_MEAN, IMAGENET_STD
 from zootrain.run import train
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 RED, BLUE = (230, 20, 20), (20, 20, 230)
 
 
@@ -58,8 +55,10 @@ def save_mask(path: Path, size: tuple[int, int], values: dict[tuple[int, ...], i
     Image.fromarray(mask).save(path)
 
 
-def unnormalise(image: torch.Tensor) -> torch.Tensor:
-    return image * STD + MEAN  # (3, H, W) back in [0, 1]
+def rgb(image: torch.Tensor) -> torch.Tensor:
+    """A (3, H, W) image as the loaders give it (uint8) in [0, 1]."""
+    assert image.dtype == torch.uint8, image.dtype
+    return image.float() / 255
 
 
 def interior(region: torch.Tensor) -> torch.Tensor:
@@ -75,8 +74,8 @@ def dilate(region: torch.Tensor) -> torch.Tensor:
 
 def is_red(image: torch.Tensor) -> torch.Tensor:
     """(H, W) bool: the pixels that are the object colour (red), not background blue or padding."""
-    rgb = unnormalise(image)
-    return (rgb[0] > 0.6) & (rgb[2] < 0.4)
+    red, _, blue = rgb(image)
+    return (red > 0.6) & (blue < 0.4)
 
 
 def fast_dev_run(tmp_path: Path, *overrides: str) -> dict[str, float]:
@@ -94,3 +93,16 @@ def fast_dev_run(tmp_path: Path, *overrides: str) -> dict[str, float]:
     metrics = train(cfg).metrics
     assert all(math.isfinite(v) for v in metrics.values()), metrics
     return metrics
+
+
+def natural(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """An (H, W, 3) uint8 image with a photograph's 1/f spectrum (noise or flat colour would make
+    an untypical JPEG: all high or no high frequencies)."""
+    rng = np.random.default_rng(seed)
+    fy, fx = np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None]
+    falloff = np.hypot(fx, fy)
+    falloff[0, 0] = 1.0
+    spectra = rng.normal(size=(3, *falloff.shape)) + 1j * rng.normal(size=(3, *falloff.shape))
+    pixels = np.fft.irfft2(spectra / falloff**1.25, s=(height, width)).transpose(1, 2, 0)
+    pixels = 128 + 50 * (pixels - pixels.mean()) / pixels.std()
+    return np.clip(pixels, 0, 255).astype(np.uint8)

@@ -64,7 +64,7 @@ def test_cifar_batches_and_holdout(module: type[CIFAR10DataModule], tmp_path: Pa
         4,
     ]
     images, labels = next(iter(datamodule.train_dataloader()))
-    assert images.shape == (3, 3, 32, 32) and images.dtype == torch.float32
+    assert images.shape == (3, 3, 32, 32) and images.dtype == torch.uint8
     assert labels.dtype == torch.int64 and labels.min() >= 0 and labels.max() < classes
     # The held-out images are training images, seeded: the same split every time.
     again = module("classification", root, val_fraction=0.25, checksums=sums)

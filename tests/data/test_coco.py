@@ -68,7 +68,7 @@ def test_coco_detection_targets(tmp_path: Path) -> None:
     images, targets = next(iter(datamodule.val_dataloader()))
     assert isinstance(images, list) and isinstance(targets, list) and len(images) == 3
     for image, target in zip(images, targets, strict=True):
-        assert image.dtype == torch.float32 and max(image.shape[1:]) == 32
+        assert image.dtype == torch.uint8 and max(image.shape[1:]) == 32
         assert type(target["boxes"]) is torch.Tensor and target["boxes"].dtype == torch.float32
         assert target["labels"].dtype == torch.int64
     # contiguous labels (ids 1, 18 -> 0, 1), the crowd box dropped, the empty image kept

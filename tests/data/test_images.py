@@ -1,4 +1,5 @@
-"""zootrain/data/images.py: 16-bit PNGs scaled to 8 bits in every reader, damaged files named."""
+"""zootrain/data/images.py: JPEGs by libjpeg-turbo with PIL's pixels, 16-bit PNGs scaled to 8 bits
+in every reader, damaged files named."""
 
 from __future__ import annotations
 
@@ -6,17 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+import zootrain.data.images as images
 from zootrain.data.imagefolder import ImageFolderDataModule
-from zootrain.data.images import read_rgb
+from zootrain.data.images import read_image
 from zootrain.data.pet import OxfordPetDataModule
 from zootrain.data.voc import VOCSegmentationDataModule
 from zootrain.errors import DatasetError
 from zootrain.report import user_errors
 
-from .helpers import save_image
+from .helpers import natural, save_image
 from .test_pet import make_pet
 from .test_voc import make_voc
 
@@ -30,9 +33,15 @@ def save_grey16(path: Path, size: tuple[int, int] = (40, 30)) -> np.ndarray:
     return values
 
 
+def hwc(image: torch.Tensor) -> np.ndarray:
+    """A (3, H, W) uint8 tensor as PIL's (H, W, 3) array."""
+    assert image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3
+    return image.permute(1, 2, 0).numpy()
+
+
 def test_16_bit_greyscale_keeps_its_high_byte(tmp_path: Path) -> None:
     values = save_grey16(tmp_path / "grey16.png")
-    pixels = np.asarray(read_rgb(tmp_path / "grey16.png"))
+    pixels = hwc(read_image(tmp_path / "grey16.png"))
     assert pixels.shape == (30, 40, 3) and pixels.dtype == np.uint8
     assert (pixels == (values >> 8)[..., None]).all()
     # PIL's own conversion clips at 255: nearly every pixel white
@@ -42,7 +51,7 @@ def test_16_bit_greyscale_keeps_its_high_byte(tmp_path: Path) -> None:
 def test_8_bit_images_are_unchanged(tmp_path: Path) -> None:
     save_image(tmp_path / "rgb.png", (40, 30), box=(5, 5, 20, 20))
     assert (
-        np.asarray(read_rgb(tmp_path / "rgb.png")) == np.asarray(Image.open(tmp_path / "rgb.png"))
+        hwc(read_image(tmp_path / "rgb.png")) == np.asarray(Image.open(tmp_path / "rgb.png"))
     ).all()
 
 
@@ -68,9 +77,8 @@ def first_train_sample(reader: str, root: Path) -> tuple[Dataset, Path]:
 def test_every_reader_scales_16_bit_pngs(reader: str, tmp_path: Path) -> None:
     dataset, first = first_train_sample(reader, tmp_path)
     values = save_grey16(first)
-    image, _ = dataset[0]  # VOC: AsMasks gives tensors
-    pixels = np.asarray(image) if isinstance(image, Image.Image) else image.permute(1, 2, 0).numpy()
-    assert (pixels == (values >> 8)[..., None]).all()
+    image, _ = dataset[0]
+    assert (hwc(image) == (values >> 8)[..., None]).all()
 
 
 def test_16_bit_masks_keep_their_label_values(tmp_path: Path) -> None:
@@ -97,14 +105,14 @@ def test_a_truncated_image_is_named(tmp_path: Path, capsys: pytest.CaptureFixtur
     with pytest.raises(
         DatasetError, match=rf"cannot decode the image {path} \(OSError: image file is truncated"
     ):
-        read_rgb(path)
+        read_image(path)
 
     class Images(Dataset):
         def __len__(self) -> int:
             return 1
 
         def __getitem__(self, index: int) -> np.ndarray:
-            return np.asarray(read_rgb(path))
+            return hwc(read_image(path))
 
     with pytest.raises(SystemExit), user_errors():
         next(iter(DataLoader(Images(), num_workers=1)))
@@ -113,3 +121,45 @@ def test_a_truncated_image_is_named(tmp_path: Path, capsys: pytest.CaptureFixtur
         f"error: cannot decode the image {path} (OSError: image file is truncated"
     )
     assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+decode = images.decode_jpeg  # the real one, while a test counts its calls
+
+
+@pytest.mark.parametrize(
+    ("mode", "options"),
+    [
+        ("RGB", {}),  # 4:2:0 chroma, as cameras and ImageNet store them
+        ("RGB", {"subsampling": 0}),  # 4:4:4
+        ("RGB", {"progressive": True}),
+        ("L", {}),  # greyscale: copied to three channels
+        ("CMYK", {}),
+    ],
+)
+def test_jpegs_decode_to_pils_pixels(
+    mode: str, options: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libjpeg-turbo through torchvision gives PIL's pixels (0 levels apart with torchvision
+    0.29's and Pillow 13's wheels; 1 allowed for builds that round the IDCT otherwise)."""
+    path = tmp_path / "photo.png"  # a misleading suffix: JPEGs are found by their content
+    Image.fromarray(natural(75, 100)).convert(mode).save(path, format="JPEG", quality=90, **options)
+    decoded = []
+    monkeypatch.setattr(images, "decode_jpeg", lambda *a, **k: decoded.append(1) or decode(*a, **k))
+    pixels = read_image(path)
+    assert decoded, "not read by decode_jpeg"
+    reference = np.asarray(Image.open(path).convert("RGB"))
+    assert np.abs(hwc(pixels).astype(int) - reference).max() <= 1
+
+
+def test_other_formats_go_through_pil(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(images, "decode_jpeg", lambda *a, **k: pytest.fail("decoded as JPEG"))
+    palette = Image.fromarray(natural(30, 40)).convert("P", palette=Image.Palette.ADAPTIVE)
+    palette.save(tmp_path / "palette.jpg", format="PNG")  # a PNG named .jpg
+    assert (hwc(read_image(tmp_path / "palette.jpg")) == np.asarray(palette.convert("RGB"))).all()
+    Image.fromarray(natural(30, 40)).save(tmp_path / "photo.webp", lossless=True)
+    assert (hwc(read_image(tmp_path / "photo.webp")) == natural(30, 40)).all()
+    with pytest.raises(DatasetError, match=r"cannot decode the image .*notes.jpg \(Unidentified"):
+        (tmp_path / "notes.jpg").write_text("not an image")
+        read_image(tmp_path / "notes.jpg")
+    with pytest.raises(DatasetError, match=r"cannot read the image .*gone.jpg \(FileNotFound"):
+        read_image(tmp_path / "gone.jpg")

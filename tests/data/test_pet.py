@@ -12,7 +12,7 @@ from zootrain.data.pet import OxfordPetDataModule
 from zootrain.errors import DatasetError
 from zootrain.tasks import IGNORE_INDEX
 
-from .helpers import config, interior, is_red, save_image, save_mask, unnormalise
+from .helpers import config, interior, is_red, rgb, save_image, save_mask
 
 PET_BREEDS = ("Abyssinian", "american_bulldog", "Bengal")
 
@@ -57,7 +57,8 @@ def test_pet_classification(tmp_path: Path) -> None:
     datamodule.setup("fit")
     assert [len(datamodule.splits[s]) for s in ("train", "val", "test")] == [5, 1, 3]
     images, labels = next(iter(datamodule.test_dataloader()))
-    assert images.shape == (2, 3, 16, 16) and labels.tolist() == [0, 1]
+    assert images.shape == (2, 3, 16, 16) and images.dtype == torch.uint8
+    assert labels.tolist() == [0, 1]
 
 
 def test_pet_segmentation_masks_move_with_the_image(tmp_path: Path) -> None:
@@ -78,7 +79,7 @@ def test_pet_segmentation_masks_move_with_the_image(tmp_path: Path) -> None:
     assert seen >= 10  # most crops hold both
     images, masks = next(iter(datamodule.val_dataloader()))
     # eval: the longer side (width) resized to 32, the image then padded at the bottom
-    padded = (unnormalise(images[0]) < 0.02).all(0)
+    padded = (rgb(images[0]) < 0.02).all(0)
     assert masks.shape == (1, 32, 32) and padded[-1].all() and not padded[0].any()
     assert (masks[0][padded] == IGNORE_INDEX).all()
 

@@ -12,7 +12,7 @@ from zootrain.data.voc import VOCSegmentationDataModule
 from zootrain.errors import DatasetError
 from zootrain.tasks import IGNORE_INDEX
 
-from .helpers import interior, is_red, save_image, save_mask, unnormalise
+from .helpers import interior, is_red, rgb, save_image, save_mask
 
 
 def make_voc(root: Path) -> Path:
@@ -52,7 +52,7 @@ def test_voc_segmentation(tmp_path: Path) -> None:
             person, background, red = interior(mask == 15), interior(mask == 0), is_red(image)
             assert red[person].all() and not red[background].any()
             # crop padding (image smaller than the crop) is ignored, never background
-            padded = (unnormalise(image) < 0.02).all(0)
+            padded = (rgb(image) < 0.02).all(0)
             assert (mask[padded] == IGNORE_INDEX).all()
     images, masks = next(iter(datamodule.val_dataloader()))
     # eval: longer side 40 -> 32, so 30 -> 24 rows; rows 24.. are padding

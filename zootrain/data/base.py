@@ -3,11 +3,13 @@
 `TaskDataModule` serves one task (chosen by the head: the kind of target its samples carry,
 how they batch, the augmentation preset) and owns the DataLoaders (their worker
 count, pinned memory and persistent workers follow the trainer's device, see `loader_workers`);
-subclasses fill `splits` and give `num_classes`. `DiskDataModule` adds what every real dataset needs:
-a `root` checked (and, where torchvision can, downloaded) before the model is built, with one
-message that shows the expected layout; the transform presets of `zootrain.data.transforms`,
-normalised with the backbone's statistics; and a seeded hold-out for datasets that have no
-validation split.
+subclasses fill `splits` and give `num_classes`. Samples carry uint8 images: the batches cross
+to the device as uint8 and are normalised there with the module's `mean` / `std`
+(`zootrain.module.TaskModule.on_after_batch_transfer`). `DiskDataModule` adds what every real
+dataset needs: a `root` checked (and, where torchvision can, downloaded) before the model is
+built, with one message that shows the expected layout; the transform presets of
+`zootrain.data.transforms` (decoding and geometry in uint8), with the backbone's statistics
+for the device; and a seeded hold-out for datasets that have no validation split.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 import numpy as np
@@ -34,6 +36,7 @@ from .sampling import EpochLoader, EpochSampler, EpochSeeded
 from .transforms import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 MAX_AUTO_WORKERS = 8  # per GPU: what a DataLoader needs to keep one GPU fed on most data
@@ -79,8 +82,8 @@ class TaskDataModule(L.LightningDataModule):
     # The kinds of target (`zootrain.tasks.TARGETS`) its samples can carry: it serves the
     # tasks that ask for one of them.
     targets: tuple[str, ...] = ()
-    # The per-channel statistics the images are normalised with, which pictures undo; None
-    # when the images arrive in [0, 1].
+    # The per-channel statistics the uint8 images are normalised with on the device (after
+    # scaling to [0, 1]); None: scaled only.
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
@@ -105,6 +108,27 @@ class TaskDataModule(L.LightningDataModule):
         if trainer is None:
             return False, 1
         return isinstance(trainer.accelerator, CUDAAccelerator), trainer.num_devices
+
+    def _once_per_run(self, compute: Callable[[], T]) -> T:
+        """`compute()` on global rank 0 only, its result sent to every other rank: the work
+        each process needs once per run (listing a folder of a million files), done once.
+
+        Every rank calls it at the same point (in `setup`). A `DatasetError` on rank 0 is
+        raised on every rank, so that none waits for a result that will not come.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return compute()
+        outcome: tuple[T | None, str | None] = (None, None)
+        if trainer.global_rank == 0:
+            try:
+                outcome = (compute(), None)
+            except DatasetError as error:
+                outcome = (None, str(error))
+        result, message = trainer.strategy.broadcast(outcome, src=0)
+        if message is not None:
+            raise DatasetError(message)
+        return result
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if not self.splits:
@@ -289,7 +313,7 @@ class DiskDataModule(TaskDataModule):
 
     def _transform(self, train: bool, **options: Any) -> Callable:
         """The task's augmentation preset for a train or an eval split of this dataset."""
-        return self.task.transform(train, self.image_size, self.mean, self.std, **options)
+        return self.task.transform(train, self.image_size, **options)
 
     def _hold_out_splits(self, train: Dataset, test: Dataset) -> dict[str, Dataset]:
         """Splits of a dataset that has only train and test: val is a seeded random
@@ -341,7 +365,9 @@ class Transformed(Dataset):
         indices: Sequence[int] | None = None,
     ) -> None:
         self.dataset, self.transforms = dataset, transforms
-        self.indices = list(range(len(dataset))) if indices is None else list(indices)
+        # A range, not a list, for a whole dataset: a million int objects would be copied into
+        # every forked DataLoader worker as their reference counts are touched
+        self.indices = range(len(dataset)) if indices is None else list(indices)
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+import torch
 from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.datasets.utils import download_and_extract_archive
@@ -61,7 +61,8 @@ def md5(path: Path) -> str:
 
 
 class CIFARImages(Dataset):
-    """(PIL image, class index) samples of (N, 32, 32, 3) uint8 images, as torchvision's."""
+    """(uint8 (3, 32, 32) image, class index) samples of (N, 32, 32, 3) uint8 images: torchvision's
+    pixels, without a PIL image per sample."""
 
     def __init__(self, images: np.ndarray, targets: list[int]) -> None:
         self.data, self.targets = images, targets
@@ -69,8 +70,8 @@ class CIFARImages(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        return Image.fromarray(self.data[index]), self.targets[index]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(self.data[index]).permute(2, 0, 1), self.targets[index]
 
 
 class CIFAR10DataModule(DiskDataModule):

@@ -7,14 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets, tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from ..errors import DatasetError
 from .base import DiskDataModule, Transformed, missing_files
-from .images import read_rgb
+from .images import read_image
 
 
 class COCODetectionDataModule(DiskDataModule):
@@ -117,7 +116,7 @@ class _ContiguousLabels(Dataset):
 
 
 class _CocoDetection(datasets.CocoDetection):
-    """torchvision's COCO detection, its images read by `read_rgb` (damaged files named)."""
+    """torchvision's COCO detection, its images read by `read_image` (damaged files named)."""
 
-    def _load_image(self, id: int) -> Image.Image:
-        return read_rgb(Path(self.root) / self.coco.loadImgs(id)[0]["file_name"])
+    def _load_image(self, id: int) -> torch.Tensor:
+        return read_image(Path(self.root) / self.coco.loadImgs(id)[0]["file_name"])

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+import torch
 from torch.utils.data import Dataset
 from torchvision import datasets
 
@@ -14,7 +14,7 @@ from backbones import IMAGENET_MEAN, IMAGENET_STD
 
 from ..errors import DatasetError
 from .base import AsMasks, DiskDataModule, missing_files
-from .images import open_image, read_rgb
+from .images import open_image, read_image
 from .transforms import IGNORE_INDEX
 
 # Trimap values: 1 pet, 2 background, 3 the unlabelled border around the pet.
@@ -106,13 +106,13 @@ oxford-iiit-pet/
 
 
 class _OxfordIIITPet(datasets.OxfordIIITPet):
-    """torchvision's Pet, its images read by `read_rgb` (16-bit PNGs scaled, damaged files
+    """torchvision's Pet, its images read by `read_image` (16-bit PNGs scaled, damaged files
     named); one target type, as the data module asks for."""
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, Any]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
         # torchvision keeps the file lists and labels in these (private) attributes
         if self._target_types == ["segmentation"]:
             target = open_image(self._segs[index])
         else:
             target = self._labels[index]
-        return read_rgb(self._images[index]), target
+        return read_image(self._images[index]), target

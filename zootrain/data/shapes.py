@@ -86,7 +86,7 @@ def shape_mask(kind: str, x: np.ndarray, y: np.ndarray, radius: float, angle: fl
 
 @dataclass(frozen=True)
 class Scene:
-    image: torch.Tensor  # (3, H, W) float in [0, 1]
+    image: torch.Tensor  # (3, H, W) uint8
     mask: torch.Tensor  # (H, W) int64: 0 background, k + 1 for class k
     boxes: torch.Tensor  # (N, 4) float xyxy of the visible part of each shape
     labels: torch.Tensor  # (N,) int64 class of each box
@@ -96,15 +96,15 @@ class Scene:
 class SceneCache:
     """Every scene of a split in preallocated tensors, filled as scenes are first drawn.
 
-    Images stay float32 (the drawn values, so cached and drawn samples are identical), masks
-    uint8 (class ids fit in a byte), boxes and their labels padded to `max_shapes`. After
+    Images and masks are uint8 (as drawn: cached and drawn samples are identical; class ids fit
+    in a byte), boxes and their labels padded to `max_shapes`. After
     `share_memory_()` the tensors live in shared memory: a scene that one DataLoader worker
     draws is read by every other worker and by the main process, in every later epoch (with
     per-process caches, each worker would draw every scene again).
     """
 
     def __init__(self, length: int, image_size: int, max_shapes: int) -> None:
-        self.images = torch.empty(length, 3, image_size, image_size)
+        self.images = torch.empty(length, 3, image_size, image_size, dtype=torch.uint8)
         self.masks = torch.empty(length, image_size, image_size, dtype=torch.uint8)
         self.boxes = torch.empty(length, max_shapes, 4)
         self.labels = torch.empty(length, max_shapes, dtype=torch.int64)
@@ -181,13 +181,12 @@ class ShapesDataset(Dataset):
         classes: which shapes to draw, a subset of `SHAPES`.
         min_shapes, max_shapes: shapes per scene.
         seed: the dataset seed; (seed, split, index) fixes every sample.
-        mean, std: per-channel normalisation applied to the image.
         augment: apply one of the 8 symmetries of the square (rotations by 90 degrees and
             mirror images) to each sample, drawn from torch's random generator (which the
             training loader seeds per (seed, epoch, index), see `zootrain.data.sampling`). No
             label depends on orientation, so every scene gives 8 training views; use it on the
             train split only.
-        cache: keep every drawn scene in a `SceneCache` (about 53 KB per 64 px scene,
+        cache: keep every drawn scene in a `SceneCache` (about 16.5 KB per 64 px scene,
             allocated for the whole split up front; `share_memory_()` shares it with the
             DataLoader workers). Drawing a scene costs ~1.2 ms at 64 px, a tenth of a training
             step's time per image on 2 CPU cores.
@@ -203,8 +202,6 @@ class ShapesDataset(Dataset):
         min_shapes: int = 1,
         max_shapes: int = 4,
         seed: int = 0,
-        mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
-        std: tuple[float, float, float] = (0.229, 0.224, 0.225),
         augment: bool = False,
         cache: bool = False,
     ) -> None:
@@ -225,14 +222,12 @@ class ShapesDataset(Dataset):
         self.min_shapes, self.max_shapes, self.seed = min_shapes, max_shapes, seed
         self.augment = augment
         self._cache = SceneCache(length, image_size, max_shapes) if cache else None
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
 
     def __len__(self) -> int:
         return self.length
 
     def scene(self, index: int) -> Scene:
-        """The raw scene behind sample `index` (image in [0, 1], all labels)."""
+        """The raw scene behind sample `index` (its uint8 image, all labels)."""
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} samples")
         if self._cache is None:
@@ -287,7 +282,7 @@ class ShapesDataset(Dataset):
             labels.append(int(kind))
             areas.append(rows.size)
         return Scene(
-            image=torch.from_numpy(np.clip(image, 0.0, 1.0)),
+            image=to_uint8(image),
             mask=torch.from_numpy(mask),
             boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             labels=torch.tensor(labels, dtype=torch.int64),
@@ -295,10 +290,11 @@ class ShapesDataset(Dataset):
         )
 
     def __getitem__(self, index: int):
+        """(uint8 image, target): images are normalised on the device, as real data's are."""
         scene = self.scene(index)
         if self.augment:
             scene = square_symmetry(scene, int(torch.randint(8, ())))
-        image = (scene.image - self.mean) / self.std
+        image = scene.image
         if self.target == "label":
             return image, scene.label
         if self.target == "mask":
@@ -332,6 +328,12 @@ def square_symmetry(scene: Scene, which: int) -> Scene:
         labels=scene.labels,
         label=scene.label,
     )
+
+
+def to_uint8(image: np.ndarray) -> torch.Tensor:
+    """A drawn (3, H, W) float image in about [0, 1] as uint8 (rounded: at most half a level,
+    1/510, from the drawn value)."""
+    return torch.from_numpy(np.rint(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8))
 
 
 def _background(rng: np.random.Generator, size: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -371,14 +373,14 @@ class ShapesDataModule(TaskDataModule):
         seed: the dataset seed (independent of the training seed).
         augment: random rotations by 90 degrees and mirror images of the training scenes
             (labels follow; validation and test are never augmented).
-        cache: keep drawn scenes in memory after their first use (about 53 KB per 64 px
+        cache: keep drawn scenes in memory after their first use (about 16.5 KB per 64 px
             scene, one copy shared by the DataLoader workers); the same samples, ~10% faster
             training from the second epoch on.
         batch_size, num_workers: DataLoader settings (`num_workers`: "auto" or a count).
     """
 
     targets = ("label", "mask", "boxes")
-    # The images are normalised with ImageNet's statistics, whatever the backbone.
+    # The images are normalised (on the device) with ImageNet's statistics, whatever the backbone.
     mean, std = IMAGENET_MEAN, IMAGENET_STD
 
     def __init__(
@@ -406,8 +408,6 @@ class ShapesDataModule(TaskDataModule):
             max_shapes=max_shapes,
             seed=seed,
             cache=cache,
-            mean=self.mean,
-            std=self.std,
         )
         self.splits = {
             "train": ShapesDataset("train", num_train, augment=augment, **common),

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
 
 from ..errors import DatasetError
 from .base import AsMasks, DiskDataModule, Transformed, missing_files
-from .images import open_image, read_rgb
+from .images import open_image, read_image
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -75,8 +76,8 @@ VOCdevkit/VOC2012/
 
 
 class _VOCSegmentation(datasets.VOCSegmentation):
-    """torchvision's VOC segmentation, its images read by `read_rgb` (16-bit PNGs scaled,
+    """torchvision's VOC segmentation, its images read by `read_image` (16-bit PNGs scaled,
     damaged files named); the palette masks as stored."""
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, Image.Image]:
-        return read_rgb(self.images[index]), open_image(self.masks[index])
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Image.Image]:
+        return read_image(self.images[index]), open_image(self.masks[index])

@@ -31,7 +31,7 @@ TARGETS = ("label", "mask", "boxes")
 class Sample:
     """One image as the model saw it, its target and the model's output for it alone."""
 
-    image: torch.Tensor  # (3, H, W), normalised
+    image: torch.Tensor  # (3, H, W) as the data gives it: uint8 (or the model's float input)
     target: Any  # as the task's `target` kind: class index, (H, W) mask or {"boxes", "labels"}
     output: Any  # (K,) logits, (K, H, W) logits or {"boxes", "labels", "scores"}
 
@@ -79,15 +79,14 @@ class Task(ABC):
         return default_collate(batch)
 
     @abstractmethod
-    def transform(
-        self, train: bool, image_size: int, mean: Sequence[float], std: Sequence[float], **options
-    ) -> Callable:
-        """The augmentation preset (`zootrain.data.transforms`) of a real dataset's split."""
+    def transform(self, train: bool, image_size: int, **options: Any) -> Callable:
+        """The augmentation preset (`zootrain.data.transforms`) of a real dataset's split:
+        uint8 images, normalised later on the device."""
 
     def example_input(self, image: torch.Tensor) -> Any:
         """The module's `example_input_array` (what the model summary counts FLOPs with) from
-        one image: a batch tensor, or a tuple of the model's arguments."""
-        return image.new_zeros((1, *image.shape))
+        one image: a float batch tensor, or a tuple of the model's arguments."""
+        return image.new_zeros((1, *image.shape), dtype=torch.float32)
 
     # ------------------------------------------------------------------ pictures
 

@@ -45,10 +45,8 @@ class Classification(LogitsTask):
             metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
         return MetricCollection(metrics)
 
-    def transform(
-        self, train: bool, image_size: int, mean: Sequence[float], std: Sequence[float], **options
-    ) -> Callable:
-        return classification_preset(train, image_size, mean, std, **options)
+    def transform(self, train: bool, image_size: int, **options: Any) -> Callable:
+        return classification_preset(train, image_size, **options)
 
     def per_class_metric(self, num_classes: int) -> Metric:
         return MulticlassConfusionMatrix(num_classes, sync_on_compute=False)

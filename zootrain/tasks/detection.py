@@ -62,13 +62,11 @@ class Detection(Task):
         images, targets = zip(*batch, strict=True)
         return list(images), list(targets)
 
-    def transform(
-        self, train: bool, image_size: int, mean: Sequence[float], std: Sequence[float], **options
-    ) -> Callable:
-        return dense_preset(self.target, train, image_size, mean, std, **options)
+    def transform(self, train: bool, image_size: int, **options: Any) -> Callable:
+        return dense_preset(self.target, train, image_size, **options)
 
     def example_input(self, image: torch.Tensor) -> Any:
-        return ([image.new_zeros(image.shape)],)  # one argument: a list of images
+        return ([image.new_zeros(image.shape, dtype=torch.float32)],)  # one argument: a list
 
     def predict(self, model: Callable, images: list[torch.Tensor]) -> list[Any]:
         return [  # labels stay integers; boxes and scores leave bf16 behind

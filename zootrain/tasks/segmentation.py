@@ -48,10 +48,8 @@ class Segmentation(LogitsTask):
             }
         )
 
-    def transform(
-        self, train: bool, image_size: int, mean: Sequence[float], std: Sequence[float], **options
-    ) -> Callable:
-        return dense_preset(self.target, train, image_size, mean, std, **options)
+    def transform(self, train: bool, image_size: int, **options: Any) -> Callable:
+        return dense_preset(self.target, train, image_size, **options)
 
     def per_class_metric(self, num_classes: int) -> Metric:
         # NaN: a class that is neither in the masks nor predicted

@@ -1,0 +1,70 @@
+"""zootrain/data/transforms.py: uint8 presets, and the device's normalisation of their batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from backbones import IMAGENET_MEAN, IMAGENET_STD
+from zootrain.build import build_datamodule, build_module
+from zootrain.data.transforms import DeviceNormalize, classification_preset
+
+from .helpers import config
+
+OLD_NORMALISE = v2.Compose(
+    [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+)
+
+
+def test_device_normalize_is_v2s_to_dtype_and_normalize() -> None:
+    """The same values as the workers' float pipeline gave (7e-7 apart measured: one rounding
+    of (x / 255 - mean) / std against one multiply-add), for a batch, an image, a list."""
+    images = torch.randint(0, 256, (4, 3, 17, 19), dtype=torch.uint8)
+    normalize = DeviceNormalize(IMAGENET_MEAN, IMAGENET_STD)
+    expected = OLD_NORMALISE(images)
+    torch.testing.assert_close(normalize(images), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(normalize(images[1]), expected[1], atol=1e-6, rtol=0)
+    listed = normalize([images[0], images[2, :, :5]])  # detection: images of any size
+    torch.testing.assert_close(listed[1], expected[2, :, :5], atol=1e-6, rtol=0)
+    last = images.contiguous(memory_format=torch.channels_last)
+    assert normalize(last).is_contiguous(memory_format=torch.channels_last)
+    floats = torch.randn(2, 3, 4, 4)
+    assert normalize(floats) is floats  # the model's input already
+    torch.testing.assert_close(DeviceNormalize()(images), images.float() / 255, atol=1e-7, rtol=0)
+    with pytest.raises(TypeError, match=r"must be uint8 .* or floating point, got torch.int64"):
+        normalize(images.long())
+    with pytest.raises(ValueError, match="give both mean and std"):
+        DeviceNormalize(IMAGENET_MEAN)
+
+
+def test_the_presets_keep_uint8() -> None:
+    image = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)
+    for train in (True, False):
+        out, label = classification_preset(train, 32)(image, 3)
+        assert out.dtype == torch.uint8 and out.shape == (3, 32, 32) and label == 3
+        assert type(out) is torch.Tensor  # no tv_tensors leave the workers
+
+
+def test_the_module_normalises_batches_after_the_transfer(tmp_path: Path) -> None:
+    """Each task's batch: uint8 in, the model's float input out (channels_last where the run
+    asks for it); what is not an (images, target) pair, like the summary's example, passes."""
+    for head in ("classification", "fcos"):
+        cfg = config(tmp_path, f"head={head}", "data.image_size=32", "data.num_train=8")
+        datamodule = build_datamodule(cfg)
+        module = build_module(cfg, datamodule)
+        assert module.normalize.mean == datamodule.mean == IMAGENET_MEAN
+        batch = next(iter(datamodule.train_dataloader()))
+        images, target = module.on_after_batch_transfer(batch, 0)
+        if head == "classification":
+            assert batch[0].dtype == torch.uint8 and images.dtype == torch.float32
+            assert images.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(images, OLD_NORMALISE(batch[0]), atol=1e-6, rtol=0)
+            assert target is batch[1]
+        else:  # lists of images
+            assert [i.dtype for i in images] == [torch.float32] * len(batch[0])
+            torch.testing.assert_close(images[0], OLD_NORMALISE(batch[0][0]), atol=1e-6, rtol=0)
+        example = module.task.example_input(datamodule.splits["val"][0][0])
+        assert module.on_after_batch_transfer(example, 0) is example
