@@ -138,6 +138,11 @@ def test_train_step_and_eval(builder, num_levels: int, batch: tuple) -> None:
 def test_mask_rcnn(batch: tuple) -> None:
     model = _build(mask_rcnn, num_levels=3)
     assert model.roi_heads.mask_roi_pool.featmap_names == ["0", "1", "2"]  # P3..P5
+    # the mask branch is as wide as the 64-channel pyramid (torchvision's: 256 on any width)
+    convs = [m for m in model.roi_heads.mask_head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(64, 64)] * 4
+    predictor = model.roi_heads.mask_predictor
+    assert (predictor.conv5_mask.in_channels, predictor.mask_fcn_logits.out_channels) == (64, 3)
     images, targets = batch
     losses = model.train()(images, targets)
     assert set(losses) == LOSSES[mask_rcnn] and all(torch.isfinite(v) for v in losses.values())
@@ -242,6 +247,23 @@ def test_anchor_sizes_reproduce_torchvision_defaults() -> None:
     fcos_anchors = anchor_generator([8, 16, 32, 64, 128], 1, aspect_ratios=(1.0,))
     assert fcos_anchors.sizes == ((8,), (16,), (32,), (64,), (128,))  # FCOS's inline default
     assert fcos_anchors.num_anchors_per_location() == [1] * 5
+
+
+@pytest.mark.parametrize(
+    ("builder", "size", "expected"),
+    [
+        (fcos, 0.5, ((4,), (8,), (16,), (32,), (64,))),
+        (retinanet, 1, ((8, 10, 12), (16, 20, 25), (32, 40, 50), (64, 80, 101), (128, 161, 203))),
+        (faster_rcnn, 2, ((16,), (32,), (64,), (128,))),
+        (mask_rcnn, 2, ((16,), (32,), (64,), (128,))),
+    ],
+)
+def test_anchor_size_scales_the_anchors_with_the_stride(builder, size: float, expected) -> None:
+    """Small objects (64 px images) take anchors smaller than COCO's: `anchor_size` strides."""
+    torch.manual_seed(0)
+    model = builder(create("resnet18", out_features=("C3", "C4", "C5")), 3, anchor_size=size)
+    anchors = model.rpn.anchor_generator if hasattr(model, "rpn") else model.anchor_generator
+    assert anchors.sizes == expected
 
 
 def test_bad_input() -> None:
