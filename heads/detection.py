@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign
 
 from backbones import Backbone
@@ -138,17 +140,37 @@ def fcos(
 
 
 def retinanet(
-    backbone: Backbone | BackboneWithFPN, num_classes: int, anchor_size: float = 4, **kwargs
+    backbone: Backbone | BackboneWithFPN,
+    num_classes: int,
+    anchor_size: float = 4,
+    group_norm: bool = False,
+    **kwargs,
 ) -> RetinaNet:
     """torchvision's RetinaNet (Lin et al. 2017) with 9 anchors per pixel sized by the level's stride.
 
     A plain backbone gets an FPN with P6/P7 (from the coarsest FPN output, as torchvision's
     `retinanet_resnet50_fpn`); pass a `BackboneWithFPN` for another pyramid. The anchors are
-    `anchor_size` x the stride at 3 scales per octave and 3 aspect ratios. `kwargs` go to
-    `RetinaNet` (an `anchor_generator` replaces ours).
+    `anchor_size` x the stride at 3 scales per octave and 3 aspect ratios. `group_norm` puts
+    GroupNorm(32) after each conv of the head's two towers, as torchvision's
+    `retinanet_resnet50_fpn_v2` does: without a norm, their N(0, 0.01) init shrinks the signal
+    about 7x per conv and ReLU on a 64-channel pyramid (3x on 256), and the classifier learns
+    nothing.
+    `kwargs` go to `RetinaNet` (an `anchor_generator` or `head` replaces ours).
     """
     body = _with_fpn(backbone, "p6p7")
-    kwargs.setdefault("anchor_generator", anchor_generator(body.strides.values(), anchor_size, 3))
+    anchors = kwargs.setdefault(
+        "anchor_generator", anchor_generator(body.strides.values(), anchor_size, 3)
+    )
+    if group_norm:
+        kwargs.setdefault(
+            "head",
+            RetinaNetHead(
+                body.out_channels,
+                anchors.num_anchors_per_location()[0],
+                num_classes,
+                norm_layer=partial(nn.GroupNorm, 32),
+            ),
+        )
     return RetinaNet(body, num_classes, **kwargs)
 
 
