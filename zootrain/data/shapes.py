@@ -2,11 +2,11 @@
 
 Every sample is a pure function of `(seed, split, index)`: no disk, no download, the same
 image in every epoch and in every DataLoader worker. Drawn scenes are kept in a `SceneCache`
-(in shared memory when the loader has workers), so each is drawn once per run. One scene serves all three tasks: the
+(in shared memory when the loader has workers), so each is drawn once per run. One scene serves every task: the
 class of the largest shape (classification), a per-pixel class map (segmentation, 0 is the
 background), a box per visible shape (detection) and, where asked, a mask per visible shape
-(instance segmentation). Colours are drawn independently of the
-class, so only the geometry tells shapes apart. `ShapesDataset` draws the scenes;
+(instance segmentation). Colours are drawn independently of the class, so only the geometry
+tells shapes apart. `ShapesDataset` draws the scenes;
 `ShapesDataModule` serves them to a run (`data=shapes`, the default).
 """
 
