@@ -14,12 +14,15 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign
 
 from backbones import Backbone
@@ -79,7 +82,7 @@ class BackboneWithFPN(nn.Module):
 
 def anchor_generator(
     strides: Iterable[int],
-    size_per_stride: int,
+    size_per_stride: float,
     scales_per_octave: int = 1,
     aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
 ) -> AnchorGenerator:
@@ -87,7 +90,8 @@ def anchor_generator(
 
     With torchvision's pyramids this gives its defaults: FCOS 1 x stride (P3..P7: 8..128),
     RetinaNet 4 x stride at 3 scales (32, 40, 50 on P3), Faster R-CNN 8 x stride (P2..P6:
-    32..512).
+    32..512). Those are sized for COCO's objects in 800 px images: the builders take the
+    multiple as `anchor_size`, e.g. 1 for RetinaNet on 10-50 px objects (8, 10, 12 on P3).
     """
     sizes = tuple(
         tuple(
@@ -117,52 +121,99 @@ def _roi_pooler(body: BackboneWithFPN, output_size: int) -> MultiScaleRoIAlign:
     return MultiScaleRoIAlign(names, output_size=output_size, sampling_ratio=2)
 
 
-def fcos(backbone: Backbone | BackboneWithFPN, num_classes: int, **kwargs) -> FCOS:
+def fcos(
+    backbone: Backbone | BackboneWithFPN, num_classes: int, anchor_size: float = 1, **kwargs
+) -> FCOS:
     """torchvision's FCOS (Tian et al. 2019) with one anchor point per pixel sized by its stride.
 
     A plain backbone gets an FPN with P6/P7 (from the coarsest FPN output, as torchvision's
-    `fcos_resnet50_fpn`); pass a `BackboneWithFPN` for another pyramid. `kwargs` go to
-    `FCOS` (`min_size`, `max_size`, `score_thresh`, ...; an `anchor_generator` replaces ours).
+    `fcos_resnet50_fpn`); pass a `BackboneWithFPN` for another pyramid. `anchor_size` x the
+    stride is each point's size, which sets its centre-sampling radius (`center_sampling_radius`
+    sizes) and the objects its level regresses (4 to 8 sizes from the point to the furthest
+    side; the finest level takes every smaller one). `kwargs` go to `FCOS` (`min_size`,
+    `max_size`, `score_thresh`, ...; an `anchor_generator` replaces ours).
     """
     body = _with_fpn(backbone, "p6p7")
     kwargs.setdefault(
-        "anchor_generator", anchor_generator(body.strides.values(), 1, aspect_ratios=(1.0,))
+        "anchor_generator",
+        anchor_generator(body.strides.values(), anchor_size, aspect_ratios=(1.0,)),
     )
     return FCOS(body, num_classes, **kwargs)
 
 
-def retinanet(backbone: Backbone | BackboneWithFPN, num_classes: int, **kwargs) -> RetinaNet:
+def retinanet(
+    backbone: Backbone | BackboneWithFPN,
+    num_classes: int,
+    anchor_size: float = 4,
+    group_norm: bool = False,
+    **kwargs,
+) -> RetinaNet:
     """torchvision's RetinaNet (Lin et al. 2017) with 9 anchors per pixel sized by the level's stride.
 
     A plain backbone gets an FPN with P6/P7 (from the coarsest FPN output, as torchvision's
-    `retinanet_resnet50_fpn`); pass a `BackboneWithFPN` for another pyramid. `kwargs` go to
-    `RetinaNet` (an `anchor_generator` replaces ours).
+    `retinanet_resnet50_fpn`); pass a `BackboneWithFPN` for another pyramid. The anchors are
+    `anchor_size` x the stride at 3 scales per octave and 3 aspect ratios. `group_norm` puts
+    GroupNorm(32) after each conv of the head's two towers, as torchvision's
+    `retinanet_resnet50_fpn_v2` does: without a norm, their N(0, 0.01) init shrinks the signal
+    about 7x per conv and ReLU on a 64-channel pyramid (3x on 256), and the classifier learns
+    nothing.
+    `kwargs` go to `RetinaNet` (an `anchor_generator` or `head` replaces ours).
     """
     body = _with_fpn(backbone, "p6p7")
-    kwargs.setdefault("anchor_generator", anchor_generator(body.strides.values(), 4, 3))
+    anchors = kwargs.setdefault(
+        "anchor_generator", anchor_generator(body.strides.values(), anchor_size, 3)
+    )
+    if group_norm:
+        kwargs.setdefault(
+            "head",
+            RetinaNetHead(
+                body.out_channels,
+                anchors.num_anchors_per_location()[0],
+                num_classes,
+                norm_layer=partial(nn.GroupNorm, 32),
+            ),
+        )
     return RetinaNet(body, num_classes, **kwargs)
 
 
-def faster_rcnn(backbone: Backbone | BackboneWithFPN, num_classes: int, **kwargs) -> FasterRCNN:
+def faster_rcnn(
+    backbone: Backbone | BackboneWithFPN, num_classes: int, anchor_size: float = 8, **kwargs
+) -> FasterRCNN:
     """torchvision's Faster R-CNN (Ren et al. 2015) with FPN: RPN anchors and RoI levels from the pyramid.
 
     A plain backbone gets an FPN with a max-pooled extra level (torchvision's default); pass
-    a `BackboneWithFPN` for another pyramid. `kwargs` go to `FasterRCNN` (an
-    `rpn_anchor_generator` or `box_roi_pool` replaces ours).
+    a `BackboneWithFPN` for another pyramid. The RPN's anchors are `anchor_size` x the stride
+    at 3 aspect ratios. `kwargs` go to `FasterRCNN` (an `rpn_anchor_generator` or
+    `box_roi_pool` replaces ours).
     """
     body = _with_fpn(backbone, "maxpool")
-    kwargs.setdefault("rpn_anchor_generator", anchor_generator(body.strides.values(), 8))
+    kwargs.setdefault("rpn_anchor_generator", anchor_generator(body.strides.values(), anchor_size))
     kwargs.setdefault("box_roi_pool", _roi_pooler(body, 7))
     return FasterRCNN(body, num_classes, **kwargs)
 
 
-def mask_rcnn(backbone: Backbone | BackboneWithFPN, num_classes: int, **kwargs) -> MaskRCNN:
-    """torchvision's Mask R-CNN (He et al. 2017): `faster_rcnn` plus a mask branch on the same levels."""
+def mask_rcnn(
+    backbone: Backbone | BackboneWithFPN, num_classes: int, anchor_size: float = 8, **kwargs
+) -> MaskRCNN:
+    """torchvision's Mask R-CNN (He et al. 2017): `faster_rcnn` plus a mask branch on the same levels.
+
+    The mask branch is as wide as the pyramid: four 3x3 convs and the upsampling predictor,
+    `out_channels` each (torchvision's are 256 wide whatever the pyramid: on a 64-channel one
+    they would cost more than the backbone). `kwargs` go to `MaskRCNN` (a `mask_head` replaces
+    ours, and the predictor then is torchvision's). `anchor_size`: as for `faster_rcnn`.
+    """
     body = _with_fpn(backbone, "maxpool")
-    kwargs.setdefault("rpn_anchor_generator", anchor_generator(body.strides.values(), 8))
+    kwargs.setdefault("rpn_anchor_generator", anchor_generator(body.strides.values(), anchor_size))
     kwargs.setdefault("box_roi_pool", _roi_pooler(body, 7))
     kwargs.setdefault("mask_roi_pool", _roi_pooler(body, 14))
-    return MaskRCNN(body, num_classes, **kwargs)
+    model = MaskRCNN(body, num_classes, **kwargs)
+    if "mask_head" not in kwargs:
+        # replaced after construction: torchvision takes a predictor only without num_classes,
+        # and then wants the box predictor too
+        width = body.out_channels
+        model.roi_heads.mask_head = MaskRCNNHeads(width, (width,) * 4, dilation=1)
+        model.roi_heads.mask_predictor = MaskRCNNPredictor(width, width, num_classes)
+    return model
 
 
 @dataclass(frozen=True)
@@ -179,25 +230,30 @@ ARCHITECTURES = {
     "retinanet": Architecture(retinanet, extra_blocks="p6p7"),  # Lin et al. 2017: P3..P7
     # Ren et al. 2015 with FPN (Lin et al. 2017): P2..P6; label 0 is the background
     "faster_rcnn": Architecture(faster_rcnn, extra_blocks="maxpool", reserved_classes=1),
+    # He et al. 2017: Faster R-CNN's pyramid and labels, plus a mask per detection
+    "mask_rcnn": Architecture(mask_rcnn, extra_blocks="maxpool", reserved_classes=1),
 }
 
 
 class Detector(nn.Module):
     """A torchvision detector on backbone + FPN that speaks the data's labels, 0..num_classes-1.
 
-    FCOS (Tian et al. 2019), RetinaNet (Lin et al. 2017) or Faster R-CNN (Ren et al. 2015)
-    with FPN (Lin et al. 2017), built by `fcos` / `retinanet` / `faster_rcnn`. Faster R-CNN reserves label 0 for the background and FCOS / RetinaNet do not; the shift
-    happens here, once, on the targets going in and the detections coming out. Like
+    FCOS (Tian et al. 2019), RetinaNet (Lin et al. 2017), Faster R-CNN (Ren et al. 2015)
+    with FPN (Lin et al. 2017) or Mask R-CNN (He et al. 2017), built by `fcos` / `retinanet` /
+    `faster_rcnn` / `mask_rcnn`. The R-CNNs reserve label 0 for the background and FCOS /
+    RetinaNet do not; the shift happens here, once, on the targets going in and the
+    detections coming out. Like
     `Classifier` and `Segmenter` it takes normalised images: the detector's own transform only
     resizes and batches them (its mean and std are 0 and 1), so no image is normalised twice.
     In training mode `forward(images, targets)` returns torchvision's dict of losses; in eval
     mode `forward(images)` returns one dict of `boxes` (xyxy, input pixels), `scores` and
-    `labels` per image.
+    `labels` per image (Mask R-CNN: and `masks`, (N, 1, H, W) probabilities; its targets carry
+    uint8 (N, H, W) `masks`).
 
     Args:
         backbone: any registered backbone; its `out_features` are the FPN's inputs.
         num_classes: object classes, without a background class.
-        architecture: "fcos", "retinanet" or "faster_rcnn".
+        architecture: "fcos", "retinanet", "faster_rcnn" or "mask_rcnn".
         fpn_channels: width of every pyramid level and of the detection head (256 in the
             papers).
         min_size: the shorter side each image is resized to (a sequence: one drawn per

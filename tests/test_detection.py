@@ -138,6 +138,11 @@ def test_train_step_and_eval(builder, num_levels: int, batch: tuple) -> None:
 def test_mask_rcnn(batch: tuple) -> None:
     model = _build(mask_rcnn, num_levels=3)
     assert model.roi_heads.mask_roi_pool.featmap_names == ["0", "1", "2"]  # P3..P5
+    # the mask branch is as wide as the 64-channel pyramid (torchvision's: 256 on any width)
+    convs = [m for m in model.roi_heads.mask_head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(64, 64)] * 4
+    predictor = model.roi_heads.mask_predictor
+    assert (predictor.conv5_mask.in_channels, predictor.mask_fcn_logits.out_channels) == (64, 3)
     images, targets = batch
     losses = model.train()(images, targets)
     assert set(losses) == LOSSES[mask_rcnn] and all(torch.isfinite(v) for v in losses.values())
@@ -244,6 +249,23 @@ def test_anchor_sizes_reproduce_torchvision_defaults() -> None:
     assert fcos_anchors.num_anchors_per_location() == [1] * 5
 
 
+@pytest.mark.parametrize(
+    ("builder", "size", "expected"),
+    [
+        (fcos, 0.5, ((4,), (8,), (16,), (32,), (64,))),
+        (retinanet, 1, ((8, 10, 12), (16, 20, 25), (32, 40, 50), (64, 80, 101), (128, 161, 203))),
+        (faster_rcnn, 2, ((16,), (32,), (64,), (128,))),
+        (mask_rcnn, 2, ((16,), (32,), (64,), (128,))),
+    ],
+)
+def test_anchor_size_scales_the_anchors_with_the_stride(builder, size: float, expected) -> None:
+    """Small objects (64 px images) take anchors smaller than COCO's: `anchor_size` strides."""
+    torch.manual_seed(0)
+    model = builder(create("resnet18", out_features=("C3", "C4", "C5")), 3, anchor_size=size)
+    anchors = model.rpn.anchor_generator if hasattr(model, "rpn") else model.anchor_generator
+    assert anchors.sizes == expected
+
+
 def test_bad_input() -> None:
     with pytest.raises(
         TypeError, match=r"expected a backbones\.Backbone or a .*BackboneWithFPN, got Sequential"
@@ -251,3 +273,21 @@ def test_bad_input() -> None:
         fcos(torch.nn.Sequential(), num_classes=3)
     with pytest.raises(ValueError, match=r"consecutive levels.*C3 \(stride 8\), C5 \(stride 32\)"):
         BackboneWithFPN(create("resnet18", out_features=("C3", "C5")))
+
+
+def test_retinanet_group_norm_keeps_the_heads_signal() -> None:
+    """torchvision's N(0, 0.01) head init all but erases a narrow pyramid's signal in four
+    convs; GroupNorm after each (torchvision's retinanet_resnet50_fpn_v2) keeps it."""
+    torch.manual_seed(0)
+    body = BackboneWithFPN(create("resnet18"), out_channels=64, extra_blocks="p6p7")
+    x = torch.randn(2, 64, 16, 16)
+    spread = {}
+    for group_norm in (False, True):
+        model = retinanet(body, num_classes=3, anchor_size=1, group_norm=group_norm)
+        tower = model.head.classification_head.conv
+        norms = [m for m in tower.modules() if isinstance(m, torch.nn.GroupNorm)]
+        assert len(norms) == (4 if group_norm else 0)
+        assert all(n.num_groups == 32 for n in norms)
+        with torch.no_grad():
+            spread[group_norm] = float(tower(x).std() / x.std())
+    assert spread[False] < 1e-2 < 0.1 < spread[True], spread

@@ -1,4 +1,5 @@
-"""Detection training on torchvision's detectors: configs, labels, fast_dev_run, a run that learns."""
+"""Detection and instance segmentation training on torchvision's detectors: configs, labels,
+fast_dev_run, runs that learn."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from zootrain.tasks import get_task
 
 from .test_training import TINY, config, family_backbones, heads, untrained_scores
 
-DETECTION_HEADS = heads("detection")
+DETECTION_HEADS = heads("detection", "instance_segmentation")
 # TINY's trainer settings; detection needs more pixels than 32 (P3 of a 32 px image is 4x4).
 SMALL = [
     *(o for o in TINY if not o.startswith("data.")),
@@ -39,23 +40,29 @@ SMALL = [
     "head.model.fpn_channels=64",
 ]
 # torchvision's proposal counts are sized for 800 px images; a 64 px image has ~1,000 anchors.
-CHEAP = {
-    "fcos": [],
-    "retinanet": [],
-    "faster_rcnn": [
-        "head.model.rpn_pre_nms_top_n_train=200",
-        "head.model.rpn_post_nms_top_n_train=100",
-        "head.model.rpn_pre_nms_top_n_test=200",
-        "head.model.rpn_post_nms_top_n_test=100",
-        "head.model.box_batch_size_per_image=64",
-    ],
-}
+R_CNN_CHEAP = [
+    "head.model.rpn_pre_nms_top_n_train=200",
+    "head.model.rpn_post_nms_top_n_train=100",
+    "head.model.rpn_pre_nms_top_n_test=200",
+    "head.model.rpn_post_nms_top_n_test=100",
+    "head.model.box_batch_size_per_image=64",
+]
+CHEAP = {"fcos": [], "retinanet": [], "faster_rcnn": R_CNN_CHEAP, "mask_rcnn": R_CNN_CHEAP}
+R_CNN_LOSSES = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
 LOSSES = {
     "fcos": {"loss_classification", "loss_bbox_regression", "loss_bbox_ctrness"},
     "retinanet": {"loss_classification", "loss_bbox_regression"},
-    "faster_rcnn": {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"},
+    "faster_rcnn": R_CNN_LOSSES,
+    "mask_rcnn": R_CNN_LOSSES | {"loss_mask"},
 }
 MAP = {"map", "map_50", "map_75", "mar_100"}
+# Mask R-CNN is scored on its boxes and on its masks
+SCORES = {
+    "fcos": MAP,
+    "retinanet": MAP,
+    "faster_rcnn": MAP,
+    "mask_rcnn": {f"{kind}_{name}" for kind in ("bbox", "segm") for name in MAP},
+}
 
 
 def test_detection_heads_are_configured() -> None:
@@ -82,9 +89,12 @@ def test_every_backbone_and_detection_head_config_builds(
     assert transform.max_size == cfg.data.image_size
     assert (list(transform.image_mean), list(transform.image_std)) == ([0.0] * 3, [1.0] * 3)
     classes = datamodule.num_classes
-    if head == "faster_rcnn":  # + the background torchvision reserves as label 0
+    if head in ("faster_rcnn", "mask_rcnn"):  # + the background torchvision reserves as label 0
         assert model.detector.roi_heads.box_predictor.cls_score.out_features == classes + 1
         assert list(pyramid.levels.values()) == ["P2", "P3", "P4", "P5", "P6"]
+        if head == "mask_rcnn":
+            predictor = model.detector.roi_heads.mask_predictor
+            assert predictor.mask_fcn_logits.out_channels == classes + 1
     else:
         assert model.detector.head.classification_head.num_classes == classes
         assert list(pyramid.levels.values()) == ["P3", "P4", "P5", "P6", "P7"]
@@ -125,7 +135,7 @@ def test_fast_dev_run(head: str, tmp_path: Path) -> None:
     cfg = config(tmp_path, *SMALL, f"head={head}", *CHEAP[head], "trainer.fast_dev_run=true")
     assert cfg.channels_last
     metrics = train(cfg).metrics
-    assert {f"val/{name}" for name in MAP} <= set(metrics)
+    assert {f"val/{name}" for name in SCORES[head]} <= set(metrics)
     assert {f"train/{name}" for name in LOSSES[head]} <= set(metrics)
     assert all(math.isfinite(v) for v in metrics.values()), metrics
 

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from zootrain.build import build_datamodule, build_module
 from zootrain.data.shapes import ShapesDataModule
 from zootrain.evaluate import evaluate
+from zootrain.plots import class_colours
 from zootrain.predictions import denormalise, plot_predictions, sample_indices
 from zootrain.run import train
 from zootrain.runs import eval_pictures_dir
@@ -40,9 +41,19 @@ RUNS = {
         "data.num_val=8",
         "data.batch_size=8",
     ],
+    "instance_segmentation": [
+        "head=mask_rcnn",
+        "head.model.fpn_channels=32",
+        "head.model.rpn_post_nms_top_n_train=100",
+        "head.model.box_batch_size_per_image=32",
+        "data.image_size=64",
+        "data.num_val=8",
+        "data.batch_size=8",
+    ],
 }
 # Panels of predictions.png: one per image, or image / truth / prediction, or truth / prediction.
 PANELS = {"classification": 16, "segmentation": 8 * 3, "detection": 8 * 2}
+PANELS["instance_segmentation"] = PANELS["detection"]
 
 
 @pytest.fixture(scope="module", params=list(RUNS))
@@ -168,6 +179,39 @@ def test_detections_below_the_threshold_are_not_drawn() -> None:
     assert [t.get_text() for t in truth.texts] == ["circle"]
     assert [t.get_text() for t in predicted.texts] == ["circle 0.90", "star 0.50"]
     assert len(predicted.patches) == 2
+
+
+def test_instance_masks_are_painted_under_their_boxes() -> None:
+    """Truth masks and predicted masks (probabilities, thresholded at 0.5) in their class's
+    colour; a detection below the score threshold paints nothing."""
+    truth = torch.zeros(1, 32, 32, dtype=torch.uint8)
+    truth[0, 4:12, 4:12] = 1
+    probabilities = torch.zeros(2, 1, 32, 32)
+    probabilities[0, 0, 20:30, 20:30] = 0.9  # shown: score 0.8
+    probabilities[0, 0, 0:2, 0:2] = 0.4  # below the mask threshold
+    probabilities[1, 0, 0:10, 20:30] = 0.9  # not shown: score 0.1
+    sample = Sample(
+        image=torch.zeros(3, 32, 32),
+        target={"boxes": torch.tensor([[4.0, 4, 12, 12]]), "labels": torch.tensor([0]),
+                "masks": truth},
+        output={"boxes": torch.tensor([[20.0, 20, 30, 30], [20, 0, 30, 10]]),
+                "labels": torch.tensor([1, 0]), "scores": torch.tensor([0.8, 0.1]),
+                "masks": probabilities},
+    )  # fmt: skip
+    task = get_task("instance_segmentation")
+    figure = plot_predictions(task, [sample], ["circle", "star"], None, None)
+    truth_axis, predicted_axis = figure.axes
+    colours = class_colours(2)
+    for axis, colour, inside in (
+        (truth_axis, colours[0], (8, 8)),
+        (predicted_axis, colours[1], (25, 25)),
+    ):
+        shown = axis.get_images()[0].get_array()  # (H, W, 3): black image, masks painted
+        expected = task.mask_alpha * torch.tensor(colour)
+        assert torch.allclose(torch.as_tensor(shown[inside]).float(), expected.float(), atol=1e-6)
+        painted = (torch.as_tensor(shown).abs().sum(-1) > 0).sum()
+        assert painted in (8 * 8, 10 * 10)  # only the shown mask, above its threshold
+    assert [t.get_text() for t in predicted_axis.texts] == ["star 0.80"]
 
 
 def test_per_class_ap_averages_to_torchmetrics_map() -> None:

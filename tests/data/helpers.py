@@ -17,9 +17,9 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RED, BLUE = (230, 20, 20), (20, 20, 230)
 
 
-def config(tmp_path: Path, *overrides: str) -> DictConfig:
+def config(tmp_path: Path, *overrides: str, name: str = "train") -> DictConfig:
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides))
+        cfg = compose(config_name=name, overrides=list(overrides))
     with open_dict(cfg):
         cfg.paths.outputs = str(tmp_path / "outputs")
         cfg.paths.output_dir = str(tmp_path / "outputs" / "run")

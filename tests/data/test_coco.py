@@ -1,17 +1,25 @@
-"""COCO detection data on a tiny fake copy: contiguous labels, crowd boxes, boxes that move with the pixels."""
+"""COCO data on tiny fake copies: contiguous labels and back, crowd boxes, boxes and masks that
+move with the pixels; a shapes split written in COCO's format, trained on and evaluated."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from pycocotools import mask as coco_mask
 
 from zootrain.data.coco import COCODetectionDataModule
+from zootrain.data.shapes import SHAPES, ShapesDataset
 from zootrain.errors import DatasetError
+from zootrain.evaluate import evaluate
+from zootrain.run import train
 
-from .helpers import RED, dilate, fast_dev_run, interior, is_red, save_image
+from .helpers import RED, config, dilate, fast_dev_run, interior, is_red, save_image
 
 COCO_CATEGORIES = [  # ids with gaps, as in COCO, listed out of order
     {"id": 90, "name": "toothbrush", "supercategory": "indoor"},
@@ -41,9 +49,11 @@ def make_coco(root: Path) -> Path:
                 x0, y0, x1, y1 = box
                 bbox = [x0, y0, x1 - x0, y1 - y0]
                 category = (1, 18)[i]
+                polygon = [x0, y0, x1, y0, x1, y1, x0, y1]  # the red rectangle's outline
                 annotations.append(
                     {"id": len(annotations) + 1, "image_id": i + 1, "category_id": category,
-                     "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": 0, "segmentation": []}
+                     "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": 0,
+                     "segmentation": [polygon]}
                 )  # fmt: skip
             if i == 1:
                 annotations.append(
@@ -87,6 +97,31 @@ def test_coco_detection_targets(tmp_path: Path) -> None:
             assert not (interior(red) & ~dilate(boxed)).any()
 
 
+def test_coco_instance_masks_move_with_the_pixels(tmp_path: Path) -> None:
+    """Polygon masks decoded, crowd ones dropped with their boxes, cropped and flipped as the image."""
+    torch.manual_seed(0)
+    root = make_coco(tmp_path)
+    datamodule = COCODetectionDataModule("instance_segmentation", root, image_size=32, batch_size=3)
+    datamodule.setup("fit")
+    images, targets = next(iter(datamodule.val_dataloader()))
+    for image, target in zip(images, targets, strict=True):
+        masks = target["masks"]
+        assert masks.dtype == torch.uint8 and masks.shape == (
+            len(target["labels"]),
+            *image.shape[1:],
+        )
+        # the polygon is the red rectangle: its mask covers the red pixels, nothing far off
+        red = is_red(image)
+        covered = masks.sum(0) > 0
+        assert not (interior(red) & ~covered).any() and not (covered & ~dilate(red)).any()
+    assert targets[2]["masks"].shape == (0, *images[2].shape[1:])  # the empty image
+    for _ in range(4):  # random scale, crop and flip
+        for image, target in zip(*next(iter(datamodule.train_dataloader())), strict=True):
+            red, covered = is_red(image), target["masks"].sum(0) > 0
+            assert len(target["masks"]) == len(target["boxes"])
+            assert not (interior(red) & ~covered).any() and not (covered & ~dilate(red)).any()
+
+
 def test_coco_errors(tmp_path: Path) -> None:
     with pytest.raises(DatasetError) as info:
         COCODetectionDataModule("detection", tmp_path / "coco", download=True).prepare_data()
@@ -114,3 +149,133 @@ def test_fast_dev_run_of_fcos_on_coco(tmp_path: Path) -> None:
         "data.batch_size=3",
     )
     assert {"train/loss_epoch", "val/map", "val/map_50"} <= set(metrics)
+
+
+# Non-contiguous COCO category ids, not in the order of SHAPES: labels follow the ids.
+CATEGORY_IDS = {"circle": 90, "square": 3, "triangle": 42, "star": 7, "ring": 11, "cross": 20}
+
+
+def write_shapes_coco(root: Path, sizes: dict[str, int], image_size: int) -> dict[str, list]:
+    """Shapes scenes as COCO 2017 on disk: <split>2017/*.png and annotations/instances_<split>2017.json
+    with boxes (xywh) and one compressed-RLE mask per visible shape; the annotations by split."""
+    categories = [{"id": i, "name": name} for name, i in CATEGORY_IDS.items()]
+    written = {}
+    for split, count in sizes.items():
+        dataset = ShapesDataset(split, count, "instance_segmentation", image_size=image_size)
+        images, annotations = [], []
+        for index in range(count):
+            scene, (_, target) = dataset.scene(index), dataset[index]
+            name = f"{index:012d}.png"
+            pixels = (scene.image * 255).round().byte().permute(1, 2, 0).numpy()
+            (root / f"{split}2017").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(root / f"{split}2017" / name)
+            images.append(
+                {"id": index + 1, "file_name": name, "width": image_size, "height": image_size}
+            )
+            for box, label, mask in zip(
+                target["boxes"].tolist(), target["labels"].tolist(), target["masks"], strict=True
+            ):
+                rle = coco_mask.encode(np.asfortranarray(mask.numpy()))
+                rle["counts"] = rle["counts"].decode()  # bytes are not JSON
+                x0, y0, x1, y1 = box
+                annotations.append(
+                    {"id": len(annotations) + 1, "image_id": index + 1,
+                     "category_id": CATEGORY_IDS[SHAPES[label]],
+                     "bbox": [x0, y0, x1 - x0, y1 - y0], "area": int(mask.sum()),
+                     "iscrowd": 0, "segmentation": rle}
+                )  # fmt: skip
+        (root / "annotations").mkdir(parents=True, exist_ok=True)
+        content = {"images": images, "annotations": annotations, "categories": categories}
+        (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(content))
+        written[split] = annotations
+    return written
+
+
+@pytest.fixture(scope="module")
+def shapes_coco(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list]]:
+    root = tmp_path_factory.mktemp("shapes_coco")
+    return root, write_shapes_coco(root, {"train": 16, "val": 8}, image_size=64)
+
+
+def test_category_ids_map_to_contiguous_labels_and_back(
+    shapes_coco: tuple[Path, dict[str, list]],
+) -> None:
+    root, written = shapes_coco
+    datamodule = COCODetectionDataModule("instance_segmentation", root, image_size=64)
+    ids = sorted(CATEGORY_IDS.values())
+    assert datamodule.category_ids == ids == [3, 7, 11, 20, 42, 90]
+    name_of = {i: name for name, i in CATEGORY_IDS.items()}
+    assert datamodule.class_names == [name_of[i] for i in ids]  # square, star, ring, ...
+    datamodule.setup("fit")
+    val = datamodule.splits["val"]
+    shapes = ShapesDataset("val", 8, "instance_segmentation", image_size=64)
+    for index in range(len(val)):
+        _, target = val[index]
+        annotations = [a for a in written["val"] if a["image_id"] == index + 1]
+        # each label back to the file's category id, in the file's order; the shape's name
+        assert [datamodule.category_ids[label] for label in target["labels"].tolist()] == [
+            a["category_id"] for a in annotations
+        ]
+        assert [datamodule.class_names[label] for label in target["labels"].tolist()] == [
+            SHAPES[label] for label in shapes[index][1]["labels"].tolist()
+        ]
+        # the RLE masks come back exactly (eval keeps 64 px images at their size)
+        assert torch.equal(target["masks"], shapes[index][1]["masks"])
+        assert torch.equal(target["boxes"], shapes[index][1]["boxes"])
+
+
+# A few steps of each head on the COCO files, then eval.py on the best checkpoint.
+COCO_RUN = [
+    "data=coco",
+    "data.image_size=64",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "head.model.fpn_channels=32",
+    "callbacks=none",
+    "trainer.accelerator=cpu",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.num_sanity_val_steps=0",
+    "test_after_fit=false",
+    "pictures=false",
+    "export_backbone=false",
+]
+R_CNN_CHEAP = [
+    "head.model.rpn_pre_nms_top_n_train=200",
+    "head.model.rpn_post_nms_top_n_train=100",
+    "head.model.rpn_pre_nms_top_n_test=200",
+    "head.model.rpn_post_nms_top_n_test=100",
+    "head.model.box_batch_size_per_image=32",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("head", "scores"),
+    [
+        ("fcos", ["map", "map_50"]),
+        ("mask_rcnn", ["bbox_map", "bbox_map_50", "segm_map", "segm_map_50"]),
+    ],
+)
+def test_train_and_evaluate_on_coco_files(
+    head: str, scores: list[str], shapes_coco: tuple[Path, dict[str, list]], tmp_path: Path
+) -> None:
+    root, _ = shapes_coco
+    overrides = [f"head={head}", f"data.root={root}", *COCO_RUN]
+    if head == "mask_rcnn":
+        overrides += R_CNN_CHEAP
+    result = train(config(tmp_path, *overrides))
+    assert {f"val/{name}" for name in scores} <= set(result.metrics)
+    assert all(math.isfinite(result.metrics[f"val/{name}"]) for name in scores)
+    eval_cfg = config(
+        tmp_path / "eval",
+        f"ckpt_path={result.best_model_path}",
+        "trainer.accelerator=cpu",
+        "pictures=true",
+        name="eval",
+    )
+    evaluated = evaluate(eval_cfg)
+    # the checkpoint's model and COCO data rebuilt from its config: the same scores
+    assert evaluated.metrics[result.monitor] == pytest.approx(result.best_score, abs=1e-6)
+    assert len(evaluated.pictures) == 2

@@ -11,7 +11,14 @@ from torch.utils.data import DataLoader
 
 from backbones import IMAGENET_MEAN, IMAGENET_STD
 from zootrain.data import shapes
-from zootrain.data.shapes import SHAPES, Scene, ShapesDataModule, ShapesDataset, square_symmetry
+from zootrain.data.shapes import (
+    SHAPES,
+    Scene,
+    ShapesDataModule,
+    ShapesDataset,
+    instance_masks,
+    square_symmetry,
+)
 from zootrain.data.transforms import DeviceNormalize
 
 
@@ -52,6 +59,7 @@ def test_the_cache_returns_the_drawn_samples() -> None:
     assert cached._cache.filled.all() and cached._cache.masks.dtype == torch.uint8
     # 32 px: uint8 image and mask, 4 padded boxes and labels, count and label, flag
     assert cached._cache.nbytes == 6 * (3 * 32 * 32 + 32 * 32 + 4 * 4 * 4 + 4 * 8 + 2 * 8 + 1)
+    assert cached._cache.instances is None  # kept for instance segmentation only
     assert not ShapesDataModule("segmentation", num_train=4).splits["train"]._cache.filled.any()
     assert ShapesDataModule("segmentation", num_train=4, cache=False).splits["train"]._cache is None
 
@@ -190,3 +198,50 @@ def assert_boxes_are_tight(scene: Scene) -> None:
     for (x0, y0, x1, y1), label in zip(scene.boxes.tolist(), scene.labels.tolist(), strict=True):
         inside = scene.mask[int(y0) : int(y1), int(x0) : int(x1)] == label + 1
         assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_instance_masks_are_the_visible_pixels_of_each_boxed_shape(cache: bool) -> None:
+    dataset = ShapesDataset(
+        "train", 12, "instance_segmentation", image_size=48, min_shapes=3, cache=cache
+    )
+    for index in range(12):
+        for _ in range(1 + cache):  # with the cache: drawn, then read back
+            _, target = dataset[index]
+        scene = dataset.scene(index)
+        masks = target["masks"]
+        assert masks.dtype == torch.uint8 and masks.shape == (len(target["labels"]), 48, 48)
+        assert set(masks.unique().tolist()) <= {0, 1}
+        assert torch.equal(target["boxes"], scene.boxes)
+        # The masks do not overlap, and together they paint the class map (the visible class
+        # of each pixel): each mask holds the visible pixels of its shape, not the hidden ones.
+        assert masks.sum(0).max() <= 1
+        painted = (masks * (target["labels"] + 1).view(-1, 1, 1)).sum(0)
+        assert torch.equal(painted, scene.mask)
+        for mask, box in zip(masks, target["boxes"].tolist(), strict=True):
+            rows, cols = mask.nonzero(as_tuple=True)
+            tight = [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]
+            assert [int(v) for v in tight] == box  # the box is its mask's tight box
+
+
+def test_instance_masks_follow_the_symmetries() -> None:
+    dataset = ShapesDataset("train", 1, "instance_segmentation", image_size=40, min_shapes=4)
+    scene = dataset.scene(0)
+    for k in range(8):
+        view = square_symmetry(scene, k)
+        masks = instance_masks(view)
+        for mask, (x0, y0, x1, y1) in zip(masks, view.boxes.long().tolist(), strict=True):
+            rows, cols = mask.nonzero(as_tuple=True)
+            assert (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1) == (x0, y0, x1, y1)
+        painted = (masks * (view.labels + 1).view(-1, 1, 1)).sum(0)
+        assert torch.equal(painted, view.mask)
+
+
+def test_the_instance_task_is_served_and_its_scenes_keep_the_instance_map() -> None:
+    module = ShapesDataModule("instance_segmentation", image_size=32, num_train=4)
+    assert module.num_classes == len(SHAPES)  # no background class: Mask R-CNN adds its own
+    _, target = module.splits["train"][0]
+    assert set(target) == {"boxes", "labels", "masks"}
+    detection = ShapesDataset("train", 2, "detection", image_size=32, cache=True)
+    with pytest.raises(ValueError, match="kept no instance map"):
+        instance_masks(detection.scene(0))

@@ -2,10 +2,11 @@
 
 Every sample is a pure function of `(seed, split, index)`: no disk, no download, the same
 image in every epoch and in every DataLoader worker. Drawn scenes are kept in a `SceneCache`
-(in shared memory when the loader has workers), so each is drawn once per run. One scene serves all three tasks: the
+(in shared memory when the loader has workers), so each is drawn once per run. One scene serves every task: the
 class of the largest shape (classification), a per-pixel class map (segmentation, 0 is the
-background) and a box per visible shape (detection). Colours are drawn independently of the
-class, so only the geometry tells shapes apart. `ShapesDataset` draws the scenes;
+background), a box per visible shape (detection) and, where asked, a mask per visible shape
+(instance segmentation). Colours are drawn independently of the class, so only the geometry
+tells shapes apart. `ShapesDataset` draws the scenes;
 `ShapesDataModule` serves them to a run (`data=shapes`, the default).
 """
 
@@ -91,21 +92,31 @@ class Scene:
     boxes: torch.Tensor  # (N, 4) float xyxy of the visible part of each shape
     labels: torch.Tensor  # (N,) int64 class of each box
     label: int  # class of the shape with the largest visible area
+    # (H, W) int64: 0 where no shape is, k + 1 where box k's shape is visible (None: not kept)
+    instances: torch.Tensor | None = None
 
 
 class SceneCache:
     """Every scene of a split in preallocated tensors, filled as scenes are first drawn.
 
     Images and masks are uint8 (as drawn: cached and drawn samples are identical; class ids fit
-    in a byte), boxes and their labels padded to `max_shapes`. After
+    in a byte), boxes and their labels padded to `max_shapes`; with `instances`, each scene's map
+    of which shape owns a pixel too (uint8). After
     `share_memory_()` the tensors live in shared memory: a scene that one DataLoader worker
     draws is read by every other worker and by the main process, in every later epoch (with
     per-process caches, each worker would draw every scene again).
     """
 
-    def __init__(self, length: int, image_size: int, max_shapes: int) -> None:
+    def __init__(
+        self, length: int, image_size: int, max_shapes: int, instances: bool = False
+    ) -> None:
         self.images = torch.empty(length, 3, image_size, image_size, dtype=torch.uint8)
         self.masks = torch.empty(length, image_size, image_size, dtype=torch.uint8)
+        # Kept for instance segmentation only: the other tasks' caches stay as small as before.
+        owners = torch.uint8 if max_shapes < 256 else torch.int32  # box numbers, from 1
+        self.instances = (
+            torch.empty(length, image_size, image_size, dtype=owners) if instances else None
+        )
         self.boxes = torch.empty(length, max_shapes, 4)
         self.labels = torch.empty(length, max_shapes, dtype=torch.int64)
         self.counts = torch.empty(length, dtype=torch.int64)  # boxes of each scene
@@ -113,7 +124,7 @@ class SceneCache:
         self.filled = torch.zeros(length, dtype=torch.bool)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (
+        kept = (
             self.images,
             self.masks,
             self.boxes,
@@ -122,6 +133,7 @@ class SceneCache:
             self.label,
             self.filled,
         )
+        return kept if self.instances is None else (*kept, self.instances)
 
     @property
     def nbytes(self) -> int:
@@ -156,6 +168,8 @@ class SceneCache:
         self.labels[index, :count] = scene.labels
         self.counts[index] = count
         self.label[index] = scene.label
+        if self.instances is not None:
+            self.instances[index] = scene.instances
         self.filled[index] = True  # last: a reader in another process sees a whole scene
 
     def get(self, index: int) -> Scene:
@@ -166,6 +180,7 @@ class SceneCache:
             boxes=self.boxes[index, :count].clone(),
             labels=self.labels[index, :count].clone(),
             label=int(self.label[index]),
+            instances=None if self.instances is None else self.instances[index].long(),
         )
 
 
@@ -176,7 +191,9 @@ class ShapesDataset(Dataset):
         split: "train", "val" or "test" (disjoint random streams).
         length: number of scenes.
         task: what `__getitem__` returns as target: "classification" (int),
-            "segmentation" (mask) or "detection" (dict of boxes and labels).
+            "segmentation" (mask), "detection" (dict of boxes and labels) or
+            "instance_segmentation" (boxes, labels and a uint8 (N, H, W) mask per box, each
+            the visible pixels of its shape, so that the box is the mask's tight box).
         image_size: side of the square images.
         classes: which shapes to draw, a subset of `SHAPES`.
         min_shapes, max_shapes: shapes per scene.
@@ -221,7 +238,8 @@ class ShapesDataset(Dataset):
         self.image_size, self.classes = image_size, tuple(classes)
         self.min_shapes, self.max_shapes, self.seed = min_shapes, max_shapes, seed
         self.augment = augment
-        self._cache = SceneCache(length, image_size, max_shapes) if cache else None
+        instances = self.target == "instances"
+        self._cache = SceneCache(length, image_size, max_shapes, instances) if cache else None
 
     def __len__(self) -> int:
         return self.length
@@ -273,6 +291,7 @@ class ShapesDataset(Dataset):
         image += rng.normal(0, 0.04, size=image.shape).astype(np.float32)
 
         mask = np.where(instance >= 0, kinds[instance] + 1, 0)
+        visible = np.zeros((size, size), dtype=np.int64)  # k + 1 where box k's shape shows
         boxes, labels, areas = [], [], []
         for position, kind in enumerate(kinds):
             rows, cols = np.nonzero(instance == position)
@@ -281,12 +300,14 @@ class ShapesDataset(Dataset):
             boxes.append((cols.min(), rows.min(), cols.max() + 1, rows.max() + 1))
             labels.append(int(kind))
             areas.append(rows.size)
+            visible[rows, cols] = len(boxes)
         return Scene(
             image=to_uint8(image),
             mask=torch.from_numpy(mask),
             boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             labels=torch.tensor(labels, dtype=torch.int64),
             label=labels[int(np.argmax(areas))],
+            instances=torch.from_numpy(visible),
         )
 
     def __getitem__(self, index: int):
@@ -299,7 +320,19 @@ class ShapesDataset(Dataset):
             return image, scene.label
         if self.target == "mask":
             return image, scene.mask
-        return image, {"boxes": scene.boxes, "labels": scene.labels}
+        target = {"boxes": scene.boxes, "labels": scene.labels}
+        if self.target == "instances":
+            target["masks"] = instance_masks(scene)
+        return image, target
+
+
+def instance_masks(scene: Scene) -> torch.Tensor:
+    """One uint8 (H, W) mask per box of `scene`, stacked (N, H, W): the visible pixels of its
+    shape (torchvision's Mask R-CNN takes uint8 masks)."""
+    if scene.instances is None:
+        raise ValueError("this scene kept no instance map: draw it with task=instance_segmentation")
+    numbers = torch.arange(1, len(scene.labels) + 1).view(-1, 1, 1)  # (N, 1, 1)
+    return (scene.instances[None] == numbers).to(torch.uint8)
 
 
 def square_symmetry(scene: Scene, which: int) -> Scene:
@@ -311,22 +344,25 @@ def square_symmetry(scene: Scene, which: int) -> Scene:
     if not 0 <= which < 8:
         raise ValueError(f"which must be in 0..7, got {which}")
     image, mask, boxes = scene.image, scene.mask, scene.boxes.clone()
+    # the maps that move with the pixels: the mask, and the instance map where there is one
+    maps = [mask] if scene.instances is None else [mask, scene.instances]
     size = image.shape[-1]
     if which & 1:  # transpose: x <-> y
-        image, mask = image.transpose(-1, -2), mask.transpose(-1, -2)
+        image, maps = image.transpose(-1, -2), [m.transpose(-1, -2) for m in maps]
         boxes = boxes[:, [1, 0, 3, 2]]
     if which & 2:  # horizontal flip: x -> size - x
-        image, mask = image.flip(-1), mask.flip(-1)
+        image, maps = image.flip(-1), [m.flip(-1) for m in maps]
         boxes[:, [0, 2]] = size - boxes[:, [2, 0]]
     if which & 4:  # vertical flip: y -> size - y
-        image, mask = image.flip(-2), mask.flip(-2)
+        image, maps = image.flip(-2), [m.flip(-2) for m in maps]
         boxes[:, [1, 3]] = size - boxes[:, [3, 1]]
     return Scene(
         image=image.contiguous(),
-        mask=mask.contiguous(),
+        mask=maps[0].contiguous(),
         boxes=boxes,
         labels=scene.labels,
         label=scene.label,
+        instances=maps[1].contiguous() if len(maps) > 1 else None,
     )
 
 
@@ -365,7 +401,8 @@ class ShapesDataModule(TaskDataModule):
     """The synthetic shapes scenes (see `ShapesDataset`): no download, no disk.
 
     Args:
-        task: "classification", "segmentation" or "detection" (set from the head config).
+        task: "classification", "segmentation", "detection" or "instance_segmentation" (set
+            from the head config).
         image_size: side of the square images.
         num_train, num_val, num_test: scenes per split.
         classes: shape names to draw, a subset of `SHAPES`.
@@ -379,7 +416,7 @@ class ShapesDataModule(TaskDataModule):
         batch_size, num_workers: DataLoader settings (`num_workers`: "auto" or a count).
     """
 
-    targets = ("label", "mask", "boxes")
+    targets = ("label", "mask", "boxes", "instances")
     # The images are normalised (on the device) with ImageNet's statistics, whatever the backbone.
     mean, std = IMAGENET_MEAN, IMAGENET_STD
 

@@ -5,10 +5,11 @@ Every preset is called as `preset(image, target)` and returns `(image, target)`:
 (3, H, W) tensor, still in 0-255 (decoding and geometry run in the DataLoader workers in uint8,
 and a batch crosses to the device at a quarter of float32's bytes), and, by the kind of target
 (`zootrain.tasks.TARGETS`), an int label, an int64 (H, W) mask (`IGNORE_INDEX` where no class
-is known) or `{"boxes": float (N, 4) xyxy, "labels": int64 (N,)}`, all plain tensors. Each task
-says which preset its data uses. Dense targets must arrive as `tv_tensors.Mask` /
-`BoundingBoxes` so that v2 knows to resize masks with nearest neighbours and to move boxes with
-the pixels. `DeviceNormalize` then makes float, normalised images of a batch on its device
+is known), `{"boxes": float (N, 4) xyxy, "labels": int64 (N,)}` or that with `"masks": uint8
+(N, H, W)`, one per box, all plain tensors. Each task says which preset its data uses. Dense
+targets must arrive as `tv_tensors.Mask` / `BoundingBoxes` so that v2 knows to resize masks
+with nearest neighbours and to move boxes with the pixels. `DeviceNormalize` then makes float,
+normalised images of a batch on its device
 (`zootrain.module.TaskModule.on_after_batch_transfer`), with the data module's statistics.
 """
 
@@ -56,23 +57,28 @@ def dense_preset(
     image_size: int,
     scale_range: Sequence[float] = (0.5, 2.0),
 ) -> v2.Compose:
-    """Masks (`target="mask"`, segmentation) and boxes (`"boxes"`, detection).
+    """Masks (`target="mask"`, segmentation), boxes (`"boxes"`, detection) and boxes with a
+    mask each (`"instances"`, instance segmentation).
 
     Train: scale jitter (shorter side uniform in `scale_range` x image_size), a random
     image_size crop (padded where the image is smaller: masks with IGNORE_INDEX, images with
     0), horizontal flip. Eval: the longer side resized to image_size; samples with masks are
     then padded on the bottom and right to image_size x image_size (the padding ignored) so
     that a batch stacks, and pixels keep their coordinates. Boxes that a crop cut to nothing
-    are dropped (and their labels).
+    are dropped (and their labels and instance masks); instance masks are padded with 0 (no
+    object there), not ignored.
     """
-    if target not in ("mask", "boxes"):
-        raise ValueError(f"dense_preset moves masks or boxes with the pixels, not {target!r}")
+    if target not in ("mask", "boxes", "instances"):
+        raise ValueError(
+            f"dense_preset moves masks, boxes or instances with the pixels, not {target!r}"
+        )
     low, high = scale_range
     if train:
+        mask_fill = IGNORE_INDEX if target == "mask" else 0  # instance masks: not the object
         geometry = [
             v2.RandomResize(round(low * image_size), round(high * image_size), antialias=True),
             v2.RandomCrop(
-                image_size, pad_if_needed=True, fill={tv_tensors.Mask: IGNORE_INDEX, "others": 0}
+                image_size, pad_if_needed=True, fill={tv_tensors.Mask: mask_fill, "others": 0}
             ),
             v2.RandomHorizontalFlip(),
         ]
@@ -80,7 +86,7 @@ def dense_preset(
         geometry = [v2.Resize(None, max_size=image_size, antialias=True)]
         if target == "mask":
             geometry.append(PadBottomRight(image_size))
-    if target == "boxes":
+    if target in ("boxes", "instances"):
         # boxes into the image (float rounding can leave them a hair outside, which Sanitize
         # would count as invalid), then drop those that are too small and their labels
         geometry += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes()]
@@ -102,7 +108,8 @@ class PadBottomRight:
 
 
 def _plain_target(image: torch.Tensor, target: Any) -> tuple[torch.Tensor, Any]:
-    """Masks as int64 class maps; detection labels as int64 (boxes are float already)."""
+    """Masks as int64 class maps; detection labels as int64 (boxes are float already, instance
+    masks stay uint8, as torchvision's Mask R-CNN takes them)."""
     if isinstance(target, torch.Tensor):
         return image, target.long()
     return image, {**target, "labels": target["labels"].long()}

@@ -11,10 +11,12 @@ from ..errors import ConfigError
 from .base import TARGETS, LogitsTask, Sample, Task
 from .classification import Classification
 from .detection import Detection
+from .instance_segmentation import InstanceSegmentation
 from .segmentation import Segmentation
 
 TASKS: dict[str, Task] = {
-    task.name: task for task in (Classification(), Segmentation(), Detection())
+    task.name: task
+    for task in (Classification(), Segmentation(), Detection(), InstanceSegmentation())
 }
 
 
@@ -35,6 +37,7 @@ __all__ = [
     "TASKS",
     "Classification",
     "Detection",
+    "InstanceSegmentation",
     "LogitsTask",
     "Sample",
     "Segmentation",

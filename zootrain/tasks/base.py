@@ -23,8 +23,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 # The kinds of target a sample may carry: a class index per image, a class per pixel, boxes
-# with their classes. Data modules say which they can give; each task asks for one.
-TARGETS = ("label", "mask", "boxes")
+# with their classes, and boxes with their classes and a mask each. Data modules say which
+# they can give; each task asks for one.
+TARGETS = ("label", "mask", "boxes", "instances")
 
 
 @dataclass
@@ -32,8 +33,9 @@ class Sample:
     """One image as the model saw it, its target and the model's output for it alone."""
 
     image: torch.Tensor  # (3, H, W) as the data gives it: uint8 (or the model's float input)
-    target: Any  # as the task's `target` kind: class index, (H, W) mask or {"boxes", "labels"}
-    output: Any  # (K,) logits, (K, H, W) logits or {"boxes", "labels", "scores"}
+    target: Any  # as the task's `target` kind: class index, (H, W) mask, {"boxes", "labels"}
+    # (and "masks", (N, H, W))
+    output: Any  # (K,) logits, (K, H, W) logits or {"boxes", "labels", "scores"} (+ "masks")
 
 
 @dataclass(frozen=True)

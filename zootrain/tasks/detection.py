@@ -87,18 +87,7 @@ class Detection(Task):
     def plot_per_class(
         self, values: Any, class_names: Sequence[str], title: str, split: str
     ) -> Figure:
-        # pycocotools per class: AP over IoU 0.50:0.95, and the precision array (T, R, K, A, M)
-        # for AP at IoU 0.50: mean over recall thresholds, all areas, 100 detections
-        ap = [-1.0] * len(class_names)
-        ap50 = [-1.0] * len(class_names)
-        classes = values["classes"].reshape(-1).tolist()
-        per_class = values["map_per_class"].reshape(-1).tolist()
-        precision = values["precision"][0, :, :, 0, -1]  # (R, K) at IoU 0.50
-        for column, (label, score) in enumerate(zip(classes, per_class, strict=True)):
-            if 0 <= label < len(class_names):
-                ap[label] = score
-                curve = precision[:, column]
-                ap50[label] = float(curve[curve > -1].mean()) if (curve > -1).any() else -1.0
+        ap, ap50 = average_precision_per_class(values, len(class_names))
         return plot_class_bars(
             {"AP (IoU 0.50:0.95)": ap, "AP50": ap50},
             class_names,
@@ -116,7 +105,6 @@ class Detection(Task):
         colours: Sequence[tuple],
     ) -> None:
         """The true boxes, and the predicted ones scored `score_threshold` or more."""
-        truth = sample.target
         scores = sample.output["scores"]
         above = (scores >= self.score_threshold).nonzero()[:, 0]
         shown = above[scores[above].argsort(descending=True)][: self.max_boxes]
@@ -124,50 +112,81 @@ class Detection(Task):
         heading = f"predicted (score ≥ {self.score_threshold:g})"
         if len(above) > self.max_boxes:
             heading = f"predicted: top {self.max_boxes} of {len(above)} ≥ {self.score_threshold:g}"
-        boxes_of = (
-            (panels[0], truth["boxes"], truth["labels"], None, "ground truth"),
-            (
-                panels[1],
-                predicted["boxes"],
-                predicted["labels"],
-                predicted["scores"],
-                heading,
-            ),
-        )
-        height, width = picture.shape[:2]
-        # A label's height and a width it may take, in pixels of the image (a panel is ~2 inches
-        # for any image size): labels closer than this are moved down a line, not drawn over.
-        line, span = 0.09 * height, 0.45 * width
-        for axis, boxes, labels, scores, name in boxes_of:
-            axis.imshow(picture, interpolation="nearest")
+        for axis, found, name in (
+            (panels[0], sample.target, "ground truth"),
+            (panels[1], predicted, heading),
+        ):
+            axis.imshow(self.painted(picture, found, colours), interpolation="nearest")
             axis.set_title(name, fontsize=9)
-            placed: list[tuple[float, float]] = []
-            pairs = zip(torch.as_tensor(boxes).tolist(), labels.tolist(), strict=True)
-            for i, (box, label) in enumerate(pairs):
-                x0, y0, x1, y1 = box
-                colour = colours[label % len(colours)]
-                axis.add_patch(
-                    pyplot().Rectangle(
-                        (x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=colour,
-                        linewidth=2,
-                    )
-                )  # fmt: skip
-                text = class_names[label] if label < len(class_names) else str(label)
-                if scores is not None:
-                    text += f" {scores[i]:.2f}"
-                x, y = min(max(x0, 0), width - 1), max(y0, 0)  # inside the box, at its top left
-                align = "left"
-                if x > width - span:  # a label from here would run off the image: end it at the
-                    x, align = min(max(x1, 0), width - 1), "right"  # box's right edge instead
-                while any(abs(x - px) < span and abs(y - py) < line for px, py in placed):
-                    y += line
-                placed.append((x, y))
-                axis.text(
-                    x, y, text, fontsize=7, color="white", va="top", ha=align, clip_on=True,
-                    bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "linewidth": 0},
-                )  # fmt: skip
-            if scores is not None and not len(boxes):
-                axis.text(
-                    0.5, 0.5, "no box", ha="center", va="center", transform=axis.transAxes,
-                    color="white", fontsize=9, bbox={"facecolor": "black", "alpha": 0.6},
-                )  # fmt: skip
+            draw_boxes(axis, found, class_names, colours, picture.shape[:2])
+
+    def painted(
+        self, picture: Any, found: dict[str, torch.Tensor], colours: Sequence[tuple]
+    ) -> Any:
+        """What a panel shows under the boxes of `found`: the image (instance segmentation
+        paints the masks on it)."""
+        return picture
+
+
+def average_precision_per_class(values: Any, num_classes: int) -> tuple[list[float], list[float]]:
+    """AP over IoU 0.50:0.95 and AP at IoU 0.50 by class (-1: no box of that class), from a
+    pycocotools `MeanAveragePrecision` computed with `class_metrics` and `extended_summary`."""
+    # The precision array (T, R, K, A, M) gives AP at IoU 0.50: the mean over recall
+    # thresholds, all areas, 100 detections
+    ap = [-1.0] * num_classes
+    ap50 = [-1.0] * num_classes
+    classes = values["classes"].reshape(-1).tolist()
+    per_class = values["map_per_class"].reshape(-1).tolist()
+    precision = values["precision"][0, :, :, 0, -1]  # (R, K) at IoU 0.50
+    for column, (label, score) in enumerate(zip(classes, per_class, strict=True)):
+        if 0 <= label < num_classes:
+            ap[label] = score
+            curve = precision[:, column]
+            ap50[label] = float(curve[curve > -1].mean()) if (curve > -1).any() else -1.0
+    return ap, ap50
+
+
+def draw_boxes(
+    axis: Axes,
+    found: dict[str, torch.Tensor],
+    class_names: Sequence[str],
+    colours: Sequence[tuple],
+    size: tuple[int, int],
+) -> None:
+    """The boxes of `found` on `axis`, each labelled with its class (and score, where it has
+    one) in its class's colour; "no box" on a prediction without any."""
+    boxes, labels, scores = found["boxes"], found["labels"], found.get("scores")
+    height, width = size
+    # A label's height and a width it may take, in pixels of the image (a panel is ~2 inches
+    # for any image size): labels closer than this are moved down a line, not drawn over.
+    line, span = 0.09 * height, 0.45 * width
+    placed: list[tuple[float, float]] = []
+    pairs = zip(torch.as_tensor(boxes).tolist(), labels.tolist(), strict=True)
+    for i, (box, label) in enumerate(pairs):
+        x0, y0, x1, y1 = box
+        colour = colours[label % len(colours)]
+        axis.add_patch(
+            pyplot().Rectangle(
+                (x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=colour,
+                linewidth=2,
+            )
+        )  # fmt: skip
+        text = class_names[label] if label < len(class_names) else str(label)
+        if scores is not None:
+            text += f" {scores[i]:.2f}"
+        x, y = min(max(x0, 0), width - 1), max(y0, 0)  # inside the box, at its top left
+        align = "left"
+        if x > width - span:  # a label from here would run off the image: end it at the
+            x, align = min(max(x1, 0), width - 1), "right"  # box's right edge instead
+        while any(abs(x - px) < span and abs(y - py) < line for px, py in placed):
+            y += line
+        placed.append((x, y))
+        axis.text(
+            x, y, text, fontsize=7, color="white", va="top", ha=align, clip_on=True,
+            bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "linewidth": 0},
+        )  # fmt: skip
+    if scores is not None and not len(boxes):
+        axis.text(
+            0.5, 0.5, "no box", ha="center", va="center", transform=axis.transAxes,
+            color="white", fontsize=9, bbox={"facecolor": "black", "alpha": 0.6},
+        )  # fmt: skip
