@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -86,6 +87,27 @@ def name(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _module_tmp_cleanup(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Removes what a module's module-scoped fixtures made under the worker's base temp
+    directory once the module is done, unless one of its tests failed (then it stays to look
+    at). Trained runs hold checkpoints of 100+ MB each: kept to the session's end, the suite
+    filled 9 GB of /tmp. Passing tests' own `tmp_path`s go at once
+    (`tmp_path_retention_policy = "failed"` in pyproject.toml)."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for path in set(base.iterdir()) - before:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+CLEANUP = _module_tmp_cleanup.__name__  # every module uses it: it groups nothing
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The tests of a module that share its module-scoped fixtures form one xdist group (one per
@@ -99,7 +121,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         shared = [
             n
             for n in item.fixturenames
-            if n in definitions and definitions[n][-1].scope == "module"
+            if n in definitions and definitions[n][-1].scope == "module" and n != CLEANUP
         ]
         if not shared:
             continue
