@@ -80,12 +80,24 @@ def _torch_load(path: Path) -> object:
                 "its weights: `torch.save(torch.load(path, weights_only=False).state_dict(), "
                 "'clean.pth')` (or save them as .safetensors) and pass the new file."
             ) from None
+        if not zipfile.is_zipfile(path) and _starts_a_pickle(path):
+            raise WeightsError(
+                f"{path} is a pickle (pickle.dump, or torch.save's legacy format) that "
+                "torch.load(weights_only=True) refused: it is not read, since unpickling can run "
+                "any code. If you trust the file, re-save its tensors with torch.save (or as "
+                ".safetensors) and pass the new file."
+            ) from None
         # torch's own first line is about its weights_only default, not about this file
         why = "not a torch.save archive" if not zipfile.is_zipfile(path) else first_line(e)
         raise WeightsError(
             f"{path} is not a readable PyTorch checkpoint ({why}); it may be truncated or "
             "corrupt, or not a weights file: download or save it again."
         ) from None
+
+
+def _starts_a_pickle(path: Path) -> bool:
+    with open(path, "rb") as file:
+        return file.read(1) == b"\x80"  # a pickle's protocol opcode
 
 
 def _pickled_code(path: Path) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,17 @@ def test_pickled_code_is_named_and_never_run(tmp_path: Path) -> None:
     torch.save({"stem.conv.weight": torch.zeros(1), "hook": Payload(marker)}, path)
     with pytest.raises(
         WeightsError, match=r"weights\.pth holds pickled code, not loaded: it names posix\.mknod"
+    ):
+        create("resnet18", pretrained=path)
+    assert not marker.exists()
+
+
+def test_a_plain_pickle_is_named_and_never_run(tmp_path: Path) -> None:
+    marker, path = tmp_path / "pwned", tmp_path / "model.pth"
+    path.write_bytes(pickle.dumps({"stem.conv.weight": Payload(marker)}))
+    with pytest.raises(
+        WeightsError,
+        match=r"model\.pth is a pickle \(pickle\.dump, or torch\.save's legacy format\)",
     ):
         create("resnet18", pretrained=path)
     assert not marker.exists()
