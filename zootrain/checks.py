@@ -19,6 +19,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from . import cli  # noqa: F401  registers the configs' ${...} resolvers, which the checks resolve
 from .errors import CheckpointError, ConfigError
 from .runs import BACKBONE, CHECKPOINTS, check_run_name
 
