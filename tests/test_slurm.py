@@ -211,7 +211,12 @@ def test_sweep_reports_the_failing_and_the_finished_job(sweeps: dict[str, Sweep]
     log = (failed / "train.log").read_text()
     assert f"error: {error}" in log and "Traceback" not in log, log
     # result.json: the job's row of the sweep summary (zootrain.sweep)
-    assert sorted(p.name for p in failed.iterdir()) == [".hydra", "result.json", "train.log"]
+    assert sorted(p.name for p in failed.iterdir()) == [
+        ".hydra",
+        ".lock",  # the run directory's lock (zootrain.runs), held by the job while it ran
+        "result.json",
+        "train.log",
+    ]
     for name in ("config.yaml", "metrics.csv", "metrics.png", "checkpoints/best.ckpt"):
         assert (finished / name).is_file(), name
     job = sorted(run.job_ids())[0]
