@@ -11,17 +11,26 @@ targets must arrive as `tv_tensors.Mask` / `BoundingBoxes` so that v2 knows to r
 with nearest neighbours and to move boxes with the pixels. `DeviceNormalize` then makes float,
 normalised images of a batch on its device
 (`zootrain.module.TaskModule.on_after_batch_transfer`), with the data module's statistics.
+
+With `data.decode=device` (ImageFolder) the classification preset is split in two by
+`DeviceGeometry`: workers draw its random parameters from each JPEG's header size, and an
+`EncodedImages` batch is decoded, cropped, resized and flipped on its device before it is
+normalised.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+
+from ..errors import DatasetError
+from .images import EncodedJpeg, decode_jpegs
 
 IGNORE_INDEX = 255  # segmentation pixels that no loss or metric counts
 Stats = Sequence[float]
@@ -49,6 +58,101 @@ def classification_preset(
             v2.CenterCrop(image_size),
         ]
     return v2.Compose(geometry)
+
+
+class DeviceGeometry:
+    """The classification preset's geometry split between a worker and the device.
+
+    `draw` runs in the worker, from an image's size alone (a JPEG's header), and makes the
+    random draws the preset would make, from the same generator, in the same order: the
+    RandomResizedCrop box (its own `make_params`) and the flip (one `torch.rand(1)`, as v2's
+    random transforms draw it). `apply` crops, resizes and flips a decoded image on its device
+    with those numbers, as the preset's kernels would. Eval presets draw nothing: `apply` runs
+    the preset itself (resize + center crop).
+    """
+
+    def __init__(self, preset: v2.Compose) -> None:
+        kinds = [type(t) for t in preset.transforms]
+        if kinds not in (
+            [v2.RandomResizedCrop, v2.RandomHorizontalFlip],
+            [v2.Resize, v2.CenterCrop],
+        ):
+            raise TypeError(
+                "DeviceGeometry splits classification_preset's geometry (RandomResizedCrop + "
+                f"flip, or Resize + CenterCrop), not {[k.__name__ for k in kinds]}"
+            )
+        self.preset = preset
+        self.train = kinds[0] is v2.RandomResizedCrop
+
+    def draw(self, height: int, width: int) -> tuple[int, int, int, int, int]:
+        """(top, left, crop height, crop width, flip) for an image of this size."""
+        if not self.train:
+            return (0, 0, height, width, 0)
+        crop, flip = self.preset.transforms
+        size = torch.empty(()).expand(height, width)  # a size that holds no pixels
+        box = crop.make_params([size])
+        flipped = bool(torch.rand(1) < flip.p)
+        return (box["top"], box["left"], box["height"], box["width"], int(flipped))
+
+    def apply(self, image: torch.Tensor, params: Sequence[int]) -> torch.Tensor:
+        """A decoded (3, H, W) uint8 image with its drawn `params`, on its device."""
+        if not self.train:
+            return self.preset(image)
+        crop = self.preset.transforms[0]
+        top, left, height, width, flipped = params
+        image = F.resized_crop(
+            image, top, left, height, width, list(crop.size), crop.interpolation,
+            antialias=crop.antialias,
+        )  # fmt: skip
+        return F.horizontal_flip(image) if flipped else image
+
+
+@dataclass
+class EncodedImages:
+    """A batch of images, JPEGs among them still encoded, decoded where it is sent (`decode`).
+
+    `to(device)` moves what the workers finished (files that are not JPEGs, decoded and cropped
+    there) and records the device; the JPEG bytes and `params` stay on the host: decode_jpeg
+    reads bytes from there (nvJPEG copies them itself), and the crop boxes are numbers for the
+    kernels' arguments, which read from a device tensor would be a host sync per batch.
+    """
+
+    images: list[torch.Tensor | EncodedJpeg]  # (3, S, S) uint8 done in a worker, or a JPEG
+    params: torch.Tensor  # (B, 5) int64 on the host: `DeviceGeometry.draw`'s, zeros where done
+    geometry: DeviceGeometry
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> EncodedImages:
+        images = [
+            i if isinstance(i, EncodedJpeg) else i.to(device, non_blocking=non_blocking)
+            for i in self.images
+        ]
+        return EncodedImages(images, self.params, self.geometry, torch.device(device))
+
+    def pin_memory(self) -> EncodedImages:
+        images = [i if isinstance(i, EncodedJpeg) else i.pin_memory() for i in self.images]
+        return EncodedImages(images, self.params, self.geometry, self.device)
+
+    def decode(self) -> torch.Tensor:
+        """(B, 3, S, S) uint8 on `device`: every JPEG decoded in one call, then each cropped."""
+        jpegs = [i for i in self.images if isinstance(i, EncodedJpeg)]
+        decoded = iter(decode_jpegs(jpegs, self.device))
+        out = []
+        for image, params in zip(self.images, self.params.tolist(), strict=True):
+            if isinstance(image, EncodedJpeg):
+                pixels = next(decoded)  # (3, H, W)
+                if tuple(pixels.shape[-2:]) != (image.height, image.width):
+                    raise DatasetError(
+                        f"the image {image.path} decodes to {pixels.shape[-1]}x"
+                        f"{pixels.shape[-2]} pixels, its header says {image.width}x"
+                        f"{image.height}; decode it in the workers (data.decode=worker)"
+                    )
+                image = self.geometry.apply(pixels, params)
+            out.append(image)
+        return torch.stack(out)  # (B, 3, S, S)
 
 
 def dense_preset(
