@@ -11,7 +11,6 @@ from PIL import Image
 
 from zootrain.build import build_datamodule
 from zootrain.data.imagefolder import ImageFolderDataModule
-from zootrain.data.images import EncodedJpeg
 from zootrain.data.transforms import EncodedImages
 from zootrain.errors import ConfigError, DatasetError
 from zootrain.report import is_user_error, user_message
@@ -60,10 +59,12 @@ def test_device_batches_are_the_worker_batches(tmp_path: Path, split: str) -> No
     assert len(worker) == len(device) >= 2
     for (expected, labels), (encoded, device_labels) in zip(worker, device, strict=True):
         assert isinstance(encoded, EncodedImages) and torch.equal(labels, device_labels)
-        kinds = {type(image) for image in encoded.images}
-        assert kinds <= {EncodedJpeg, torch.Tensor}
-        for image in encoded.images:  # the bytes of a whole file, or the PNG done in a worker
-            assert image.data.ndim == 1 if isinstance(image, EncodedJpeg) else image.ndim == 3
+        # the batch's JPEG files whole, one after another; the PNG done in a worker
+        sizes, paths = encoded.params[:, 0].tolist(), encoded.paths
+        jpegs = [Path(path).read_bytes() for path, size in zip(paths, sizes, strict=True) if size]
+        assert encoded.data.numpy().tobytes() == b"".join(jpegs)
+        assert len(encoded.done) == sizes.count(0) == paths.count("")
+        assert all(image.shape == expected.shape[1:] for image in encoded.done)
         images = encoded.to("cpu").decode()
         assert images.dtype == torch.uint8 and images.shape == expected.shape
         assert (images.int() - expected.int()).abs().max().item() == 0
@@ -90,6 +91,7 @@ def test_a_worker_process_sends_the_encoded_batch(tmp_path: Path) -> None:
         batches(inline, "train")[0],
     )
     assert torch.equal(sent.params, kept.params) and torch.equal(labels, kept_labels)
+    assert torch.equal(sent.data, kept.data) and sent.paths == kept.paths
     assert torch.equal(sent.to("cpu").decode(), kept.to("cpu").decode())
 
 

@@ -399,16 +399,10 @@ def collate_encoded(
     to decode is stacked as the worker path's."""
     if not any(isinstance(image, tuple) for image, _ in samples):
         return default_collate(samples)
-    images, params = [], []
-    for image, _ in samples:
-        if isinstance(image, tuple):  # (EncodedJpeg, its draws)
-            image, drawn = image
-        else:
-            drawn = (0, 0, 0, 0, 0)
-        images.append(image)
-        params.append(drawn)
+    images = [image for image, _ in samples]
+    paths = [image[0].path if isinstance(image, tuple) else "" for image in images]
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
-    return EncodedImages(images, torch.tensor(params, dtype=torch.int64), geometry), labels
+    return EncodedImages.collate(images, paths, geometry), labels
 
 
 def verify_images(

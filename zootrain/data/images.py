@@ -95,27 +95,28 @@ def read_encoded(path: str | os.PathLike) -> EncodedJpeg | torch.Tensor:
     return read_image(path)
 
 
-def decode_jpegs(images: list[EncodedJpeg], device: torch.device) -> list[torch.Tensor]:
-    """Each JPEG as a (3, H, W) uint8 RGB tensor on `device`, decoded in one call (nvJPEG's batch
-    on CUDA, libjpeg-turbo on the CPU); the bytes stay on the host, where decode_jpeg reads them.
+def decode_jpegs(
+    files: list[torch.Tensor], paths: list[str], device: torch.device
+) -> list[torch.Tensor]:
+    """Each JPEG file's bytes (a 1-D uint8 tensor on the host) as a (3, H, W) uint8 RGB tensor
+    on `device`, decoded in one call (nvJPEG's batch on CUDA, libjpeg-turbo on the CPU).
 
-    When the batch fails, each file is decoded alone, and one that fails alone is read by
-    `read_image` on the host (as a worker would: PIL decodes a JPEG that the decoder refuses,
-    or names it as damaged) and moved to `device`.
+    When the batch fails, each file is decoded alone, and one that fails alone is read from its
+    path by `read_image` on the host (as a worker would: PIL decodes a JPEG that the decoder
+    refuses, or names it as damaged) and moved to `device`.
     """
-    if not images:
+    if not files:
         return []
-    data = [image.data for image in images]
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
         pass  # a damaged file, or one of a kind this decoder refuses: which one, alone
     decoded = []
-    for image in images:
+    for data, path in zip(files, paths, strict=True):
         try:
-            decoded.append(decode_jpeg(image.data, mode=ImageReadMode.RGB, device=device))
+            decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
         except RuntimeError:
-            decoded.append(read_image(image.path).to(device))
+            decoded.append(read_image(path).to(device))
     return decoded
 
 

@@ -111,47 +111,75 @@ class DeviceGeometry:
 class EncodedImages:
     """A batch of images, JPEGs among them still encoded, decoded where it is sent (`decode`).
 
-    `to(device)` moves what the workers finished (files that are not JPEGs, decoded and cropped
-    there) and records the device; the JPEG bytes and `params` stay on the host: decode_jpeg
-    reads bytes from there (nvJPEG copies them itself), and the crop boxes are numbers for the
-    kernels' arguments, which read from a device tensor would be a host sync per batch.
+    The JPEG files lie one after another in `data`, one tensor, so that a worker sends the
+    batch with one shared-memory handle, not one per file. `to(device)` moves the images the
+    workers finished (files that are not JPEGs, decoded and cropped there) and records the
+    device; `data` and `params` stay on the host: decode_jpeg reads bytes from there on any
+    device (nvJPEG copies them itself), and the crop boxes are the kernels' arguments, which
+    read from a device tensor would be a host sync per batch.
     """
 
-    images: list[torch.Tensor | EncodedJpeg]  # (3, S, S) uint8 done in a worker, or a JPEG
-    params: torch.Tensor  # (B, 5) int64 on the host: `DeviceGeometry.draw`'s, zeros where done
+    data: torch.Tensor  # (N,) uint8 on the host: the batch's JPEG files, concatenated
+    # (B, 8) int64 on the host: bytes in `data` (0: done in a worker), header height and width,
+    # then `DeviceGeometry.draw`'s (top, left, crop height, crop width, flip)
+    params: torch.Tensor
+    done: list[torch.Tensor]  # (3, S, S) uint8: the images done in a worker, in batch order
+    paths: list[str]  # each JPEG's file, named when it fails ("" for the images done)
     geometry: DeviceGeometry
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
-    def __len__(self) -> int:
-        return len(self.images)
+    @classmethod
+    def collate(
+        cls, images: Sequence[tuple[EncodedJpeg, Sequence[int]] | torch.Tensor],
+        paths: list[str], geometry: DeviceGeometry,
+    ) -> EncodedImages:  # fmt: skip
+        """A batch of (JPEG, its draws) and images done in a worker."""
+        files, params, done = [], [], []
+        for image in images:
+            if isinstance(image, torch.Tensor):
+                done.append(image)
+                params.append((0,) * 8)
+            else:
+                jpeg, drawn = image
+                files.append(jpeg.data)
+                params.append((len(jpeg.data), jpeg.height, jpeg.width, *drawn))
+        data = torch.cat(files) if files else torch.empty(0, dtype=torch.uint8)
+        return cls(data, torch.tensor(params, dtype=torch.int64), done, paths, geometry)
 
-    def to(self, device: torch.device | str, non_blocking: bool = True) -> EncodedImages:
-        images = [
-            i if isinstance(i, EncodedJpeg) else i.to(device, non_blocking=non_blocking)
-            for i in self.images
-        ]
-        return EncodedImages(images, self.params, self.geometry, torch.device(device))
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> EncodedImages:
+        # from the host, non_blocking is safe: a pinned copy is ordered in the stream
+        done = [i.to(device, non_blocking=non_blocking or i.is_cpu) for i in self.done]
+        return EncodedImages(
+            self.data, self.params, done, self.paths, self.geometry, torch.device(device)
+        )
 
     def pin_memory(self) -> EncodedImages:
-        images = [i if isinstance(i, EncodedJpeg) else i.pin_memory() for i in self.images]
-        return EncodedImages(images, self.params, self.geometry, self.device)
+        done = [i.pin_memory() for i in self.done]
+        return EncodedImages(self.data, self.params, done, self.paths, self.geometry, self.device)
 
     def decode(self) -> torch.Tensor:
         """(B, 3, S, S) uint8 on `device`: every JPEG decoded in one call, then each cropped."""
-        jpegs = [i for i in self.images if isinstance(i, EncodedJpeg)]
-        decoded = iter(decode_jpegs(jpegs, self.device))
+        rows = self.params.tolist()
+        sizes = [row[0] for row in rows if row[0]]
+        files = self.data.split(sizes)  # views: one file each
+        paths = [path for path, row in zip(self.paths, rows, strict=True) if row[0]]
+        decoded, done = iter(decode_jpegs(list(files), paths, self.device)), iter(self.done)
         out = []
-        for image, params in zip(self.images, self.params.tolist(), strict=True):
-            if isinstance(image, EncodedJpeg):
-                pixels = next(decoded)  # (3, H, W)
-                if tuple(pixels.shape[-2:]) != (image.height, image.width):
-                    raise DatasetError(
-                        f"the image {image.path} decodes to {pixels.shape[-1]}x"
-                        f"{pixels.shape[-2]} pixels, its header says {image.width}x"
-                        f"{image.height}; decode it in the workers (data.decode=worker)"
-                    )
-                image = self.geometry.apply(pixels, params)
-            out.append(image)
+        for path, (size, height, width, *drawn) in zip(self.paths, rows, strict=True):
+            if not size:
+                out.append(next(done))
+                continue
+            image = next(decoded)  # (3, H, W)
+            if tuple(image.shape[-2:]) != (height, width):
+                raise DatasetError(
+                    f"the image {path} decodes to {image.shape[-1]}x{image.shape[-2]} pixels, "
+                    f"its header says {width}x{height}; decode it in the workers "
+                    "(data.decode=worker)"
+                )
+            out.append(self.geometry.apply(image, drawn))
         return torch.stack(out)  # (B, 3, S, S)
 
 
