@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset, default_collate
 from torchvision.transforms import v2
 
 from backbones import IMAGENET_MEAN, IMAGENET_STD
@@ -30,7 +30,6 @@ from backbones import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import ConfigError, DatasetError
 from .base import DiskDataModule, Transformed, usable_cpus
 from .images import EncodedJpeg, read_encoded, read_image
-from .sampling import EpochSeeded
 from .transforms import DeviceGeometry, EncodedImages
 
 log = logging.getLogger(__name__)
@@ -162,14 +161,15 @@ class ImageFolderDataModule(DiskDataModule):
             for split, dataset in raw.items()
         }
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        loader = super()._loader(split, shuffle)
+    def _served(self, split: str) -> Dataset:
+        if self.decode == "device":  # JPEGs undecoded; `[index]` stays decoded for the pictures
+            return EncodedView(self.splits[split])
+        return super()._served(split)
+
+    def _collate(self, split: str) -> Callable[[list[Any]], Any]:
         if self.decode == "device":
-            dataset = self.splits[split]
-            loader.collate_fn = partial(collate_encoded, geometry=dataset.geometry)
-            if isinstance(loader.dataset, EpochSeeded):  # it reads the split by `[index]`
-                loader.dataset.dataset = EncodedView(dataset)
-        return loader
+            return partial(collate_encoded, geometry=self.splits[split].geometry)
+        return super()._collate(split)
 
     def _list_splits(self) -> dict[str, Listing]:
         """Every split's files (verified with `verify_files`): what rank 0 sends the others."""
@@ -359,10 +359,9 @@ class FolderImages(Dataset):
 class DeviceDecoded(Transformed):
     """A split of `FolderImages` for `decode="device"`.
 
-    The DataLoaders read `encoded` samples (by `__getitems__`, or through `EncodedView` for the
-    training loader, whose `EpochSeeded` reads `[index]`): a JPEG's bytes with its preset's
-    random draws. `[index]` gives the sample as the worker path does, decoded and cropped (the
-    pictures and the model summary read it so).
+    The DataLoaders read `encoded` samples (through `EncodedView`, which the data module serves
+    them): a JPEG's bytes with its preset's random draws. `[index]` gives the sample as the
+    worker path does, decoded and cropped (the pictures and the model summary read it so).
     """
 
     def __init__(self, dataset: FolderImages, transforms: v2.Compose) -> None:
@@ -375,12 +374,9 @@ class DeviceDecoded(Transformed):
             return (image, self.geometry.draw(image.height, image.width)), label
         return self.transforms(image, label)  # not a JPEG: done here
 
-    def __getitems__(self, indices: list[int]) -> list[tuple[Any, int]]:
-        return [self.encoded(index) for index in indices]
-
 
 class EncodedView(Dataset):
-    """`split.encoded` as `[index]`, for a reader that indexes (the training loader's)."""
+    """`split.encoded` as `[index]`: what the loaders of `decode="device"` read."""
 
     def __init__(self, split: DeviceDecoded) -> None:
         self.split = split
