@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import get_total_norm
 
-from .data.transforms import DeviceNormalize
+from .data.transforms import DeviceNormalize, EncodedImages
 from .errors import ConfigError, DivergedError, NonFiniteLossError
 from .tasks import get_task
 
@@ -240,6 +240,8 @@ class TaskModule(L.LightningModule):
         if not (isinstance(batch, tuple | list) and len(batch) == 2):
             return batch
         images, target = batch
+        if isinstance(images, EncodedImages):  # data.decode=device: JPEGs decoded here
+            images = images.decode()
         if self.channels_last and isinstance(images, torch.Tensor) and images.ndim == 4:
             images = images.contiguous(memory_format=torch.channels_last)  # cheaper in uint8
         return self.normalize(images), target

@@ -133,7 +133,7 @@ class TaskDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if not self.splits:
             self.setup()
-        dataset = self.splits[split]
+        dataset = self._served(split)
         on_cuda, devices = self._on_cuda()
         workers = loader_workers(self.num_workers, on_cuda, devices)
         if workers and hasattr(dataset, "share_memory_"):
@@ -153,9 +153,18 @@ class TaskDataModule(L.LightningDataModule):
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=on_cuda,
-            collate_fn=self.task.collate,
+            collate_fn=self._collate(split),
             drop_last=shuffle and len(dataset) > self.batch_size,
         )
+
+    def _served(self, split: str) -> Dataset:
+        """What the loader of `split` reads (the split itself; a data module may serve another
+        view of it, as ImageFolder's `decode="device"` serves undecoded JPEGs)."""
+        return self.splits[split]
+
+    def _collate(self, split: str) -> Callable[[list[Any]], Any]:
+        """How the loader of `split` makes a batch of the samples `_served` gives."""
+        return self.task.collate
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -4,6 +4,8 @@ Setting up opens no file: listing a split is a walk of its class folders (as tor
 ImageFolder does; links are followed, but a folder reached twice, such as a link back up the
 tree, is listed once), run once per run on global rank 0 and sent to the other DDP ranks. A
 damaged file is named when a batch first reads it; `verify_files` decodes every file first.
+With `decode="device"` workers pass JPEGs on undecoded, with their crop drawn, and the batch is
+decoded on its device (`DeviceDecoded`).
 """
 
 from __future__ import annotations
@@ -14,17 +16,21 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
+from torchvision.transforms import v2
 
 from backbones import IMAGENET_MEAN, IMAGENET_STD
 
-from ..errors import DatasetError
+from ..errors import ConfigError, DatasetError
 from .base import DiskDataModule, Transformed, usable_cpus
-from .images import read_image
+from .images import EncodedJpeg, read_encoded, read_image
+from .transforms import DeviceGeometry, EncodedImages
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,7 @@ IMAGE_EXTENSIONS = frozenset(
      ".tiff", ".webp", ".gif", ".tga", ".avif")
 )  # fmt: skip
 SHOWN = 20  # files named in a message, at most
+DECODE = ("worker", "device")  # where JPEGs are decoded: data.decode
 
 
 class ImageFolderDataModule(DiskDataModule):
@@ -56,6 +63,14 @@ class ImageFolderDataModule(DiskDataModule):
             verify ROOT` runs the same check on its own.
         crop_scale: area range of the training RandomResizedCrop.
         crop_pct: eval images are resized to image_size / crop_pct, then center-cropped.
+        decode: "worker" (decode, crop and resize in the DataLoader workers) or "device":
+            workers read each JPEG's bytes and its header's size and draw its crop; the batch
+            is decoded on its device in one call (nvJPEG on CUDA), then cropped, resized and
+            flipped there. Files that are not JPEGs, and JPEGs whose header PIL cannot read,
+            are decoded and cropped in the worker as with "worker"; a JPEG that fails on the
+            device is read on the host (PIL) or named as damaged. With `skip_bad_files` it needs
+            `verify_files` (a damaged JPEG found on the device has no next file to take its
+            place).
         Others: see `DiskDataModule`.
     """
 
@@ -81,6 +96,7 @@ class ImageFolderDataModule(DiskDataModule):
         verify_files: bool = False,
         crop_scale: Sequence[float] = (0.08, 1.0),
         crop_pct: float = 0.875,
+        decode: str = "worker",
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
@@ -88,8 +104,16 @@ class ImageFolderDataModule(DiskDataModule):
             task, root, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
             mean=mean, std=std,
         )  # fmt: skip
+        if decode not in DECODE:
+            raise ConfigError(f"data.decode must be 'worker' or 'device', got {decode!r}")
+        if decode == "device" and skip_bad_files and not verify_files:
+            raise ConfigError(
+                "data.decode=device with data.skip_bad_files=true needs data.verify_files=true: a "
+                "damaged JPEG is found on the device, where no other file can take its place"
+            )
         self.skip_bad_files, self.verify_files = skip_bad_files, verify_files
         self.crop = {"crop_scale": tuple(crop_scale), "crop_pct": crop_pct}
+        self.decode = decode
 
     def _layout_problem(self) -> str | None:
         if not self.root.is_dir():
@@ -131,10 +155,21 @@ class ImageFolderDataModule(DiskDataModule):
         }
         if "test" not in raw:
             raw["test"], self.test_split = raw["val"], "val"
+        split_class = DeviceDecoded if self.decode == "device" else Transformed
         return {
-            split: Transformed(dataset, self._transform(split == "train", **self.crop))
+            split: split_class(dataset, self._transform(split == "train", **self.crop))
             for split, dataset in raw.items()
         }
+
+    def _served(self, split: str) -> Dataset:
+        if self.decode == "device":  # JPEGs undecoded; `[index]` stays decoded for the pictures
+            return EncodedView(self.splits[split])
+        return super()._served(split)
+
+    def _collate(self, split: str) -> Callable[[list[Any]], Any]:
+        if self.decode == "device":
+            return partial(collate_encoded, geometry=self.splits[split].geometry)
+        return super()._collate(split)
 
     def _list_splits(self) -> dict[str, Listing]:
         """Every split's files (verified with `verify_files`): what rank 0 sends the others."""
@@ -300,12 +335,16 @@ class FolderImages(Dataset):
         return os.path.join(self.folder, os.fsdecode(self.listing.files[index]))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.read(index, read_image)
+
+    def read(self, index: int, reader: Callable[[str], Any] = read_image) -> tuple[Any, int]:
+        """(what `reader` gives for the file, its class index), bad files skipped as above."""
         for step in range(len(self)):
             candidate = (index + step) % len(self)
             if candidate in self._bad:
                 continue
             try:
-                return read_image(self.path(candidate)), int(self.listing.labels[candidate])
+                return reader(self.path(candidate)), int(self.listing.labels[candidate])
             except DatasetError as error:
                 if not self.skip_bad_files:
                     raise
@@ -315,6 +354,51 @@ class FolderImages(Dataset):
             f"no file under {self.folder} is a readable image (data.skip_bad_files=true skipped "
             f"all {len(self)})"
         )
+
+
+class DeviceDecoded(Transformed):
+    """A split of `FolderImages` for `decode="device"`.
+
+    The DataLoaders read `encoded` samples (through `EncodedView`, which the data module serves
+    them): a JPEG's bytes with its preset's random draws. `[index]` gives the sample as the
+    worker path does, decoded and cropped (the pictures and the model summary read it so).
+    """
+
+    def __init__(self, dataset: FolderImages, transforms: v2.Compose) -> None:
+        super().__init__(dataset, transforms)
+        self.geometry = DeviceGeometry(transforms)
+
+    def encoded(self, index: int) -> tuple[EncodedJpeg | torch.Tensor, int]:
+        image, label = self.dataset.read(self.indices[index], read_encoded)
+        if isinstance(image, EncodedJpeg):
+            return (image, self.geometry.draw(image.height, image.width)), label
+        return self.transforms(image, label)  # not a JPEG: done here
+
+
+class EncodedView(Dataset):
+    """`split.encoded` as `[index]`: what the loaders of `decode="device"` read."""
+
+    def __init__(self, split: DeviceDecoded) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self.split.encoded(index)
+
+
+def collate_encoded(
+    samples: list[tuple[Any, int]], geometry: DeviceGeometry
+) -> tuple[EncodedImages | torch.Tensor, torch.Tensor]:
+    """`DeviceDecoded.encoded` samples as (`EncodedImages`, (B,) labels); a batch with no JPEG
+    to decode is stacked as the worker path's."""
+    if not any(isinstance(image, tuple) for image, _ in samples):
+        return default_collate(samples)
+    images = [image for image, _ in samples]
+    paths = [image[0].path if isinstance(image, tuple) else "" for image in images]
+    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+    return EncodedImages.collate(images, paths, geometry), labels
 
 
 def verify_images(

@@ -12,12 +12,19 @@ PIL opens a 16-bit greyscale PNG in mode "I;16" (values 0-65535), and its `conve
 clips those at 255: nearly every pixel turns white. Such images are scaled to 8 bits here
 (value >> 8, the high byte, as PIL already does for 16-bit RGB). A file that fails to decode
 (a truncated JPEG) is a `DatasetError` that names it, whichever worker reads it.
+
+For decoding on the device (`data.decode=device`), `read_encoded` gives a JPEG as its bytes and
+the size in its header (PIL reads the header only), and `decode_jpegs` decodes a batch of them
+in one call on a device (nvJPEG on CUDA); a file that fails there is read by `read_image` on the
+host, which decodes it or names it.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,14 +46,7 @@ JPEG_START = b"\xff\xd8\xff"  # SOI marker and the first byte of the next one: e
 
 def read_image(path: str | os.PathLike) -> torch.Tensor:
     """The image at `path` as a (3, H, W) uint8 RGB tensor; 16-bit greyscale is scaled."""
-    try:
-        with open(path, "rb") as file:
-            data = bytearray(os.fstat(file.fileno()).st_size)  # writable: no copy for torch
-            file.readinto(data)
-    except OSError as error:
-        raise DatasetError(
-            f"cannot read the image {path} ({type(error).__name__}: {error})"
-        ) from None
+    data = read_bytes(path)
     if data.startswith(JPEG_START):
         try:
             return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
@@ -55,6 +55,69 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     # PIL reads the file again (from the page cache): its errors then name the file, not a buffer
     image = to_rgb(open_image(path))
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W) view of HWC memory
+
+
+def read_bytes(path: str | os.PathLike) -> bytearray:
+    """The bytes of the file at `path`; a file that cannot be read is a `DatasetError` naming it."""
+    try:
+        with open(path, "rb") as file:
+            data = bytearray(os.fstat(file.fileno()).st_size)  # writable: no copy for torch
+            file.readinto(data)
+    except OSError as error:
+        raise DatasetError(
+            f"cannot read the image {path} ({type(error).__name__}: {error})"
+        ) from None
+    return data
+
+
+@dataclass
+class EncodedJpeg:
+    """A JPEG file not decoded yet: its bytes and the size its header gives."""
+
+    data: torch.Tensor  # (N,) uint8, the whole file
+    height: int
+    width: int
+    path: str
+
+
+def read_encoded(path: str | os.PathLike) -> EncodedJpeg | torch.Tensor:
+    """The JPEG at `path` as an `EncodedJpeg`; any other file, or a JPEG whose header PIL cannot
+    read, decoded now as `read_image` does (which names a damaged one)."""
+    data = read_bytes(path)
+    if data.startswith(JPEG_START):
+        try:
+            with Image.open(io.BytesIO(data)) as image:  # the header only: ~20 us
+                width, height = image.size
+            encoded = torch.frombuffer(data, dtype=torch.uint8)
+            return EncodedJpeg(encoded, height, width, os.fspath(path))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            pass  # read_image decodes it or names it
+    return read_image(path)
+
+
+def decode_jpegs(
+    files: list[torch.Tensor], paths: list[str], device: torch.device
+) -> list[torch.Tensor]:
+    """Each JPEG file's bytes (a 1-D uint8 tensor on the host) as a (3, H, W) uint8 RGB tensor
+    on `device`, decoded in one call (nvJPEG's batch on CUDA, libjpeg-turbo on the CPU).
+
+    When the batch fails, each file is decoded alone, and one that fails alone is read from its
+    path by `read_image` on the host (as a worker would: PIL decodes a JPEG that the decoder
+    refuses, or names it as damaged) and moved to `device`.
+    """
+    if not files:
+        return []
+    try:
+        return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        pass  # a damaged file, or one of a kind this decoder refuses: which one, alone
+    decoded = []
+    for data, path in zip(files, paths, strict=True):
+        try:
+            decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            decoded.append(read_image(path).to(device))
+    return decoded
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:

@@ -11,17 +11,26 @@ targets must arrive as `tv_tensors.Mask` / `BoundingBoxes` so that v2 knows to r
 with nearest neighbours and to move boxes with the pixels. `DeviceNormalize` then makes float,
 normalised images of a batch on its device
 (`zootrain.module.TaskModule.on_after_batch_transfer`), with the data module's statistics.
+
+With `data.decode=device` (ImageFolder) the classification preset is split in two by
+`DeviceGeometry`: workers draw its random parameters from each JPEG's header size, and an
+`EncodedImages` batch is decoded, cropped, resized and flipped on its device before it is
+normalised.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+
+from ..errors import DatasetError
+from .images import EncodedJpeg, decode_jpegs
 
 IGNORE_INDEX = 255  # segmentation pixels that no loss or metric counts
 Stats = Sequence[float]
@@ -49,6 +58,129 @@ def classification_preset(
             v2.CenterCrop(image_size),
         ]
     return v2.Compose(geometry)
+
+
+class DeviceGeometry:
+    """The classification preset's geometry split between a worker and the device.
+
+    `draw` runs in the worker, from an image's size alone (a JPEG's header), and makes the
+    random draws the preset would make, from the same generator, in the same order: the
+    RandomResizedCrop box (its own `make_params`) and the flip (one `torch.rand(1)`, as v2's
+    random transforms draw it). `apply` crops, resizes and flips a decoded image on its device
+    with those numbers, as the preset's kernels would. Eval presets draw nothing: `apply` runs
+    the preset itself (resize + center crop).
+    """
+
+    def __init__(self, preset: v2.Compose) -> None:
+        kinds = [type(t) for t in preset.transforms]
+        if kinds not in (
+            [v2.RandomResizedCrop, v2.RandomHorizontalFlip],
+            [v2.Resize, v2.CenterCrop],
+        ):
+            raise TypeError(
+                "DeviceGeometry splits classification_preset's geometry (RandomResizedCrop + "
+                f"flip, or Resize + CenterCrop), not {[k.__name__ for k in kinds]}"
+            )
+        self.preset = preset
+        self.train = kinds[0] is v2.RandomResizedCrop
+
+    def draw(self, height: int, width: int) -> tuple[int, int, int, int, int]:
+        """(top, left, crop height, crop width, flip) for an image of this size."""
+        if not self.train:
+            return (0, 0, height, width, 0)
+        crop, flip = self.preset.transforms
+        size = torch.empty(()).expand(height, width)  # a size that holds no pixels
+        box = crop.make_params([size])
+        flipped = bool(torch.rand(1) < flip.p)
+        return (box["top"], box["left"], box["height"], box["width"], int(flipped))
+
+    def apply(self, image: torch.Tensor, params: Sequence[int]) -> torch.Tensor:
+        """A decoded (3, H, W) uint8 image with its drawn `params`, on its device."""
+        if not self.train:
+            return self.preset(image)
+        crop = self.preset.transforms[0]
+        top, left, height, width, flipped = params
+        image = F.resized_crop(
+            image, top, left, height, width, list(crop.size), crop.interpolation,
+            antialias=crop.antialias,
+        )  # fmt: skip
+        return F.horizontal_flip(image) if flipped else image
+
+
+@dataclass
+class EncodedImages:
+    """A batch of images, JPEGs among them still encoded, decoded where it is sent (`decode`).
+
+    The JPEG files lie one after another in `data`, one tensor, so that a worker sends the
+    batch with one shared-memory handle, not one per file. `to(device)` moves the images the
+    workers finished (files that are not JPEGs, decoded and cropped there) and records the
+    device; `data` and `params` stay on the host: decode_jpeg reads bytes from there on any
+    device (nvJPEG copies them itself), and the crop boxes are the kernels' arguments, which
+    read from a device tensor would be a host sync per batch.
+    """
+
+    data: torch.Tensor  # (N,) uint8 on the host: the batch's JPEG files, concatenated
+    # (B, 8) int64 on the host: bytes in `data` (0: done in a worker), header height and width,
+    # then `DeviceGeometry.draw`'s (top, left, crop height, crop width, flip)
+    params: torch.Tensor
+    done: list[torch.Tensor]  # (3, S, S) uint8: the images done in a worker, in batch order
+    paths: list[str]  # each JPEG's file, named when it fails ("" for the images done)
+    geometry: DeviceGeometry
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @classmethod
+    def collate(
+        cls, images: Sequence[tuple[EncodedJpeg, Sequence[int]] | torch.Tensor],
+        paths: list[str], geometry: DeviceGeometry,
+    ) -> EncodedImages:  # fmt: skip
+        """A batch of (JPEG, its draws) and images done in a worker."""
+        files, params, done = [], [], []
+        for image in images:
+            if isinstance(image, torch.Tensor):
+                done.append(image)
+                params.append((0,) * 8)
+            else:
+                jpeg, drawn = image
+                files.append(jpeg.data)
+                params.append((len(jpeg.data), jpeg.height, jpeg.width, *drawn))
+        data = torch.cat(files) if files else torch.empty(0, dtype=torch.uint8)
+        return cls(data, torch.tensor(params, dtype=torch.int64), done, paths, geometry)
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> EncodedImages:
+        # from the host, non_blocking is safe: a pinned copy is ordered in the stream
+        done = [i.to(device, non_blocking=non_blocking or i.is_cpu) for i in self.done]
+        return EncodedImages(
+            self.data, self.params, done, self.paths, self.geometry, torch.device(device)
+        )
+
+    def pin_memory(self) -> EncodedImages:
+        done = [i.pin_memory() for i in self.done]
+        return EncodedImages(self.data, self.params, done, self.paths, self.geometry, self.device)
+
+    def decode(self) -> torch.Tensor:
+        """(B, 3, S, S) uint8 on `device`: every JPEG decoded in one call, then each cropped."""
+        rows = self.params.tolist()
+        sizes = [row[0] for row in rows if row[0]]
+        files = self.data.split(sizes)  # views: one file each
+        paths = [path for path, row in zip(self.paths, rows, strict=True) if row[0]]
+        decoded, done = iter(decode_jpegs(list(files), paths, self.device)), iter(self.done)
+        out = []
+        for path, (size, height, width, *drawn) in zip(self.paths, rows, strict=True):
+            if not size:
+                out.append(next(done))
+                continue
+            image = next(decoded)  # (3, H, W)
+            if tuple(image.shape[-2:]) != (height, width):
+                raise DatasetError(
+                    f"the image {path} decodes to {image.shape[-1]}x{image.shape[-2]} pixels, "
+                    f"its header says {width}x{height}; decode it in the workers "
+                    "(data.decode=worker)"
+                )
+            out.append(self.geometry.apply(image, drawn))
+        return torch.stack(out)  # (B, 3, S, S)
 
 
 def dense_preset(
