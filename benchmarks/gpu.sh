@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 16 on one GPU, at most 7.5 minutes (the sum of the step timeouts):
+# The GPU checks of issues 16 and 27 on one GPU, at most 12 minutes (the sum of the step timeouts;
+# about 7 on an H200):
 #   bash benchmarks/carry_deps.sh                 # once, where Hydra is installed
 #   OUT=/some/dir bash benchmarks/gpu.sh          # on the GPU machine, from the repo root
 # 1. python -m benchmarks.training, resnet50 224 px batch 256 bf16: bare loop / Lightning / train.py
 # 2. python train.py with the GPU defaults (auto: bf16, cuDNN autotuning, workers, pinned memory)
 # 3. python -m benchmarks.training, mobilenet_v3_large + fpn (trainer=gpu: 64 px, batch 256)
 # 4. python train.py compile=true (resnet18): the compile warm-up
+# 5. python train.py data=imagefolder, resnet50 224 px, on a generated folder of ImageNet-like
+#    JPEGs (benchmarks.loader's photographs, hard-linked to FOLDER_FILES files): one epoch with
+#    the JPEGs decoded in the workers, one with data.decode=device (nvJPEG); compare their
+#    train img/s with step 1's bare loop
 # Each step runs under its own timeout and the script goes on when one fails. $OUT (default
 # ./gpu_out) gets at most 8 files: summary.txt (read this), logs.txt (each step's last lines)
 # and each benchmark's table (.md) and plot (.png). Knobs (environment), for trying it on CPU:
-# PYTHON, R50, MBV3 (bench overrides), BENCH_FLAGS, TRAIN_ARGS, COMPILE_ARGS, EXTRA (appended to
-# every command), T_BENCH_R50, T_TRAIN, T_BENCH_MBV3, T_COMPILE (seconds).
+# PYTHON, R50, MBV3 (bench overrides), BENCH_FLAGS, TRAIN_ARGS, COMPILE_ARGS, FOLDER_FILES,
+# FOLDER_ARGS, EXTRA (appended to every train.py and bench command), T_BENCH_R50, T_TRAIN,
+# T_BENCH_MBV3, T_COMPILE, T_JPEGS (seconds).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_out}
@@ -20,6 +26,8 @@ MBV3=${MBV3:-backbone=mobilenetv3 head=fpn trainer=gpu}
 BENCH_FLAGS=${BENCH_FLAGS:---rounds 2 --warmup 3 --steps 12}
 TRAIN_ARGS=${TRAIN_ARGS:-trainer.max_epochs=2}
 COMPILE_ARGS=${COMPILE_ARGS:-compile=true trainer.max_epochs=1}
+FOLDER_FILES=${FOLDER_FILES:-20000}
+FOLDER_ARGS=${FOLDER_ARGS:-backbone=resnet50 data.image_size=224 trainer=gpu trainer.max_epochs=1 pictures=false test_after_fit=false}
 EXTRA=${EXTRA:-}
 export PYTHONPATH=".:.carry${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -70,5 +78,14 @@ say "# issue 16 GPU checks, $(date -u +%FT%TZ)"
   results bench_mobilenetv3_fpn "^\| (setup|mobilenetv3)|medians of the rounds"
   step train_compile "${T_COMPILE:-120}" "$PYTHON" train.py $COMPILE_ARGS $EXTRA
   results train_compile "best val|fit:|compile warm-up|error"
+  step make_jpegs 60 "$PYTHON" -c "import sys; from pathlib import Path; \
+from benchmarks.loader import make_folder, make_tree; \
+make_tree(Path(sys.argv[1], 'tree'), make_folder(Path(sys.argv[1], 'photos'), 8, 32), int(sys.argv[2]))" \
+    "$scratch/jpegs" "$FOLDER_FILES"
+  for decode in worker device; do
+    step "jpegs_decode_$decode" "${T_JPEGS:-120}" "$PYTHON" train.py data=imagefolder \
+      data.root="$scratch/jpegs/tree" data.decode=$decode $FOLDER_ARGS $EXTRA
+    results "jpegs_decode_$decode" "fit:|error"
+  done
 }
 say "files: $(cd "$OUT" && ls | tr '\n' ' ')"

@@ -48,7 +48,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from backbones import IMAGENET_MEAN, IMAGENET_STD
-from backbones.weights import atomic_path
+from backbones.files import atomic_path
 from zootrain.data.base import loader_workers
 from zootrain.data.imagefolder import ImageFolderDataModule
 from zootrain.data.images import read_image

@@ -46,7 +46,10 @@ def test_the_gpu_script_runs_every_step_on_cpu(tmp_path: Path) -> None:
         "EXTRA": TINY + " trainer.enable_progress_bar=false",
         "PYTHONPATH": str(ROOT),
         "OMP_NUM_THREADS": "1",  # a timing-free check: no thread contention on a busy machine
-        **{f"T_{step}": "600" for step in ("BENCH_R50", "TRAIN", "BENCH_MBV3", "COMPILE")},
+        "FOLDER_FILES": "1000",  # 9 JPEGs a class in train, 1 in val, 100 classes
+        "FOLDER_ARGS": "backbone=resnet18 trainer.max_epochs=1 +trainer.limit_train_batches=2 "
+        f"+trainer.limit_val_batches=1 pictures=false paths.outputs={tmp_path}/outputs",
+        **{f"T_{step}": "600" for step in ("BENCH_R50", "TRAIN", "BENCH_MBV3", "COMPILE", "JPEGS")},
     }
     subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, check=True, timeout=900)
     files = sorted(p.name for p in out.iterdir())
@@ -58,6 +61,9 @@ def test_the_gpu_script_runs_every_step_on_cpu(tmp_path: Path) -> None:
         ("train_defaults", "0"),
         ("bench_mobilenetv3_fpn", "0"),
         ("train_compile", "0"),
+        ("make_jpegs", "0"),
+        ("jpegs_decode_worker", "0"),
+        ("jpegs_decode_device", "0"),
     ], summary
     # The tables, with the bare loop making no host sync and each Lightning run one per step
     # (log_every_n_steps=1 here).
@@ -66,3 +72,5 @@ def test_the_gpu_script_runs_every_step_on_cpu(tmp_path: Path) -> None:
     for row in rows:
         assert row.rstrip(" |").endswith("0.00 / 1.00 / 1.00"), row
     assert summary.count("best val/acc") == 1
+    # train_defaults and both JPEG epochs (one with the batch decoded where the model runs)
+    assert len(re.findall(r"^fit: [\d.]+ s, [\d.]+ train img/s$", summary, re.MULTILINE)) == 3
