@@ -80,7 +80,7 @@ def _torch_load(path: Path) -> object:
                 "its weights: `torch.save(torch.load(path, weights_only=False).state_dict(), "
                 "'clean.pth')` (or save them as .safetensors) and pass the new file."
             ) from None
-        if not zipfile.is_zipfile(path) and _starts_a_pickle(path):
+        if not zipfile.is_zipfile(path) and starts_a_pickle(path):
             raise WeightsError(
                 f"{path} is a pickle (pickle.dump, or torch.save's legacy format) that "
                 "torch.load(weights_only=True) refused: it is not read, since unpickling can run "
@@ -95,7 +95,8 @@ def _torch_load(path: Path) -> object:
         ) from None
 
 
-def _starts_a_pickle(path: Path) -> bool:
+def starts_a_pickle(path: str | os.PathLike) -> bool:
+    """Whether the file begins as a pickle does (pickle.dump, torch.save's legacy format)."""
     with open(path, "rb") as file:
         return file.read(1) == b"\x80"  # a pickle's protocol opcode
 

@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from torch import nn
 from torchvision.ops import StochasticDepth
 
 from backbones import WeightsError, convert, create
@@ -72,6 +73,16 @@ def test_rejects_bad_width(width: object) -> None:
         create("mobilenet_v3_small", width_mult=width)
 
 
+def assert_drops_the_same_branches(ours: nn.Module, reference: nn.Module) -> None:
+    """In train mode the same seed drops the same residual branches of the same samples."""
+    x = torch.randn(8, 3, 32, 32)
+    outputs = []
+    for model in (ours.train(), reference.train()):
+        torch.manual_seed(1)
+        outputs.append(model(x))
+    assert max_rel_error(*outputs) <= 1e-5
+
+
 @pytest.mark.parametrize(
     ("name", "channels"),
     [
@@ -99,13 +110,7 @@ def test_drop_path_rate_is_torchvision_stochastic_depth() -> None:
     assert rates == [m.p for m in reference.modules() if isinstance(m, StochasticDepth)]
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2 * 15 / 16)
 
-    # In train mode the same seed drops the same residual branches of the same samples.
-    x = torch.randn(8, 3, 32, 32)
-    outputs = []
-    for model in (ours.train(), reference.train()):
-        torch.manual_seed(1)
-        outputs.append(model(x))
-    assert max_rel_error(*outputs) <= 1e-5
+    assert_drops_the_same_branches(ours, reference)
 
 
 def test_mobilenet_v2_drop_path_rate_is_timms() -> None:
@@ -121,13 +126,7 @@ def test_mobilenet_v2_drop_path_rate_is_timms() -> None:
         for row in reference.blocks
         for block in row
     ]
-    # In train mode the same seed drops the same residual branches of the same samples.
-    x = torch.randn(8, 3, 32, 32)
-    outputs = []
-    for model in (ours.train(), reference.train()):
-        torch.manual_seed(1)
-        outputs.append(model(x))
-    assert max_rel_error(*outputs) <= 1e-5
+    assert_drops_the_same_branches(ours, reference)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from backbones.files import atomic_path, save_safetensors
+from backbones.files import atomic_path, save_safetensors, starts_a_pickle
 
 from .errors import CheckpointError
 from .runs import trusted_config
@@ -86,12 +86,10 @@ def load_checkpoint(
             "best.ckpt (or last.ckpt)"
         )
     if not zipfile.is_zipfile(path):
-        with open(path, "rb") as file:
-            pickled = file.read(1) == b"\x80"  # a pickle's protocol opcode
         what = (
             "a pickle (pickle.dump, or torch.save's legacy format), which is not read: pickled "
             "code is never executed here"
-            if pickled
+            if starts_a_pickle(path)
             else "not a PyTorch checkpoint (not a torch.save archive, maybe truncated)"
         )
         raise CheckpointError(f"{path} is {what}; pass a .ckpt written by train.py")

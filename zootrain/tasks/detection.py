@@ -37,12 +37,21 @@ class Detection(Task):
     per_class_file: str = "per_class_ap.png"
     score_threshold: float = 0.3  # detections drawn from this score on
     max_boxes: int = 10  # at most this many drawn per image, the highest scores
+    # What COCO's mAP scores (several: its values are prefixed "<iou type>_"); the last one is
+    # the per-class view's, named there with `scored` ("mask " for masks) and `unscored`.
+    iou_types: tuple[str, ...] = ("bbox",)
+    scored: str = ""
+    unscored: str = "no boxes of this class"
+
+    def average_precision(self, iou_types: tuple[str, ...], **options: Any) -> Metric:
+        """COCO's mean average precision (pycocotools) of `iou_types` for this task's outputs."""
+        return MeanAveragePrecision(
+            box_format="xyxy", iou_type=iou_types, backend="pycocotools", **options
+        )
 
     def metrics(self, num_classes: int) -> MetricCollection:
         # COCO mAP over IoU 0.5:0.95 (map), at 0.5 and 0.75, and recall at 100 detections
-        return MetricCollection(
-            {"map": MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")}
-        )
+        return MetricCollection({"map": self.average_precision(self.iou_types)})
 
     def training_losses(
         self, model: Callable, x: list[torch.Tensor], target: list[dict[str, torch.Tensor]]
@@ -75,10 +84,8 @@ class Detection(Task):
         ]
 
     def per_class_metric(self, num_classes: int) -> Metric:
-        return MeanAveragePrecision(
-            box_format="xyxy",
-            iou_type="bbox",
-            backend="pycocotools",
+        return self.average_precision(
+            self.iou_types[-1:],
             class_metrics=True,
             extended_summary=True,  # the precision array, for AP at IoU 0.5 per class
             sync_on_compute=False,
@@ -89,11 +96,11 @@ class Detection(Task):
     ) -> Figure:
         ap, ap50 = average_precision_per_class(values, len(class_names))
         return plot_class_bars(
-            {"AP (IoU 0.50:0.95)": ap, "AP50": ap50},
+            {f"{self.scored}AP (IoU 0.50:0.95)": ap, f"{self.scored}AP50": ap50},
             class_names,
             title,
-            f"average precision per class, {split} split",
-            missing="no boxes of this class",
+            f"{self.scored}average precision per class, {split} split",
+            missing=self.unscored,
         )
 
     def draw(

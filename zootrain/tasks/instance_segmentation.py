@@ -4,18 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import Metric
 from torchmetrics.detection import MeanAveragePrecision
 
-from ..plots import plot_class_bars
-from .detection import Detection, average_precision_per_class
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+from .detection import Detection
 
 MASK_THRESHOLD = 0.5  # a pixel belongs to a predicted mask from this probability on
 
@@ -64,36 +60,14 @@ class InstanceSegmentation(Detection):
         for name in ("map", "map_50", "map_75", "mar_100")
     )
     per_class_file: str = "per_class_mask_ap.png"
+    iou_types: tuple[str, ...] = ("bbox", "segm")
+    scored: str = "mask "
+    unscored: str = "no objects of this class"
     mask_alpha: float = 0.55  # how opaque the masks are painted over the image
 
-    def metrics(self, num_classes: int) -> MetricCollection:
-        return MetricCollection(
-            {
-                "map": MaskAveragePrecision(
-                    box_format="xyxy", iou_type=("bbox", "segm"), backend="pycocotools"
-                )
-            }
-        )
-
-    def per_class_metric(self, num_classes: int) -> Metric:
+    def average_precision(self, iou_types: tuple[str, ...], **options: Any) -> Metric:
         return MaskAveragePrecision(
-            iou_type="segm",
-            backend="pycocotools",
-            class_metrics=True,
-            extended_summary=True,  # the precision array, for mask AP at IoU 0.5 per class
-            sync_on_compute=False,
-        )
-
-    def plot_per_class(
-        self, values: Any, class_names: Sequence[str], title: str, split: str
-    ) -> Figure:
-        ap, ap50 = average_precision_per_class(values, len(class_names))
-        return plot_class_bars(
-            {"mask AP (IoU 0.50:0.95)": ap, "mask AP50": ap50},
-            class_names,
-            title,
-            f"mask average precision per class, {split} split",
-            missing="no objects of this class",
+            box_format="xyxy", iou_type=iou_types, backend="pycocotools", **options
         )
 
     def painted(
