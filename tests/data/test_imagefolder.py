@@ -242,6 +242,12 @@ def test_the_listing_is_made_once_per_run_on_rank_zero(tmp_path: Path, monkeypat
         failed.setup()
 
 
+V2_GEOMETRY = {
+    "train": lambda size: [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()],
+    "val": lambda size: [v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size)],
+}
+
+
 def test_the_uint8_path_gives_the_float_pipelines_tensors(tmp_path: Path) -> None:
     """The old reading (PIL, then v2's geometry, ToDtype and Normalize in the worker) and the
     new (decode_jpeg, the same geometry in uint8, normalised on the device) agree to 1e-6 on
@@ -258,7 +264,7 @@ def test_the_uint8_path_gives_the_float_pipelines_tensors(tmp_path: Path) -> Non
     normalize = DeviceNormalize(datamodule.mean, datamodule.std)
     for split in ("train", "val"):
         new = datamodule.splits[split]
-        geometry = new.transforms.transforms  # the preset: RandomResizedCrop + flip, or eval's
+        geometry = V2_GEOMETRY[split](32)  # what the preset was before it left v2
         old = v2.Compose(
             [v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True),
              v2.Normalize(datamodule.mean, datamodule.std)]

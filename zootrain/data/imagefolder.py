@@ -22,15 +22,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, default_collate
-from torchvision.transforms import v2
+from torch.utils.data import Dataset
 
 from backbones import IMAGENET_MEAN, IMAGENET_STD
 
 from ..errors import ConfigError, DatasetError
 from .base import DiskDataModule, Transformed, usable_cpus
 from .images import EncodedJpeg, read_encoded, read_image
-from .transforms import DeviceGeometry, EncodedImages
+from .transforms import ClassificationGeometry, EncodedImages, collate_samples
 
 log = logging.getLogger(__name__)
 
@@ -364,9 +363,14 @@ class DeviceDecoded(Transformed):
     worker path does, decoded and cropped (the pictures and the model summary read it so).
     """
 
-    def __init__(self, dataset: FolderImages, transforms: v2.Compose) -> None:
+    def __init__(self, dataset: FolderImages, transforms: ClassificationGeometry) -> None:
+        if not isinstance(transforms, ClassificationGeometry):
+            raise TypeError(
+                "data.decode=device splits a classification preset (ClassificationGeometry), "
+                f"not {type(transforms).__name__}"
+            )
         super().__init__(dataset, transforms)
-        self.geometry = DeviceGeometry(transforms)
+        self.geometry = transforms
 
     def encoded(self, index: int) -> tuple[EncodedJpeg | torch.Tensor, int]:
         image, label = self.dataset.read(self.indices[index], read_encoded)
@@ -389,12 +393,12 @@ class EncodedView(Dataset):
 
 
 def collate_encoded(
-    samples: list[tuple[Any, int]], geometry: DeviceGeometry
+    samples: list[tuple[Any, int]], geometry: ClassificationGeometry
 ) -> tuple[EncodedImages | torch.Tensor, torch.Tensor]:
     """`DeviceDecoded.encoded` samples as (`EncodedImages`, (B,) labels); a batch with no JPEG
     to decode is stacked as the worker path's."""
     if not any(isinstance(image, tuple) for image, _ in samples):
-        return default_collate(samples)
+        return collate_samples(samples)
     images = [image for image, _ in samples]
     paths = [image[0].path if isinstance(image, tuple) else "" for image in images]
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)

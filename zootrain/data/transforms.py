@@ -12,10 +12,10 @@ with nearest neighbours and to move boxes with the pixels. `DeviceNormalize` the
 normalised images of a batch on its device
 (`zootrain.module.TaskModule.on_after_batch_transfer`), with the data module's statistics.
 
-With `data.decode=device` (ImageFolder) the classification preset is split in two by
-`DeviceGeometry`: workers draw its random parameters from each JPEG's header size, and an
-`EncodedImages` batch is decoded, cropped, resized and flipped on its device before it is
-normalised.
+The classification presets are v2's geometry rewritten as two halves (`ClassificationGeometry`:
+the same draws, the same pixels, in less time); with `data.decode=device` (ImageFolder) workers
+draw from each JPEG's header size, and an `EncodedImages` batch is decoded, cropped, resized
+and flipped on its device before it is normalised.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils.data import default_collate
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
@@ -41,70 +42,95 @@ def classification_preset(
     image_size: int,
     crop_scale: Sequence[float] = (0.08, 1.0),
     crop_pct: float = 0.875,
-) -> v2.Compose:
+) -> ClassificationGeometry:
     """Train: RandomResizedCrop + horizontal flip. Eval: resize to image_size / crop_pct, center crop.
 
-    Images come as uint8 tensors (every reader gives them so) and leave as plain tensors: no
-    tv_tensors wrapping in and out, which costs as much as the flip (~0.1 ms a sample).
+    Images come as uint8 tensors (every reader gives them so) and leave as plain tensors with
+    their channels interleaved in memory (see `ClassificationGeometry`).
     """
     if train:
-        geometry = [
-            v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True),
-            v2.RandomHorizontalFlip(),
-        ]
-    else:
-        geometry = [
-            v2.Resize(round(image_size / crop_pct), antialias=True),
-            v2.CenterCrop(image_size),
-        ]
-    return v2.Compose(geometry)
+        return RandomResizedCropFlip(image_size, crop_scale)
+    return ResizeCenterCrop(image_size, crop_pct)
 
 
-class DeviceGeometry:
-    """The classification preset's geometry split between a worker and the device.
+class ClassificationGeometry:
+    """A classification preset's geometry in two halves: `draw` makes its random draws from an
+    image's size alone, `apply` moves the pixels with them. Called as `preset(image, target)`,
+    it does both; with `data.decode=device` a worker draws from a JPEG's header and the batch's
+    device applies (`EncodedImages`).
 
-    `draw` runs in the worker, from an image's size alone (a JPEG's header), and makes the
-    random draws the preset would make, from the same generator, in the same order: the
-    RandomResizedCrop box (its own `make_params`) and the flip (one `torch.rand(1)`, as v2's
-    random transforms draw it). `apply` crops, resizes and flips a decoded image on its device
-    with those numbers, as the preset's kernels would. Eval presets draw nothing: `apply` runs
-    the preset itself (resize + center crop).
+    The pixels are resized with their channels interleaved, (H, W, 3) in memory: PyTorch's
+    uint8 antialiased bilinear kernel has a vectorised path for that layout, which takes 0.6x
+    the time of v2 resizing the decoder's strided crop (and a third of a planar image's), and
+    gives the same bytes. Outputs keep the layout; `stack_images` batches them channels last
+    without a transposing copy.
     """
 
-    def __init__(self, preset: v2.Compose) -> None:
-        kinds = [type(t) for t in preset.transforms]
-        if kinds not in (
-            [v2.RandomResizedCrop, v2.RandomHorizontalFlip],
-            [v2.Resize, v2.CenterCrop],
-        ):
-            raise TypeError(
-                "DeviceGeometry splits classification_preset's geometry (RandomResizedCrop + "
-                f"flip, or Resize + CenterCrop), not {[k.__name__ for k in kinds]}"
-            )
-        self.preset = preset
-        self.train = kinds[0] is v2.RandomResizedCrop
+    def __call__(self, image: torch.Tensor, target: Any) -> tuple[torch.Tensor, Any]:
+        return self.apply(image, self.draw(*image.shape[-2:])), target
 
     def draw(self, height: int, width: int) -> tuple[int, int, int, int, int]:
         """(top, left, crop height, crop width, flip) for an image of this size."""
-        if not self.train:
-            return (0, 0, height, width, 0)
-        crop, flip = self.preset.transforms
+        return (0, 0, height, width, 0)
+
+    def apply(self, image: torch.Tensor, params: Sequence[int]) -> torch.Tensor:
+        """A (3, H, W) uint8 image moved by `draw`'s `params`, on its device."""
+        raise NotImplementedError
+
+
+class RandomResizedCropFlip(ClassificationGeometry):
+    """v2's `RandomResizedCrop(size, scale, antialias=True)` then `RandomHorizontalFlip()`:
+    the same random draws from the same generator in the same order (the crop box by v2's own
+    `make_params`, then one `torch.rand(1)` for the flip, as v2's random transforms draw it) and
+    the same pixels, without v2's per-call dispatch and with the faster resize."""
+
+    def __init__(self, size: int, scale: Sequence[float] = (0.08, 1.0), p: float = 0.5) -> None:
+        self.crop = v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True)
+        self.size, self.p = list(self.crop.size), p
+
+    def draw(self, height: int, width: int) -> tuple[int, int, int, int, int]:
         size = torch.empty(()).expand(height, width)  # a size that holds no pixels
-        box = crop.make_params([size])
-        flipped = bool(torch.rand(1) < flip.p)
+        box = self.crop.make_params([size])
+        flipped = bool(torch.rand(1) < self.p)
         return (box["top"], box["left"], box["height"], box["width"], int(flipped))
 
     def apply(self, image: torch.Tensor, params: Sequence[int]) -> torch.Tensor:
-        """A decoded (3, H, W) uint8 image with its drawn `params`, on its device."""
-        if not self.train:
-            return self.preset(image)
-        crop = self.preset.transforms[0]
         top, left, height, width, flipped = params
-        image = F.resized_crop(
-            image, top, left, height, width, list(crop.size), crop.interpolation,
-            antialias=crop.antialias,
-        )  # fmt: skip
+        crop = interleaved(image[..., top : top + height, left : left + width])
+        image = F.resize(crop, self.size, self.crop.interpolation, antialias=True)  # (3, S, S)
         return F.horizontal_flip(image) if flipped else image
+
+
+class ResizeCenterCrop(ClassificationGeometry):
+    """v2's `Resize(round(size / crop_pct), antialias=True)` then `CenterCrop(size)`."""
+
+    def __init__(self, size: int, crop_pct: float = 0.875) -> None:
+        self.size, self.resize = size, round(size / crop_pct)
+
+    def apply(self, image: torch.Tensor, params: Sequence[int]) -> torch.Tensor:
+        image = F.resize(interleaved(image), [self.resize], antialias=True)  # shorter side
+        return F.center_crop(image, [self.size])  # a view: stack_images copies it once
+
+
+def interleaved(image: torch.Tensor) -> torch.Tensor:
+    """A (3, H, W) image whose memory is (H, W, 3); no copy when it is already."""
+    return image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+
+
+def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(B, C, H, W) from (C, H, W) images of one size, channels last when every image has its
+    channels innermost in memory (what the classification presets give): stacking those into a
+    planar batch would transpose each (7x the time of the copy); the module's `channels_last`
+    wants that layout anyway. In a DataLoader worker the batch lands in shared memory."""
+    if all(image.ndim == 3 and image.stride(0) == 1 and image.numel() > 1 for image in images):
+        return default_collate([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+    return default_collate(list(images))
+
+
+def collate_samples(samples: Sequence[tuple[torch.Tensor, Any]]) -> list[Any]:
+    """[(B, C, H, W) images (`stack_images`), collated targets], as `default_collate` gives."""
+    images, targets = zip(*samples, strict=True)
+    return [stack_images(images), default_collate(list(targets))]
 
 
 @dataclass
@@ -121,17 +147,17 @@ class EncodedImages:
 
     data: torch.Tensor  # (N,) uint8 on the host: the batch's JPEG files, concatenated
     # (B, 8) int64 on the host: bytes in `data` (0: done in a worker), header height and width,
-    # then `DeviceGeometry.draw`'s (top, left, crop height, crop width, flip)
+    # then `ClassificationGeometry.draw`'s (top, left, crop height, crop width, flip)
     params: torch.Tensor
     done: list[torch.Tensor]  # (3, S, S) uint8: the images done in a worker, in batch order
     paths: list[str]  # each JPEG's file, named when it fails ("" for the images done)
-    geometry: DeviceGeometry
+    geometry: ClassificationGeometry
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @classmethod
     def collate(
         cls, images: Sequence[tuple[EncodedJpeg, Sequence[int]] | torch.Tensor],
-        paths: list[str], geometry: DeviceGeometry,
+        paths: list[str], geometry: ClassificationGeometry,
     ) -> EncodedImages:  # fmt: skip
         """A batch of (JPEG, its draws) and images done in a worker."""
         files, params, done = [], [], []
@@ -180,7 +206,7 @@ class EncodedImages:
                     "(data.decode=worker)"
                 )
             out.append(self.geometry.apply(image, drawn))
-        return torch.stack(out)  # (B, 3, S, S)
+        return stack_images(out)  # (B, 3, S, S)
 
 
 def dense_preset(

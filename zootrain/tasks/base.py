@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import default_collate
 from torchmetrics import Metric, MetricCollection
+
+from ..data.transforms import collate_samples
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -78,7 +79,7 @@ class Task(ABC):
 
     def collate(self, batch: list[tuple[Any, Any]]) -> Any:
         """A batch of samples as the model takes it: stacked images and targets."""
-        return default_collate(batch)
+        return collate_samples(batch)
 
     @abstractmethod
     def transform(self, train: bool, image_size: int, **options: Any) -> Callable:
