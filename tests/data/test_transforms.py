@@ -36,6 +36,7 @@ def test_device_normalize_is_v2s_to_dtype_and_normalize() -> None:
     torch.testing.assert_close(listed[1], expected[2, :, :5], atol=1e-6, rtol=0)
     last = images.contiguous(memory_format=torch.channels_last)
     assert normalize(last).is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(normalize(last), normalize(images))  # its own path: the same values
     floats = torch.randn(2, 3, 4, 4)
     assert normalize(floats) is floats  # the model's input already
     torch.testing.assert_close(DeviceNormalize()(images), images.float() / 255, atol=1e-7, rtol=0)

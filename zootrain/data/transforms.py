@@ -313,6 +313,17 @@ class DeviceNormalize:
                 for v in (self._scale, self._shift)
             )
         scale, shift = self._on[images.device]
+        if images.ndim == 4 and not images.is_contiguous() and images.is_contiguous(
+            memory_format=torch.channels_last
+        ):
+            # A channels-last batch (`stack_images`) as rows of W x 3 values, with per-channel
+            # factors repeated along a row: broadcast over an innermost dimension of 3, the
+            # same arithmetic takes 4x as long on CPU (0.25 against 0.06 ms an image at 224 px)
+            batch, channels, height, width = images.shape
+            out = images.permute(0, 2, 3, 1).float()  # (B, H, W, C), contiguous
+            rows = out.view(batch * height, width * channels)
+            rows.mul_(scale.view(channels).repeat(width)).add_(shift.view(channels).repeat(width))
+            return out.permute(0, 3, 1, 2)  # (B, C, H, W), channels last
         # Three passes, in the images' memory format; one mixed-dtype addcmul would be one, but
         # on CPU it takes 5x as long (14 ms for 32 images at 224 px, one thread, against 3)
         return images.float().mul_(scale).add_(shift)
