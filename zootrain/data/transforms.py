@@ -313,8 +313,10 @@ class DeviceNormalize:
                 for v in (self._scale, self._shift)
             )
         scale, shift = self._on[images.device]
-        if images.ndim == 4 and not images.is_contiguous() and images.is_contiguous(
-            memory_format=torch.channels_last
+        if (
+            images.ndim == 4
+            and not images.is_contiguous()
+            and images.is_contiguous(memory_format=torch.channels_last)
         ):
             # A channels-last batch (`stack_images`) as rows of W x 3 values, with per-channel
             # factors repeated along a row: broadcast over an innermost dimension of 3, the
