@@ -40,6 +40,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -116,40 +117,23 @@ def make_tree(root: Path, photos: list[Path], files: int, classes: int = 100) ->
     done.touch()
 
 
-def old_loader(root: Path, batch_size: int, workers: int, image_size: int) -> DataLoader:
-    """torchvision's ImageFolder with the float32 preset (the old reading)."""
-    preset = v2.Compose(
-        [
-            v2.ToImage(),
-            v2.RandomResizedCrop(image_size, antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
-    folder = datasets.ImageFolder(str(root / "train"), transform=preset)
+def plain_loader(
+    root: Path, batch_size: int, workers: int, image_size: int, on_pil_images: bool
+) -> DataLoader:
+    """torchvision's ImageFolder with a float32 train preset: crop and flip on the PIL image,
+    then PILToTensor (`on_pil_images`, the reference), or ToImage first (the old reading)."""
+    geometry = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+    steps = [*geometry, v2.PILToTensor()] if on_pil_images else [v2.ToImage(), *geometry]
+    to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    folder = datasets.ImageFolder(str(root / "train"), transform=v2.Compose(steps + to_float))
     return DataLoader(
         folder, batch_size=batch_size, shuffle=True, num_workers=workers,
         persistent_workers=workers > 0,
     )  # fmt: skip
 
 
-def reference_loader(root: Path, batch_size: int, workers: int, image_size: int) -> DataLoader:
-    """torchvision's ImageFolder with its reference scripts' train preset, PIL backend."""
-    preset = v2.Compose(
-        [
-            v2.RandomResizedCrop(image_size, antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.PILToTensor(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
-    folder = datasets.ImageFolder(str(root / "train"), transform=preset)
-    return DataLoader(
-        folder, batch_size=batch_size, shuffle=True, num_workers=workers,
-        persistent_workers=workers > 0,
-    )  # fmt: skip
+reference_loader = partial(plain_loader, on_pil_images=True)
+old_loader = partial(plain_loader, on_pil_images=False)
 
 
 def new_loader(root: Path, batch_size: int, workers: int, image_size: int) -> DataLoader:
