@@ -31,7 +31,7 @@ from zootrain.launch import job_command
 from zootrain.run import train
 from zootrain.tasks import Classification
 
-from .test_training import CONFIGS, ROOT
+from .test_training import CONFIGS, ROOT, config
 
 TINY = [
     "data.image_size=32",
@@ -286,13 +286,7 @@ class SignalThenKill(L.Callback):
 
 
 def tiny_config(tmp_path: Path, *overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("train", overrides=[*TINY, "data.batch_size=16", *overrides])
-    with open_dict(cfg):
-        cfg.paths.outputs = str(tmp_path / "outputs")
-        cfg.paths.multirun = str(tmp_path / "multirun")
-        cfg.paths.output_dir = str(tmp_path / "outputs" / cfg.run_name / "run")
-    return cfg
+    return config(tmp_path, *TINY, "data.batch_size=16", *overrides)
 
 
 def as_slurm_job(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -7,23 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
 from PIL import Image
 
 from zootrain.run import train
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+from ..test_training import CONFIGS, config
+
 RED, BLUE = (230, 20, 20), (20, 20, 230)
-
-
-def config(tmp_path: Path, *overrides: str, name: str = "train") -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(config_name=name, overrides=list(overrides))
-    with open_dict(cfg):
-        cfg.paths.outputs = str(tmp_path / "outputs")
-        cfg.paths.output_dir = str(tmp_path / "outputs" / "run")
-    return cfg
 
 
 def options(group: str) -> list[str]:
