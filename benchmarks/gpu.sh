@@ -15,8 +15,9 @@
 # ./gpu_out) gets at most 8 files: summary.txt (read this), logs.txt (each step's last lines)
 # and each benchmark's table (.md) and plot (.png). Knobs (environment), for trying it on CPU:
 # PYTHON, R50, MBV3 (bench overrides), BENCH_FLAGS, TRAIN_ARGS, COMPILE_ARGS, FOLDER_FILES,
-# FOLDER_ARGS, EXTRA (appended to every train.py and bench command), T_BENCH_R50, T_TRAIN,
-# T_BENCH_MBV3, T_COMPILE, T_JPEGS (seconds).
+# FOLDER_PHOTOS (distinct photographs per class, 8 classes), FOLDER_ARGS, EXTRA (appended to
+# every train.py and bench command), T_BENCH_R50, T_TRAIN, T_BENCH_MBV3, T_COMPILE, T_JPEGS
+# (seconds).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_out}
@@ -27,6 +28,7 @@ BENCH_FLAGS=${BENCH_FLAGS:---rounds 2 --warmup 3 --steps 12}
 TRAIN_ARGS=${TRAIN_ARGS:-trainer.max_epochs=2}
 COMPILE_ARGS=${COMPILE_ARGS:-compile=true trainer.max_epochs=1}
 FOLDER_FILES=${FOLDER_FILES:-20000}
+FOLDER_PHOTOS=${FOLDER_PHOTOS:-32}
 FOLDER_ARGS=${FOLDER_ARGS:-backbone=resnet50 data.image_size=224 trainer=gpu trainer.max_epochs=1 pictures=false test_after_fit=false}
 EXTRA=${EXTRA:-}
 export PYTHONPATH=".:.carry${PYTHONPATH:+:$PYTHONPATH}"
@@ -80,8 +82,8 @@ say "# issue 16 GPU checks, $(date -u +%FT%TZ)"
   results train_compile "best val|fit:|compile warm-up|error"
   step make_jpegs 60 "$PYTHON" -c "import sys; from pathlib import Path; \
 from benchmarks.loader import make_folder, make_tree; \
-make_tree(Path(sys.argv[1], 'tree'), make_folder(Path(sys.argv[1], 'photos'), 8, 32), int(sys.argv[2]))" \
-    "$scratch/jpegs" "$FOLDER_FILES"
+make_tree(Path(sys.argv[1], 'tree'), make_folder(Path(sys.argv[1], 'photos'), 8, int(sys.argv[3])), int(sys.argv[2]))" \
+    "$scratch/jpegs" "$FOLDER_FILES" "$FOLDER_PHOTOS"
   for decode in worker device; do
     step "jpegs_decode_$decode" "${T_JPEGS:-120}" "$PYTHON" train.py data=imagefolder \
       data.root="$scratch/jpegs/tree" data.decode=$decode $FOLDER_ARGS $EXTRA

@@ -47,6 +47,7 @@ def test_the_gpu_script_runs_every_step_on_cpu(tmp_path: Path) -> None:
         "PYTHONPATH": str(ROOT),
         "OMP_NUM_THREADS": "1",  # a timing-free check: no thread contention on a busy machine
         "FOLDER_FILES": "1000",  # 9 JPEGs a class in train, 1 in val, 100 classes
+        "FOLDER_PHOTOS": "2",  # links to 8 x 3 generated photographs
         "FOLDER_ARGS": "backbone=resnet18 trainer.max_epochs=1 +trainer.limit_train_batches=2 "
         f"+trainer.limit_val_batches=1 pictures=false paths.outputs={tmp_path}/outputs",
         **{f"T_{step}": "600" for step in ("BENCH_R50", "TRAIN", "BENCH_MBV3", "COMPILE", "JPEGS")},
