@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import backbones as _backbones
+from backbones.registry import family_arguments as _family_arguments
 from heads import build_classifier
 
 if TYPE_CHECKING:  # torch.hub lists every public callable of this module: only the entries
@@ -32,7 +33,9 @@ __all__ = ["build_classifier", *_backbones.list_backbones()]
 
 
 def _entrypoint(name: str) -> Callable[..., Backbone]:
-    sources = list(_backbones.get_entry(name).sources)
+    entry = _backbones.get_entry(name)
+    sources = list(entry.sources)
+    options = _family_arguments(entry.family) or []
 
     def entrypoint(
         pretrained: bool | str | os.PathLike | Mapping[str, Any] | None = None, **kwargs: Any
@@ -48,9 +51,9 @@ def _entrypoint(name: str) -> Callable[..., Backbone]:
         f"The {name} backbone: backbones.create({name!r}, pretrained=..., **kwargs).\n\n"
         f"pretrained: True ({sources[0] if sources else 'no library has it'}'s weights), "
         f"{' or '.join(repr(s) for s in sources) or 'no library name'}, or a .pth/.pt/"
-        ".safetensors file; kwargs: out_features (default ('C3', 'C4', 'C5')), in_chans, "
-        "frozen_stages, norm_eval, drop_path_rate, norm_layer. Returns a backbone whose "
-        "forward gives {level: feature map}; .channels and .strides describe the levels."
+        f".safetensors file; kwargs: {', '.join(options)} (out_features defaults to ('C3', "
+        "'C4', 'C5')). Returns a backbone whose forward gives {level: feature map}; .channels "
+        "and .strides describe the levels."
     )
     return entrypoint
 

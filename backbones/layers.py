@@ -42,7 +42,7 @@ def init_he_normal(model: nn.Module, mode: str = "fan_out") -> None:
             nn.init.kaiming_normal_(module.weight, mode=mode, nonlinearity="relu")
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d | nn.GroupNorm):
+        elif isinstance(module, nn.BatchNorm2d | nn.GroupNorm) and module.affine:
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 

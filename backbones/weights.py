@@ -227,14 +227,19 @@ def resolve(name: str, pretrained: Pretrained) -> StateDict:
     return to_ours(name, raw)
 
 
+def backbone_part(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The backbone's keys of a converted state dict ("backbone.*"), without the prefix: what
+    `Backbone.load_state_dict` takes."""
+    return {
+        k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")
+    }
+
+
 def load_pretrained(
     model: Backbone, name: str, pretrained: Pretrained, strict: bool = True
 ) -> None:
     """Load weights into a backbone built by `create(name, ...)`; the head's keys are dropped."""
-    ours = resolve(name, pretrained)
-    state_dict = {
-        k.removeprefix("backbone."): v for k, v in ours.items() if k.startswith("backbone.")
-    }
+    state_dict = backbone_part(resolve(name, pretrained))
     # Stages past the coarsest requested level are not kept: their weights have no home.
     built = len(model.stages)
     state_dict = {

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -26,7 +25,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign
 
 from backbones import Backbone
-from backbones.layers import LayerFn
+from backbones.layers import GroupNorm, LayerFn
 
 from ._levels import check_undilated
 from .fpn import FPN
@@ -170,7 +169,7 @@ def retinanet(
                 body.out_channels,
                 anchors.num_anchors_per_location()[0],
                 num_classes,
-                norm_layer=partial(nn.GroupNorm, 32),
+                norm_layer=GroupNorm,  # 32 groups where 32 divides the width
             ),
         )
     return RetinaNet(body, num_classes, **kwargs)
@@ -206,12 +205,12 @@ def mask_rcnn(
     kwargs.setdefault("rpn_anchor_generator", anchor_generator(body.strides.values(), anchor_size))
     kwargs.setdefault("box_roi_pool", _roi_pooler(body, 7))
     kwargs.setdefault("mask_roi_pool", _roi_pooler(body, 14))
+    width, ours = body.out_channels, "mask_head" not in kwargs
+    kwargs.setdefault("mask_head", MaskRCNNHeads(width, (width,) * 4, dilation=1))
     model = MaskRCNN(body, num_classes, **kwargs)
-    if "mask_head" not in kwargs:
-        # replaced after construction: torchvision takes a predictor only without num_classes,
-        # and then wants the box predictor too
-        width = body.out_channels
-        model.roi_heads.mask_head = MaskRCNNHeads(width, (width,) * 4, dilation=1)
+    if ours:
+        # the predictor is replaced after construction: torchvision takes one only without
+        # num_classes, and then wants the box predictor too
         model.roi_heads.mask_predictor = MaskRCNNPredictor(width, width, num_classes)
     return model
 

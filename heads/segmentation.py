@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbones import Backbone
-from backbones.layers import ConvNormAct, GroupNorm, LayerFn, ReLU
+from backbones.layers import ConvNormAct, GroupNorm, LayerFn, ReLU, init_he_normal
 
 from ._levels import check_features, check_undilated, parse_levels
 from .fpn import FPN
@@ -70,11 +70,7 @@ class SemanticFPNHead(nn.Module):
     def reset_parameters(self) -> None:
         # As Detectron2's semantic FPN head: He init (fan-out) for the stages, a near-zero
         # classifier so training starts from uniform class scores.
-        for module in self.stages.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        init_he_normal(self.stages)
         nn.init.normal_(self.classifier.weight, std=0.001)
         nn.init.zeros_(self.classifier.bias)
 

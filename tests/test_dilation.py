@@ -11,6 +11,7 @@ import torchvision
 from torch import nn
 
 from backbones import Backbone, convert, create, get_entry, list_backbones
+from backbones.weights import backbone_part
 from heads import ClassificationHead, Classifier, Segmenter
 from heads.detection import BackboneWithFPN, Detector
 
@@ -24,10 +25,7 @@ DILATED = ["resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", 
 def converted(name: str, reference: nn.Module, source: str, **kwargs: object) -> Backbone:
     """Our backbone with `reference`'s weights (random: `randomize_weights`), eval mode."""
     model = create(name, **kwargs)
-    state = convert(name, reference.state_dict(), source=source)
-    model.load_state_dict(
-        {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-    )
+    model.load_state_dict(backbone_part(convert(name, reference.state_dict(), source=source)))
     return model.eval()
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from backbones import convert, create, get_entry, list_backbones
+from backbones.weights import backbone_part
 
 from .conftest import max_rel_error, randomize_norms
 
@@ -88,10 +89,7 @@ def test_levels_are_the_reference_networks(name: str) -> None:
     with torch.device("meta"):
         ours = create(name, out_features=tuple(expected))
     assert [f.name for f in ours.feature_info] == list(expected), "levels at other strides"
-    converted = convert(name, reference.state_dict())
-    backbone = {
-        k.removeprefix("backbone."): v for k, v in converted.items() if k.startswith("backbone.")
-    }
+    backbone = backbone_part(convert(name, reference.state_dict()))
     ours.load_state_dict(backbone, assign=True)  # strict: every key of ours, real tensors
     with torch.no_grad():
         got = ours.eval()(x)

@@ -14,7 +14,7 @@ from torch import nn
 
 from backbones import WeightsError, convert, create
 from backbones.files import read_state_dict, save_safetensors
-from backbones.weights import load_into
+from backbones.weights import backbone_part, load_into
 from heads import build_classifier
 
 from .conftest import max_rel_error, randomize_norms
@@ -41,12 +41,6 @@ def tv_file(tv_resnet18: nn.Module, tmp_path_factory: pytest.TempPathFactory) ->
     path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
     torch.save(tv_resnet18.state_dict(), path)
     return path
-
-
-def backbone_part(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {
-        k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")
-    }
 
 
 def assert_loaded(model: nn.Module, expected: dict[str, torch.Tensor]) -> None:

@@ -44,7 +44,7 @@ from ..contract import Backbone
 from ..factory import create
 from ..files import atomic_path
 from ..registry import get_entry
-from ..weights import convert
+from ..weights import backbone_part, convert
 from .export import export
 
 # The heading of `python -m benchmarks.training`'s section of RESULTS.md, which follows this tool's
@@ -127,13 +127,7 @@ def build_implementations(name: str) -> dict[str, nn.Module]:
 
         reference = torchvision.models.get_model(name).eval()
         weights = convert(name, reference.state_dict())
-        ours.load_state_dict(
-            {
-                k.removeprefix("backbone."): v
-                for k, v in weights.items()
-                if k.startswith("backbone.")
-            }
-        )
+        ours.load_state_dict(backbone_part(weights))
         built["torchvision"] = like_ours(_features_of(reference), ours, name)
     return built
 

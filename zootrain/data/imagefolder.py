@@ -167,7 +167,7 @@ class ImageFolderDataModule(DiskDataModule):
 
     def _collate(self, split: str) -> Callable[[list[Any]], Any]:
         if self.decode == "device":
-            return partial(collate_encoded, geometry=self.splits[split].geometry)
+            return partial(collate_encoded, geometry=self.splits[split].transforms)
         return super()._collate(split)
 
     def _list_splits(self) -> dict[str, Listing]:
@@ -370,12 +370,11 @@ class DeviceDecoded(Transformed):
                 f"not {type(transforms).__name__}"
             )
         super().__init__(dataset, transforms)
-        self.geometry = transforms
 
     def encoded(self, index: int) -> tuple[EncodedJpeg | torch.Tensor, int]:
         image, label = self.dataset.read(self.indices[index], read_encoded)
         if isinstance(image, EncodedJpeg):
-            return (image, self.geometry.draw(image.height, image.width)), label
+            return (image, self.transforms.draw(image.height, image.width)), label
         return self.transforms(image, label)  # not a JPEG: done here
 
 

@@ -46,7 +46,11 @@ JPEG_START = b"\xff\xd8\xff"  # SOI marker and the first byte of the next one: e
 
 def read_image(path: str | os.PathLike) -> torch.Tensor:
     """The image at `path` as a (3, H, W) uint8 RGB tensor; 16-bit greyscale is scaled."""
-    data = read_bytes(path)
+    return decode_image(read_bytes(path), path)
+
+
+def decode_image(data: bytearray, path: str | os.PathLike) -> torch.Tensor:
+    """`read_image` of the file at `path` whose bytes `data` were read already."""
     if data.startswith(JPEG_START):
         try:
             return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
@@ -91,8 +95,8 @@ def read_encoded(path: str | os.PathLike) -> EncodedJpeg | torch.Tensor:
             encoded = torch.frombuffer(data, dtype=torch.uint8)
             return EncodedJpeg(encoded, height, width, os.fspath(path))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-            pass  # read_image decodes it or names it
-    return read_image(path)
+            pass  # decode_image decodes it or names it
+    return decode_image(data, path)
 
 
 def decode_jpegs(

@@ -21,7 +21,7 @@ and flipped on its device before it is normalised.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -178,13 +178,10 @@ class EncodedImages:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> EncodedImages:
         # from the host, non_blocking is safe: a pinned copy is ordered in the stream
         done = [i.to(device, non_blocking=non_blocking or i.is_cpu) for i in self.done]
-        return EncodedImages(
-            self.data, self.params, done, self.paths, self.geometry, torch.device(device)
-        )
+        return replace(self, done=done, device=torch.device(device))
 
     def pin_memory(self) -> EncodedImages:
-        done = [i.pin_memory() for i in self.done]
-        return EncodedImages(self.data, self.params, done, self.paths, self.geometry, self.device)
+        return replace(self, done=[i.pin_memory() for i in self.done])
 
     def decode(self) -> torch.Tensor:
         """(B, 3, S, S) uint8 on `device`: every JPEG decoded in one call, then each cropped."""
