@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 from zootrain.checkpoints import load_checkpoint
 from zootrain.result import RunResult
 from zootrain.run import train
 
-from .test_training import LEARNABLE, ROOT, config
+from .test_cli import run
+from .test_training import LEARNABLE, config
 
 TINY = ["data.image_size=32", "data.num_val=32", "data.num_test=32", "data.batch_size=16"]
 TINY += ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
@@ -75,9 +74,7 @@ def test_profiler_writes_its_report_into_the_run_directory(tmp_path: Path) -> No
 
 
 def test_help_documents_every_preset() -> None:
-    done = subprocess.run(
-        [sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True
-    )
+    done = run("train.py", "--help")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "debug: default, fdr, limit, overfit, profiler" in done.stdout  # Hydra's group list
     for preset in ("default", "fdr", "overfit", "limit", "profiler"):

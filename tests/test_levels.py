@@ -17,7 +17,7 @@ from torchvision import models as tvm
 from backbones import convert, create, get_entry, list_backbones
 from backbones.weights import backbone_part
 
-from .conftest import max_rel_error, randomize_norms
+from .conftest import max_rel_error, randomize_weights
 
 SIZE = 64  # C5 is 2x2: the smallest power of two at which every level has more than one pixel
 TOLERANCE = 1e-5
@@ -49,17 +49,11 @@ def _random_reference(name: str) -> tuple[nn.Module, list[nn.Module]]:
     with torch.device("meta"):
         reference = torchvision.models.get_model(get_entry(name).sources["torchvision"])
     walk = _walk(reference)
-    generator = torch.Generator().manual_seed(0)
     for module in walk:
         module.to_empty(device="cpu")
-        for param in module.parameters():
-            if param.ndim > 1:  # conv / linear weights: He init keeps activations in range
-                param.normal_(0.0, math.sqrt(2.0 / param[0].numel()), generator=generator)
-            else:  # biases (norm affines and layer scales are drawn by randomize_norms)
-                param.uniform_(-0.1, 0.1, generator=generator)
         for buffer in module.buffers():
             buffer.zero_()
-    randomize_norms(nn.ModuleList(walk))
+    randomize_weights(nn.ModuleList(walk))
     return reference.eval(), walk
 
 

@@ -25,6 +25,7 @@ from zootrain.result import RunResult
 from zootrain.run import train
 from zootrain.runs import lock_run_dir, release_run_dir, run_subdir
 
+from .test_cli import run
 from .test_resume import StopAfter
 from .test_training import ROOT, TINY, config
 
@@ -32,13 +33,7 @@ SMALL = [*TINY, "data.num_train=64", "data.batch_size=16"]  # 4 steps an epoch
 
 
 def command(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run(str(ROOT / "train.py"), *args, cwd=cwd)
 
 
 # ---------------------------------------------------------------------- one process per run

@@ -126,7 +126,9 @@ def stops_reported(trainer: L.Trainer, run: Resume, phase: str) -> Iterator[None
     except KeyboardInterrupt:
         stop = "SIGINT (Ctrl-C)"
     except SystemExit:
-        if not trainer.interrupted:
+        # Lightning marks the trainer interrupted on any exception: fit's "SLURM ended the
+        # job" (SIGTERM, workers killed) is its own message, not a Ctrl-C
+        if not trainer.interrupted or trainer.received_sigterm:
             raise
         stop = "SIGINT (Ctrl-C)"
     if stop is None and trainer.interrupted:  # an interrupted loop that returned
@@ -137,20 +139,22 @@ def stops_reported(trainer: L.Trainer, run: Resume, phase: str) -> Iterator[None
 
 def _stopped(stop: str, trainer: L.Trainer, run: Resume, phase: str) -> str:
     """What a stopped run says: where it stopped and how to go on."""
-    last = find_resume(run.run_dir)
     if phase == "fit":
         where = f"at step {trainer.global_step} (epoch {trainer.current_epoch})"
-        if last is None:
-            return f"error: the run was stopped by {stop} {where}; no checkpoint was written yet"
-        return (
-            f"error: the run was stopped by {stop} {where}; the last checkpoint is {last}; "
-            f"resume with `python train.py ckpt_path={run.run_dir}`"
-        )
+        return f"error: the run was stopped by {stop} {where}; {_kept(run.run_dir)}"
     return (
         f"error: the run was stopped by {stop} after its fit, before its test, export and "
         f"pictures were done; its checkpoints are in {checkpoint_dir(run.run_dir)}: score the "
         f"best with `python eval.py ckpt_path={run.run_dir}`"
     )
+
+
+def _kept(run_dir: Path) -> str:
+    """Where a stopped fit can go on from."""
+    last = find_resume(run_dir)
+    if last is None:
+        return "no checkpoint was written yet"
+    return f"the last checkpoint is {last}; resume with `python train.py ckpt_path={run_dir}`"
 
 
 def finish(

@@ -187,8 +187,10 @@ def release_run_dir(run_dir: str | os.PathLike) -> None:
 @contextmanager
 def run_dir_locked(run_dir: str | os.PathLike) -> Iterator[None]:
     """Hold the run directory's lock in the block (rank 0 only: the other ranks of a DDP run
-    write through rank 0), then release it."""
-    if launch_rank() != 0:
+    write through rank 0), then release it. A lock this process holds already (train.py's,
+    taken when Hydra opened the log) stays held: its taker releases it, after the sweep's
+    record of the job is written."""
+    if launch_rank() != 0 or Path(run_dir).resolve() in _LOCKS:
         yield
         return
     lock_run_dir(run_dir)
