@@ -205,12 +205,13 @@ def mask_rcnn(
     kwargs.setdefault("rpn_anchor_generator", anchor_generator(body.strides.values(), anchor_size))
     kwargs.setdefault("box_roi_pool", _roi_pooler(body, 7))
     kwargs.setdefault("mask_roi_pool", _roi_pooler(body, 14))
-    width, ours = body.out_channels, "mask_head" not in kwargs
-    kwargs.setdefault("mask_head", MaskRCNNHeads(width, (width,) * 4, dilation=1))
     model = MaskRCNN(body, num_classes, **kwargs)
-    if ours:
-        # the predictor is replaced after construction: torchvision takes one only without
-        # num_classes, and then wants the box predictor too
+    if "mask_head" not in kwargs:
+        # replaced after construction: torchvision takes a predictor only without num_classes,
+        # and then wants the box predictor too (its 256-wide head is built and dropped, which
+        # keeps the order of the random draws that initialise the model)
+        width = body.out_channels
+        model.roi_heads.mask_head = MaskRCNNHeads(width, (width,) * 4, dilation=1)
         model.roi_heads.mask_predictor = MaskRCNNPredictor(width, width, num_classes)
     return model
 

@@ -61,6 +61,7 @@ EVAL = "eval"
 LOCK = ".lock"  # held (flock) by the one live process of the run
 RECORD = ".hydra"  # Hydra's record of how the run was started; later ones beside it
 TRACKERS = "trackers.json"  # the ids of the run's MLflow / W&B runs (zootrain.trackers)
+SQLITE = "sqlite:///"  # a SQLAlchemy URL of a SQLite file: the path follows
 
 
 def new_run_dir(outputs: str | os.PathLike, run_name: str) -> Path:
@@ -129,6 +130,17 @@ def run_log(output_dir: str, job_name: str) -> str:
     if job_name == "train" and launch_rank() == 0:
         lock_run_dir(output_dir)
     return str(Path(output_dir) / f"{job_name}.log")
+
+
+def sqlite_store(url: str) -> str:
+    """A database URL with a SQLite file's path made absolute and its folder created (every
+    job of a sweep, wherever it starts, finds the same file); other URLs, and SQLite in
+    memory, as they are. The trackers' and the Optuna studies' stores."""
+    if not url.startswith(SQLITE) or url == f"{SQLITE}:memory:":
+        return url
+    database = Path(url.removeprefix(SQLITE)).resolve()
+    database.parent.mkdir(parents=True, exist_ok=True)
+    return f"{SQLITE}{database}"
 
 
 def launch_rank() -> int:

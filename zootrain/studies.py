@@ -27,7 +27,6 @@ import logging
 import threading
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -40,6 +39,7 @@ from optuna.storages import RDBStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from .errors import ConfigError
+from .runs import sqlite_store
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +131,7 @@ def shown(url: str) -> str:
 
 def open_storage(url: str, heartbeat_interval: int) -> RDBStorage:
     """Optuna's database storage at `url`, with heartbeats; SQLite's directory is created."""
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and url != f"{prefix}:memory:":
-        Path(url.removeprefix(prefix)).parent.mkdir(parents=True, exist_ok=True)
+    url = sqlite_store(url)
     try:
         with warnings.catch_warnings():  # "heartbeat_interval is experimental" (optuna 2.10)
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

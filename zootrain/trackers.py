@@ -42,15 +42,13 @@ from .checks import missing_tracker
 from .cli import sweep_name
 from .errors import ConfigError
 from .result import RunResult
-from .runs import CHECKPOINTS, TRACKERS
+from .runs import CHECKPOINTS, SQLITE, TRACKERS, sqlite_store
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from wandb.wandb_run import Run
 
 log = logging.getLogger(__name__)
-
-SQLITE = "sqlite:///"
 
 
 def log_run_end(loggers: Sequence[Logger], result: RunResult, run_dir: str | Path) -> None:
@@ -98,30 +96,39 @@ def require(package: str, extra: str) -> None:
 
 def recall(run_dir: Path, tracker: str) -> dict[str, Any] | None:
     """What `remember` kept of the run directory's `tracker` run, or None."""
-    path = run_dir / TRACKERS
-    if not path.is_file():
-        return None
     try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        log.warning("%s is unreadable (%s): a new %s run starts", path, error, tracker)
+        entry = _known(run_dir).get(tracker)
+    except ValueError as error:
+        log.warning("%s: a new %s run starts", error, tracker)
         return None
-    entry = known.get(tracker) if isinstance(known, dict) else None
     return entry if isinstance(entry, dict) else None
 
 
 def remember(run_dir: Path, tracker: str, identity: dict[str, Any]) -> None:
     """Keep `identity` (ids, where the run lives) of the run directory's `tracker` run."""
     path = run_dir / TRACKERS
-    known = {}
-    if path.is_file():
-        try:
-            known = json.loads(path.read_text())
-        except (OSError, ValueError):
-            known = {}
+    try:
+        known = _known(run_dir)
+    except ValueError:  # written anew
+        known = {}
     known[tracker] = identity
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(known, indent=1) + "\n")
+
+
+def _known(run_dir: Path) -> dict[str, Any]:
+    """The run directory's trackers.json ({} when there is none); a ValueError names a file
+    that cannot be read as a mapping."""
+    path = run_dir / TRACKERS
+    if not path.is_file():
+        return {}
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} is unreadable ({error})") from None
+    if not isinstance(known, dict):
+        raise ValueError(f"{path} holds no mapping of trackers")
+    return known
 
 
 def display_name(run_dir: Path) -> str:
@@ -129,16 +136,6 @@ def display_name(run_dir: Path) -> str:
     if sweep_name("") != "":
         return run_dir.name
     return f"{run_dir.parent.name}/{run_dir.name}"
-
-
-def local_store(tracking_uri: str) -> str:
-    """`tracking_uri`, with a SQLite database's path made absolute and its directory created
-    (every job of a sweep, wherever it starts, finds the same store)."""
-    if not tracking_uri.startswith(SQLITE):
-        return tracking_uri
-    database = Path(tracking_uri.removeprefix(SQLITE)).resolve()
-    database.parent.mkdir(parents=True, exist_ok=True)
-    return f"{SQLITE}{database}"
 
 
 class MLFlowLogger(mlflow_logs.MLFlowLogger):
@@ -164,7 +161,7 @@ class MLFlowLogger(mlflow_logs.MLFlowLogger):
     ) -> None:
         require("mlflow", "mlflow")
         self.run_dir = Path(run_dir)
-        tracking_uri = local_store(tracking_uri)
+        tracking_uri = sqlite_store(tracking_uri)
         if artifact_location is None and tracking_uri.startswith(SQLITE):
             database = Path(tracking_uri.removeprefix(SQLITE))
             artifact_location = (database.parent / "mlflow-artifacts").as_uri()

@@ -19,6 +19,7 @@ from zootrain.errors import DatasetError
 from zootrain.evaluate import evaluate
 from zootrain.run import train
 
+from ..test_detection_training import R_CNN_CHEAP as DETECTION_R_CNN_CHEAP
 from .helpers import RED, config, dilate, fast_dev_run, interior, is_red, save_image
 
 COCO_CATEGORIES = [  # ids with gaps, as in COCO, listed out of order
@@ -164,9 +165,9 @@ def write_shapes_coco(root: Path, sizes: dict[str, int], image_size: int) -> dic
         dataset = ShapesDataset(split, count, "instance_segmentation", image_size=image_size)
         images, annotations = [], []
         for index in range(count):
-            scene, (_, target) = dataset.scene(index), dataset[index]
+            image, target = dataset[index]  # (3, H, W) uint8
             name = f"{index:012d}.png"
-            pixels = (scene.image * 255).round().byte().permute(1, 2, 0).numpy()
+            pixels = image.permute(1, 2, 0).numpy()
             (root / f"{split}2017").mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels).save(root / f"{split}2017" / name)
             images.append(
@@ -211,17 +212,18 @@ def test_category_ids_map_to_contiguous_labels_and_back(
     shapes = ShapesDataset("val", 8, "instance_segmentation", image_size=64)
     for index in range(len(val)):
         _, target = val[index]
+        expected = shapes[index][1]
         annotations = [a for a in written["val"] if a["image_id"] == index + 1]
         # each label back to the file's category id, in the file's order; the shape's name
         assert [datamodule.category_ids[label] for label in target["labels"].tolist()] == [
             a["category_id"] for a in annotations
         ]
         assert [datamodule.class_names[label] for label in target["labels"].tolist()] == [
-            SHAPES[label] for label in shapes[index][1]["labels"].tolist()
+            SHAPES[label] for label in expected["labels"].tolist()
         ]
         # the RLE masks come back exactly (eval keeps 64 px images at their size)
-        assert torch.equal(target["masks"], shapes[index][1]["masks"])
-        assert torch.equal(target["boxes"], shapes[index][1]["boxes"])
+        assert torch.equal(target["masks"], expected["masks"])
+        assert torch.equal(target["boxes"], expected["boxes"])
 
 
 # A few steps of each head on the COCO files, then eval.py on the best checkpoint.
@@ -241,13 +243,7 @@ COCO_RUN = [
     "pictures=false",
     "export_backbone=false",
 ]
-R_CNN_CHEAP = [
-    "head.model.rpn_pre_nms_top_n_train=200",
-    "head.model.rpn_post_nms_top_n_train=100",
-    "head.model.rpn_pre_nms_top_n_test=200",
-    "head.model.rpn_post_nms_top_n_test=100",
-    "head.model.box_batch_size_per_image=32",
-]
+R_CNN_CHEAP = [*DETECTION_R_CNN_CHEAP, "head.model.box_batch_size_per_image=32"]
 
 
 @pytest.mark.slow

@@ -291,7 +291,8 @@ class ShapesDataset(Dataset):
         image += rng.normal(0, 0.04, size=image.shape).astype(np.float32)
 
         mask = np.where(instance >= 0, kinds[instance] + 1, 0)
-        visible = np.zeros((size, size), dtype=np.int64)  # k + 1 where box k's shape shows
+        # k + 1 where box k's shape shows: for instance segmentation only (as its cache keeps)
+        visible = np.zeros((size, size), dtype=np.int64) if self.target == "instances" else None
         boxes, labels, areas = [], [], []
         for position, kind in enumerate(kinds):
             rows, cols = np.nonzero(instance == position)
@@ -300,14 +301,15 @@ class ShapesDataset(Dataset):
             boxes.append((cols.min(), rows.min(), cols.max() + 1, rows.max() + 1))
             labels.append(int(kind))
             areas.append(rows.size)
-            visible[rows, cols] = len(boxes)
+            if visible is not None:
+                visible[rows, cols] = len(boxes)
         return Scene(
             image=to_uint8(image),
             mask=torch.from_numpy(mask),
             boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             labels=torch.tensor(labels, dtype=torch.int64),
             label=labels[int(np.argmax(areas))],
-            instances=torch.from_numpy(visible),
+            instances=None if visible is None else torch.from_numpy(visible),
         )
 
     def __getitem__(self, index: int):

@@ -42,10 +42,11 @@ class Detection(Task):
     iou_types: tuple[str, ...] = ("bbox",)
     scored: str = ""
     unscored: str = "no boxes of this class"
+    average_precision_class = MeanAveragePrecision  # not a field: the metric's class
 
     def average_precision(self, iou_types: tuple[str, ...], **options: Any) -> Metric:
         """COCO's mean average precision (pycocotools) of `iou_types` for this task's outputs."""
-        return MeanAveragePrecision(
+        return self.average_precision_class(
             box_format="xyxy", iou_type=iou_types, backend="pycocotools", **options
         )
 

@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchmetrics import Metric
 from torchmetrics.detection import MeanAveragePrecision
 
 from .detection import Detection
@@ -64,11 +63,7 @@ class InstanceSegmentation(Detection):
     scored: str = "mask "
     unscored: str = "no objects of this class"
     mask_alpha: float = 0.55  # how opaque the masks are painted over the image
-
-    def average_precision(self, iou_types: tuple[str, ...], **options: Any) -> Metric:
-        return MaskAveragePrecision(
-            box_format="xyxy", iou_type=iou_types, backend="pycocotools", **options
-        )
+    average_precision_class = MaskAveragePrecision
 
     def painted(
         self, picture: Any, found: dict[str, torch.Tensor], colours: Sequence[tuple]
