@@ -234,3 +234,26 @@ def test_per_class_ap_averages_to_torchmetrics_map() -> None:
     assert sum(ap) / 2 == pytest.approx(float(values["map"]), abs=1e-6)
     assert sum(ap50) / 2 == pytest.approx(float(values["map_50"]), abs=1e-6)
     assert 0 < min(ap) < max(ap50) <= 1
+
+
+def test_per_class_mask_ap_of_a_model_that_finds_nothing() -> None:
+    """torchmetrics leaves out the per-class values of a mask mAP without a single detection;
+    the figure then gives the classes with objects AP 0, as the box mAP does, not a KeyError."""
+    task = get_task("instance_segmentation")
+    metric = task.per_class_metric(num_classes=3)
+    masks = torch.zeros(2, 16, 16, dtype=torch.uint8)
+    masks[0, :8, :8] = masks[1, 8:, 8:] = 1
+    target = {"boxes": torch.tensor([[0.0, 0, 8, 8], [8, 8, 16, 16]]), "masks": masks}
+    target["labels"] = torch.tensor([0, 2])
+    nothing = {
+        "boxes": torch.zeros(0, 4),
+        "masks": torch.zeros(0, 1, 16, 16),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "scores": torch.zeros(0),
+    }
+    metric.update([nothing], [target])
+    values = metric.compute()
+    assert "map_per_class" not in values  # what made the pictures fail
+    figure = task.plot_per_class(values, ["circle", "star", "ring"], "title", "val")
+    ap, ap50 = ([p.get_width() for p in bars] for bars in figure.axes[0].containers)
+    assert ap == ap50 == [0.0, 0.0]  # circle and ring: objects, none found; star: no bar

@@ -144,6 +144,11 @@ def average_precision_per_class(values: Any, num_classes: int) -> tuple[list[flo
     ap = [-1.0] * num_classes
     ap50 = [-1.0] * num_classes
     classes = values["classes"].reshape(-1).tolist()
+    if "map_per_class" not in values:  # torchmetrics' segm mAP when nothing was detected
+        for label in classes:
+            if 0 <= label < num_classes:
+                ap[label] = ap50[label] = 0.0  # objects of the class, none found: as for boxes
+        return ap, ap50
     per_class = values["map_per_class"].reshape(-1).tolist()
     precision = values["precision"][0, :, :, 0, -1]  # (R, K) at IoU 0.50
     for column, (label, score) in enumerate(zip(classes, per_class, strict=True)):
